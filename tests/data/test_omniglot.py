@@ -1,0 +1,223 @@
+"""Omniglot loading, official split/parity, caching and error paths (tiny generated tree + real data)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+
+from mamlpp_fast.data import DataError, DataNotFoundError, EpisodeSampler, official_seed, split_counts
+from mamlpp_fast.data import omniglot as omni
+from mamlpp_fast.data.omniglot import load_omniglot
+
+FRACTIONS = (0.70918052988, 0.03080714725, 0.2606284658)
+
+
+def _official_style_splits(folder, val_seed=0, fractions=FRACTIONS):
+    """Transcription of the official flow: sorted labels -> JSON-style string keys -> seeded shuffle."""
+    paths = {}
+    for dirpath, _, files in os.walk(folder):
+        for f in files:
+            if f.endswith(".png"):
+                bits = os.path.join(dirpath, f).split("/")
+                paths.setdefault("/".join(bits[-3:-1]), []).append(os.path.join(dirpath, f))
+    labels = sorted(paths)
+    data = {str(i): sorted(paths[lab]) for i, lab in enumerate(labels)}
+    rng = np.random.RandomState(seed=np.random.RandomState(val_seed).randint(1, 999999))
+    idx = np.arange(len(data), dtype=np.int32)
+    rng.shuffle(idx)
+    keys, values = list(data), list(data.values())
+    data = dict(zip([keys[i] for i in idx], [values[i] for i in idx]))
+    a = int(fractions[0] * len(labels))
+    b = int(np.sum(fractions[:2]) * len(labels))
+    ks = list(data)
+    return labels, {name: {k: data[k] for k in part}
+                    for name, part in (("train", ks[:a]), ("val", ks[a:b]), ("test", ks[b:]))}
+
+
+def _official_style_task(split, seed, n, k, t, augment):
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    sizes = {key: len(v) for key, v in split.items()}
+    selected = rng.choice(list(sizes), size=n, replace=False)
+    rng.shuffle(selected)
+    k_dict = dict(zip(selected, rng.randint(0, 4, size=n)))
+    out = []
+    for cls in selected:
+        imgs = []
+        for s in rng.choice(sizes[cls], size=k + t, replace=False):
+            im = Image.open(split[cls][s]).resize((28, 28), resample=Image.LANCZOS)
+            hwc = np.expand_dims(np.array(im, np.float32), axis=2)
+            if augment:
+                hwc = np.rot90(hwc, k=k_dict[cls]).copy()
+            imgs.append(hwc.transpose(2, 0, 1))  # ToTensor on a float array: CHW, no rescale
+        out.append(np.stack(imgs))
+    x = np.stack(out)
+    return x[:, :k], x[:, k:]
+
+
+def _check_parity(ds, folder, n_way, tasks=2):
+    labels, splits = _official_style_splits(folder)
+    assert list(ds.info["labels"]) == labels
+    for name in ("train", "val", "test"):
+        assert [labels[int(k)] for k in splits[name]] == list(ds.splits[name].class_names)
+    for name, augment in (("train", True), ("val", False), ("test", False)):
+        n = min(n_way, ds.splits[name].num_classes)
+        s = EpisodeSampler(ds, name, n, 1, 2, tasks, seed=0)
+        b = s.batch(3 if name == "train" else 0)
+        assert s.augment == augment
+        for j, seed in enumerate(b.seeds):
+            xs, xt = _official_style_task(splits[name], int(seed), n, 1, 2, augment)
+            np.testing.assert_array_equal(b.x_support[j], xs)
+            np.testing.assert_array_equal(b.x_target[j], xt)
+
+
+def test_tiny_tree_split_values_and_parity(omniglot_tree, cache_tmp):
+    ds = load_omniglot(omniglot_tree, download=False)
+    total = 10 + 12 + 10 + 8
+    a, b, c = split_counts(total, FRACTIONS)
+    assert [ds.splits[s].num_classes for s in ("train", "val", "test")] == [a, b - a, c - b]
+    x = ds.splits["train"].storage
+    assert x.shape == (total, 20, 1, 28, 28)
+    assert set(np.unique(x)) == {0, 1} and x.mean() > 0.5  # background 1, ink 0
+    batch = EpisodeSampler(ds, "train", 3, 1, 1, 2).batch(0)
+    assert batch.x_support.dtype == np.float32 and set(np.unique(batch.x_support)) <= {0.0, 1.0}
+    _check_parity(ds, omniglot_tree, n_way=3)
+
+
+def test_class_order_is_sorted_labels_across_both_zips(omniglot_tree, cache_tmp):
+    ds = load_omniglot(omniglot_tree, download=False)
+    labels = list(ds.info["labels"])
+    assert labels == sorted(labels)
+    assert labels[:3] == ["Alpha/character01", "Alpha/character02", "Alpha/character03"]
+    assert "Angelic/character01" in labels[10:12]  # evaluation alphabet interleaved by name
+
+
+def test_cache_hit_and_invalidation(omniglot_tree, cache_tmp, fixture_makers):
+    first = load_omniglot(omniglot_tree, download=False)
+    assert not first.info["cache_hit"]
+    second = load_omniglot(omniglot_tree, download=False)
+    assert second.info["cache_hit"] and second.info["cache_file"] == first.info["cache_file"]
+    np.testing.assert_array_equal(first.splits["train"].storage, second.splits["train"].storage)
+    assert not [p for p in cache_tmp.iterdir() if p.name.endswith(".tmp")]
+    # change one image: new content, new mtime -> a different cache entry
+    target = omniglot_tree / "images_background" / "Alpha" / "character01" / "0001_01.png"
+    fixture_makers["omniglot_png"](target, np.random.default_rng(99))
+    st = target.stat()
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    third = load_omniglot(omniglot_tree, download=False)
+    assert not third.info["cache_hit"] and third.info["cache_file"] != first.info["cache_file"]
+    row = third.info["labels"].index("Alpha/character01")
+    assert not np.array_equal(third.splits["train"].storage[row, 0], first.splits["train"].storage[row, 0])
+    # other preprocessing -> other entry; and a corrupt cache entry is rebuilt
+    assert load_omniglot(omniglot_tree, download=False, image_size=(14, 14)).info["cache_file"] != \
+        third.info["cache_file"]
+    with open(third.info["cache_file"], "wb") as f:
+        f.write(b"not an npz")
+    again = load_omniglot(omniglot_tree, download=False)
+    assert not again.info["cache_hit"]
+    np.testing.assert_array_equal(again.splits["train"].storage, third.splits["train"].storage)
+
+
+def test_missing_image_names_the_file(omniglot_tree, cache_tmp):
+    gone = omniglot_tree / "images_evaluation" / "Zeta" / "character02" / "0034_07.png"
+    gone.unlink()
+    with pytest.raises(DataError, match="0034_07.png") as e:
+        load_omniglot(omniglot_tree, download=False)
+    assert str(gone) in str(e.value)
+
+
+def test_corrupt_image_names_the_file(omniglot_tree, cache_tmp):
+    bad = omniglot_tree / "images_background" / "Beta_(x)" / "character03" / "0013_11.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(DataError, match="cannot read Omniglot image") as e:
+        load_omniglot(omniglot_tree, download=False, use_cache=False)
+    assert str(bad) in str(e.value)
+
+
+def test_missing_folder_error_explains_where(tmp_path, monkeypatch):
+    monkeypatch.delenv("MAMLPP_FAST_DATA_DIR", raising=False)
+    monkeypatch.delenv("DATASET_DIR", raising=False)
+    monkeypatch.setattr(omni, "network_reachable", lambda *a, **k: False)
+    with pytest.raises(DataNotFoundError) as e:
+        load_omniglot(tmp_path / "nowhere")
+    msg = str(e.value)
+    for needle in ("MAMLPP_FAST_DATA_DIR", "DATASET_DIR", "images_background", str(tmp_path / "nowhere")):
+        assert needle in msg
+    with pytest.raises(DataNotFoundError):
+        load_omniglot(tmp_path / "nowhere", download=False)
+
+
+def test_env_var_resolution(omniglot_tree, cache_tmp, monkeypatch):
+    monkeypatch.setenv("MAMLPP_FAST_DATA_DIR", str(omniglot_tree.parent))  # folder containing omniglot/
+    monkeypatch.delenv("DATASET_DIR", raising=False)
+    assert load_omniglot(download=False).info["root"] == str(omniglot_tree)
+    monkeypatch.delenv("MAMLPP_FAST_DATA_DIR")
+    official = omniglot_tree.parent / "official"
+    official.mkdir()
+    os.symlink(omniglot_tree, official / "omniglot_dataset")
+    monkeypatch.setenv("DATASET_DIR", str(official))
+    assert load_omniglot(download=False).info["root"] == str(official / "omniglot_dataset")
+
+
+def test_official_image_order_json(omniglot_tree, cache_tmp, tmp_path):
+    ds = load_omniglot(omniglot_tree, download=False)
+    labels = list(ds.info["labels"])
+    listing = {}
+    for i, lab in enumerate(labels):
+        sub = "images_evaluation" if lab.split("/")[0] in ("Angelic", "Zeta") else "images_background"
+        names = sorted(p.name for p in (omniglot_tree / sub / lab).iterdir())
+        listing[str(i)] = [f"datasets/omniglot_dataset/{sub}/{lab}/{n}" for n in reversed(names)]
+    order = tmp_path / "omniglot_dataset.json"
+    order.write_text(json.dumps(listing))
+    rev = load_omniglot(omniglot_tree, download=False, image_order=order)
+    np.testing.assert_array_equal(rev.splits["train"].storage, ds.splits["train"].storage[:, ::-1])
+    listing["0"][0] = listing["0"][0].replace("_20.png", "_21.png")
+    order.write_text(json.dumps(listing))
+    with pytest.raises(DataError, match="_21.png"):
+        load_omniglot(omniglot_tree, download=False, image_order=order)
+
+
+# ----------------------------------------------------------------------------------------------
+# Real data (skipped when absent)
+
+@pytest.mark.data
+def test_real_split_sizes_and_values(real_omniglot):
+    ds = real_omniglot
+    assert [ds.splits[s].num_classes for s in ("train", "val", "test")] == [1150, 50, 423]
+    assert len(ds.info["labels"]) == 1623
+    ids = [set(ds.splits[s].class_ids.tolist()) for s in ("train", "val", "test")]
+    assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
+    assert len(ids[0] | ids[1] | ids[2]) == 1623
+    x = ds.splits["train"].storage
+    assert x.shape == (1623, 20, 1, 28, 28) and set(np.unique(x)) == {0, 1}
+    assert official_seed(0) == 985773
+
+
+@pytest.mark.data
+def test_real_parity_with_official_style_reference(real_omniglot):
+    _check_parity(real_omniglot, real_omniglot.info["root"], n_way=20, tasks=2)
+
+
+@pytest.mark.data
+def test_real_second_load_is_fast_and_sampler_speed(real_omniglot, real_omniglot_cache):
+    from mamlpp_fast.data.omniglot import load_omniglot as load
+
+    t = time.perf_counter()
+    again = load(real_omniglot.info["root"], cache_folder=real_omniglot_cache, download=False)
+    took = time.perf_counter() - t
+    assert again.info["cache_hit"]
+    assert took < 2.0, f"cached load took {took:.2f}s"
+    s = EpisodeSampler(again, "train", 20, 1, 1, 8, seed=0)
+    s.batch(0)
+    t = time.perf_counter()
+    n = 200
+    for _ in s.batches(n):
+        pass
+    rate = n / (time.perf_counter() - t)
+    print(f"\n[data] real Omniglot cached load {took:.2f}s; sampler 20w1s B=8: {rate:.0f} batches/s")
+    assert rate > 20
