@@ -1,0 +1,16 @@
+"""Fused MAML++ ops. Each op lives in its own module with a typed public function.
+
+Every op has a pure-PyTorch path, so all of them work without the compiled extension;
+``has_extension()`` says whether the C++/CUDA kernels are loaded.
+"""
+
+from .._backend import available_backends, describe_backends, has_extension
+from .lslr_update import lslr_update, lslr_update_backend
+
+__all__ = [
+    "available_backends",
+    "describe_backends",
+    "has_extension",
+    "lslr_update",
+    "lslr_update_backend",
+]

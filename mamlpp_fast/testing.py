@@ -1,0 +1,142 @@
+"""Shared test and benchmark helpers: one tolerance table, assertion helpers and input factories.
+
+Tolerance policy: compare every kernel against float64 PyTorch math.
+  * float64 kernels: near machine precision (the table below).
+  * float32 kernels: within ``TOLERANCES[torch.float32]`` of the float64 result.
+  * bf16/fp16: the FlashAttention rule, ``max|kernel - ref64| <= 2 * max|eager_low - ref64|``
+    (``assert_close_relative_to_eager``), since absolute bounds there are shape dependent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "OMNIGLOT_20WAY_SHAPES",
+    "TOLERANCES",
+    "Tolerance",
+    "assert_close",
+    "assert_close_relative_to_eager",
+    "error_summary",
+    "lslr_update_inputs",
+    "seeded",
+    "tolerance",
+]
+
+
+class Tolerance(NamedTuple):
+    atol: float
+    rtol: float
+
+
+TOLERANCES: dict[torch.dtype, Tolerance] = {
+    torch.float64: Tolerance(atol=1e-10, rtol=1e-8),
+    torch.float32: Tolerance(atol=1e-5, rtol=1e-4),
+    torch.float16: Tolerance(atol=1e-3, rtol=1e-3),
+    torch.bfloat16: Tolerance(atol=1e-2, rtol=1.6e-2),
+}
+
+
+def tolerance(dtype: torch.dtype) -> Tolerance:
+    return TOLERANCES[dtype]
+
+
+def error_summary(actual: Tensor, expected: Tensor) -> str:
+    diff = (actual.detach().double() - expected.detach().double()).abs()
+    if diff.numel() == 0:
+        return "empty tensors"
+    rel = diff / expected.detach().double().abs().clamp_min(1e-30)
+    return (
+        f"max abs err {diff.max().item():.3e}, mean abs err {diff.mean().item():.3e}, "
+        f"max rel err {rel.max().item():.3e} (shape {tuple(actual.shape)}, {actual.dtype})"
+    )
+
+
+def assert_close(
+    actual: Tensor | Sequence[Tensor],
+    expected: Tensor | Sequence[Tensor],
+    *,
+    dtype: torch.dtype | None = None,
+    msg: str = "",
+) -> None:
+    """``torch.testing.assert_close`` with the table's tolerances for ``dtype`` (default: actual's).
+
+    Lists are compared element-wise; failures report max/mean errors and the element index.
+    """
+    if isinstance(actual, Tensor):
+        actual, expected = [actual], [expected]
+    assert len(actual) == len(expected), f"{msg}: {len(actual)} tensors vs {len(expected)}"
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert a.shape == e.shape, f"{msg}[{i}]: shape {tuple(a.shape)} vs {tuple(e.shape)}"
+        tol = tolerance(dtype or a.dtype)
+        torch.testing.assert_close(
+            a.detach().to(e.dtype), e.detach(), atol=tol.atol, rtol=tol.rtol,
+            msg=lambda _m, i=i, a=a, e=e: f"{msg}[{i}]: {error_summary(a, e)}",
+        )
+
+
+def assert_close_relative_to_eager(actual: Tensor, eager_low: Tensor, ref64: Tensor, *,
+                                   factor: float = 2.0, msg: str = "") -> None:
+    """Low-precision rule: the kernel may be at most ``factor`` times worse than eager PyTorch."""
+    err = (actual.double() - ref64.double()).abs().max().item()
+    base = (eager_low.double() - ref64.double()).abs().max().item()
+    assert err <= factor * base + 1e-12, f"{msg}: kernel err {err:.3e} > {factor} x eager err {base:.3e}"
+
+
+@contextlib.contextmanager
+def seeded(seed: int = 0) -> Iterator[None]:
+    """Seed torch and random for a block, restoring the previous CPU RNG state after it."""
+    state, py_state = torch.random.get_rng_state(), random.getstate()
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)
+        random.setstate(py_state)
+
+
+# The inner-loop parameters of MAML++'s 4-conv Omniglot 20-way model (64 filters, 1 input channel):
+# conv weights, conv biases, then the linear classifier. (BN gamma/beta are not inner-loop adapted.)
+OMNIGLOT_20WAY_SHAPES: tuple[tuple[int, ...], ...] = (
+    (64, 1, 3, 3), (64,),
+    (64, 64, 3, 3), (64,),
+    (64, 64, 3, 3), (64,),
+    (64, 64, 3, 3), (64,),
+    (20, 64), (20,),
+)
+
+
+def lslr_update_inputs(
+    shapes: Sequence[Sequence[int]],
+    batch: int,
+    *,
+    shared: bool | Sequence[bool] = False,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float64,
+    requires_grad: bool = False,
+    seed: int = 0,
+) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """Random ``(params, grads, lr)`` for ``lslr_update``.
+
+    ``params[k]`` is ``(*shapes[k])`` when ``shared`` (or ``shared[k]``), else ``(batch, *shapes[k])``;
+    ``grads[k]`` is ``(batch, *shapes[k])``; ``lr`` is ``(len(shapes),)`` in [0.05, 0.15].
+    """
+    flags = [shared] * len(shapes) if isinstance(shared, bool) else list(shared)
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(*shape: int, scale: float = 1.0, shift: float = 0.0) -> Tensor:
+        t = torch.rand(shape, generator=gen, dtype=torch.float64) * scale + shift
+        return t.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+
+    params = [make(*s, scale=2.0, shift=-1.0) if f else make(batch, *s, scale=2.0, shift=-1.0)
+              for s, f in zip(shapes, flags)]
+    grads = [make(batch, *s, scale=2.0, shift=-1.0) for s in shapes]
+    lr = make(len(shapes), scale=0.1, shift=0.05)
+    return params, grads, lr
