@@ -1,0 +1,419 @@
+"""MAML++ experiment configuration with the official argument names.
+
+`MAMLConfig` mirrors the arguments of the official code (HowToTrainYourMAMLPytorch,
+`utils/parser_utils.py` plus the keys its experiment_config JSON files add). Its defaults are
+the released MAML++ Omniglot 5-way 1-shot config, so `MAMLConfig()` is a working MAML++ setup.
+
+`MAMLConfig.from_json(path)` reads an official JSON config as it is, with the official
+semantics: the strings "true"/"false" become booleans, a key missing from the file takes the
+*argparse* default of the official code (not ours: e.g. `task_learning_rate` falls back to 0.1,
+`seed` to 104), and keys that the official code reads but ignores are accepted and reported in
+`config.ignored_keys`. Keys nobody knows raise `ValueError`.
+
+Two fixes of official quirks are available behind flags and are off by default:
+`bn_use_running_stats_in_evaluation` and `bn_restore_stats_after_evaluation` (spec 1c).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Tuple
+
+__all__ = ["MAMLConfig", "preset", "preset_names", "ARGPARSE_DEFAULTS", "IGNORED_KEYS"]
+
+# Defaults of the official argparse parser, used for keys a JSON file leaves out.
+ARGPARSE_DEFAULTS: Dict[str, Any] = {
+    "batch_size": 32,
+    "image_height": 28,
+    "image_width": 28,
+    "image_channels": 1,
+    "indexes_of_folders_indicating_class": [-2, -3],
+    "train_val_test_split": [0.73982737361, 0.26, 0.13008631319],
+    "samples_per_iter": 1,
+    "seed": 104,
+    "num_dataprovider_workers": 4,
+    "max_models_to_save": 5,
+    "dataset_name": "omniglot_dataset",
+    "dataset_path": "datasets/omniglot_dataset",
+    "num_target_samples": 15,
+    "second_order": False,
+    "total_epochs": 200,
+    "total_iter_per_epoch": 500,
+    "min_learning_rate": 0.00001,
+    "meta_learning_rate": 0.001,
+    "task_learning_rate": 0.1,
+    "norm_layer": "batch_norm",
+    "max_pooling": False,
+    "per_step_bn_statistics": False,
+    "num_classes_per_set": 20,
+    "number_of_training_steps_per_iter": 1,
+    "number_of_evaluation_steps_per_iter": 1,
+    "cnn_num_filters": 64,
+    "num_samples_per_class": 1,
+}
+
+# Keys that the official code accepts but never reads (spec section 3, "Unused keys"), plus
+# argparse options of the official parser that have no effect on MAML++.
+IGNORED_KEYS = frozenset(
+    {
+        "weight_decay",
+        "dropout_rate_value",
+        "learnable_batch_norm_momentum",
+        "minimum_per_task_contribution",
+        "cnn_blocks_per_stage",
+        "cnn_num_blocks",
+        "train_in_stages",
+        "load_from_npz_files",
+        "evalute_on_test_set_only",
+        "evaluate_on_test_set_only",
+        "continue_from_epoch",
+        "init_inner_loop_learning_rate",
+        "gpu_to_use",
+        "meta_opt_bn",
+        "hypernetwork_scale",
+        "full_context_unroll_k",
+        "use_full_context_embeddings",
+        "grad_penalty",
+        "use_gdrive",
+        "name_of_args_json_file",
+        "reset_stored_filepaths",
+        "reset_stored_paths",
+        "reverse_channels",
+        "labels_as_int",
+        "architecture_name",
+        "num_of_gpus",
+        "samples_per_iter",
+    }
+)
+
+
+@dataclass
+class MAMLConfig:
+    """Hyperparameters of a MAML++ experiment, named as in the official code.
+
+    The defaults reproduce the released MAML++ Omniglot 5-way 1-shot config
+    (`omniglot_maml++-omniglot_1_8_0.1_64_5_0.json`).
+    """
+
+    # Tasks and images.
+    batch_size: int = 8
+    image_height: int = 28
+    image_width: int = 28
+    image_channels: int = 1
+    num_classes_per_set: int = 5
+    num_samples_per_class: int = 1
+    num_target_samples: int = 1
+    # Inner loop.
+    number_of_training_steps_per_iter: int = 5
+    number_of_evaluation_steps_per_iter: int = 5
+    task_learning_rate: float = 0.1
+    learnable_per_layer_per_step_inner_loop_learning_rate: bool = True
+    second_order: bool = True
+    first_order_to_second_order_epoch: int = -1
+    use_multi_step_loss_optimization: bool = True
+    multi_step_loss_num_epochs: int = 10
+    # Network.
+    norm_layer: str = "batch_norm"
+    num_stages: int = 4
+    cnn_num_filters: int = 64
+    max_pooling: bool = True
+    conv_padding: bool = True
+    per_step_bn_statistics: bool = True
+    learnable_bn_gamma: bool = True
+    learnable_bn_beta: bool = True
+    enable_inner_loop_optimizable_bn_params: bool = False
+    # Outer loop.
+    meta_learning_rate: float = 0.001
+    min_learning_rate: float = 0.00001
+    total_epochs: int = 100
+    total_iter_per_epoch: int = 500
+    total_epochs_before_pause: int = 100
+    seed: int = 104
+    # Data and experiment bookkeeping.
+    dataset_name: str = "omniglot"
+    dataset_path: str = "omniglot"
+    sets_are_pre_split: bool = False
+    train_val_test_split: List[float] = field(
+        default_factory=lambda: [0.70918052988, 0.03080714725, 0.2606284658]
+    )
+    indexes_of_folders_indicating_class: List[int] = field(default_factory=lambda: [-3, -2])
+    train_seed: int = 0
+    val_seed: int = 0
+    num_evaluation_tasks: int = 600
+    experiment_name: str = "omniglot_1_8_0.1_64_5_0"
+    num_dataprovider_workers: int = 4
+    max_models_to_save: int = 5
+    load_into_memory: bool = True
+    # Fixes of official quirks (not official keys; off by default, so behaviour is faithful).
+    bn_use_running_stats_in_evaluation: bool = False
+    bn_restore_stats_after_evaluation: bool = False
+    # Keys of the source JSON that the official code ignores (filled by from_json).
+    ignored_keys: Tuple[str, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        self._coerce_and_validate()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], *, missing: str = "ours") -> "MAMLConfig":
+        """Build a config from a mapping of official keys.
+
+        Args:
+            values: official keys to values; "true"/"false" strings are accepted as booleans.
+            missing: "ours" fills absent keys with this class's defaults; "argparse" fills them
+                with the official argparse defaults first (what the official code does).
+        """
+        if missing not in ("ours", "argparse"):
+            raise ValueError(f"missing must be 'ours' or 'argparse', got {missing!r}")
+        known = {f.name for f in dataclasses.fields(cls)} - {"ignored_keys"}
+        kwargs: Dict[str, Any] = {}
+        if missing == "argparse":
+            kwargs.update({k: v for k, v in ARGPARSE_DEFAULTS.items() if k in known})
+        ignored = []
+        unknown = []
+        for key, value in values.items():
+            if key in known:
+                kwargs[key] = _parse_bool_string(value)
+            elif key in IGNORED_KEYS:
+                ignored.append(key)
+            else:
+                unknown.append(key)
+        if unknown:
+            raise ValueError(
+                f"unknown config key(s) {sorted(unknown)}; known keys are the official argument "
+                f"names: {sorted(known)}"
+            )
+        return cls(**kwargs, ignored_keys=tuple(sorted(ignored)))
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "MAMLConfig":
+        """Read an official experiment_config JSON file, with the official semantics."""
+        try:
+            with open(path, "r", encoding="utf-8") as handle:
+                values = json.load(handle)
+        except FileNotFoundError:
+            raise ValueError(f"path: config file {str(path)!r} does not exist") from None
+        except json.JSONDecodeError as error:
+            raise ValueError(f"path: {str(path)!r} is not valid JSON: {error}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"path: {str(path)!r} must hold a JSON object, got {type(values)}")
+        config = cls.from_dict(values, missing="argparse")
+        if config.ignored_keys:
+            warnings.warn(
+                f"{os.path.basename(str(path))}: keys ignored by the official code and by "
+                f"mamlpp_fast: {list(config.ignored_keys)}",
+                stacklevel=2,
+            )
+        return config
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The official keys and values (JSON-serialisable)."""
+        out = dataclasses.asdict(self)
+        out.pop("ignored_keys")
+        return out
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(self.to_dict(), handle, indent=2)
+
+    def replace(self, **changes: Any) -> "MAMLConfig":
+        """A copy with some keys changed (validated)."""
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def image_shape(self) -> Tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        return (self.image_channels, self.image_height, self.image_width)
+
+    @property
+    def clamps_meta_gradients(self) -> bool:
+        """The official code clamps classifier gradients to [-10, 10] for imagenet datasets."""
+        return "imagenet" in self.dataset_name
+
+    def uses_second_order(self, epoch: int) -> bool:
+        """Derivative-order annealing: second order only after `first_order_to_second_order_epoch`."""
+        return bool(self.second_order) and epoch > self.first_order_to_second_order_epoch
+
+    def uses_multi_step_loss(self, epoch: int, training_phase: bool) -> bool:
+        """The MSL gate of the official `forward`."""
+        return (
+            bool(self.use_multi_step_loss_optimization)
+            and training_phase
+            and epoch < self.multi_step_loss_num_epochs
+        )
+
+    # ------------------------------------------------------------------ validation
+    def _coerce_and_validate(self) -> None:
+        for f in dataclasses.fields(self):
+            if f.name == "ignored_keys":
+                continue
+            value = _parse_bool_string(getattr(self, f.name))
+            setattr(self, f.name, _coerce(f.name, f.type, value))
+        positive = (
+            "batch_size", "image_height", "image_width", "image_channels", "num_classes_per_set",
+            "num_samples_per_class", "num_target_samples", "number_of_training_steps_per_iter",
+            "number_of_evaluation_steps_per_iter", "num_stages", "cnn_num_filters", "total_epochs",
+            "total_iter_per_epoch", "num_evaluation_tasks", "multi_step_loss_num_epochs",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_classes_per_set < 2:
+            raise ValueError(f"num_classes_per_set must be >= 2, got {self.num_classes_per_set}")
+        for name in ("meta_learning_rate", "min_learning_rate"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite non-negative number, got {value}")
+        if not math.isfinite(self.task_learning_rate):
+            raise ValueError(f"task_learning_rate must be finite, got {self.task_learning_rate}")
+        if self.norm_layer != "batch_norm":
+            raise ValueError(
+                f"norm_layer: only 'batch_norm' is supported (every released config uses it), "
+                f"got {self.norm_layer!r}"
+            )
+        if not self.max_pooling:
+            raise ValueError(
+                "max_pooling: only max_pooling=true is supported (every released config uses it)"
+            )
+        if not self.conv_padding:
+            raise ValueError("conv_padding: only conv_padding=true is supported")
+        if self.enable_inner_loop_optimizable_bn_params:
+            raise ValueError(
+                "enable_inner_loop_optimizable_bn_params=true is not supported (no released "
+                "config uses it)"
+            )
+        if self.number_of_evaluation_steps_per_iter != self.number_of_training_steps_per_iter:
+            # The official code indexes per-step BN and LSLR by step and only records target
+            # predictions at step number_of_training_steps_per_iter - 1 (issue #28).
+            raise ValueError(
+                "number_of_evaluation_steps_per_iter must equal number_of_training_steps_per_iter "
+                f"({self.number_of_evaluation_steps_per_iter} != "
+                f"{self.number_of_training_steps_per_iter}): the official code breaks otherwise"
+            )
+        size = self.image_height
+        width = self.image_width
+        for stage in range(self.num_stages):
+            size, width = size // 2, width // 2
+            if size < 1 or width < 1:
+                raise ValueError(
+                    f"image_height x image_width {self.image_height}x{self.image_width} is too "
+                    f"small for num_stages={self.num_stages} 2x2 max-pools"
+                )
+        if len(self.train_val_test_split) != 3:
+            raise ValueError("train_val_test_split must have 3 fractions")
+
+
+def _parse_bool_string(value: Any) -> Any:
+    """The official parser turns any value whose str() is "true"/"false" into a bool."""
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return value
+
+
+def _coerce(name: str, annotation: Any, value: Any) -> Any:
+    annotation = str(annotation)
+    if annotation == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        raise ValueError(f"{name} must be a boolean (or 'true'/'false'), got {value!r}")
+    if annotation == "int":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        return int(value)
+    if annotation == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if annotation == "str":
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be a string, got {value!r}")
+        return value
+    if annotation.startswith("List"):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name} must be a list, got {value!r}")
+        return list(value)
+    return value
+
+
+# ---------------------------------------------------------------------- presets
+_OMNIGLOT = dict(
+    image_height=28, image_width=28, image_channels=1, cnn_num_filters=64, batch_size=8,
+    num_target_samples=1, multi_step_loss_num_epochs=10, min_learning_rate=0.00001,
+    dataset_name="omniglot", dataset_path="omniglot", sets_are_pre_split=False,
+    train_val_test_split=[0.70918052988, 0.03080714725, 0.2606284658],
+    total_epochs_before_pause=100,
+)
+_MINI_IMAGENET = dict(
+    image_height=84, image_width=84, image_channels=3, cnn_num_filters=48, batch_size=2,
+    num_target_samples=15, multi_step_loss_num_epochs=15, min_learning_rate=0.001,
+    dataset_name="mini_imagenet_full_size", dataset_path="mini_imagenet_full_size",
+    sets_are_pre_split=True, train_val_test_split=[0.64, 0.16, 0.20],
+    total_epochs_before_pause=101,
+)
+_MAML_BASELINE = dict(
+    use_multi_step_loss_optimization=False,
+    learnable_per_layer_per_step_inner_loop_learning_rate=False,
+    per_step_bn_statistics=False,
+)
+_SETTINGS = {
+    "omniglot_5w1s": dict(_OMNIGLOT, num_classes_per_set=5, num_samples_per_class=1),
+    "omniglot_5w5s": dict(_OMNIGLOT, num_classes_per_set=5, num_samples_per_class=5),
+    "omniglot_20w1s": dict(_OMNIGLOT, num_classes_per_set=20, num_samples_per_class=1),
+    "omniglot_20w5s": dict(_OMNIGLOT, num_classes_per_set=20, num_samples_per_class=5),
+    "mini-imagenet_5w1s": dict(_MINI_IMAGENET, num_classes_per_set=5, num_samples_per_class=1),
+    "mini-imagenet_5w5s": dict(_MINI_IMAGENET, num_classes_per_set=5, num_samples_per_class=5),
+}
+
+
+def _paper_era(setting: str) -> Dict[str, Any]:
+    """Configs before May 2019 (spec section 3): bigger Omniglot batches, DA and LSLR 0.01 on
+    mini-ImageNet (then read from init_inner_loop_learning_rate)."""
+    if setting.startswith("omniglot"):
+        return dict(batch_size=8 if setting == "omniglot_20w5s" else 16)
+    shots = _SETTINGS[setting]["num_samples_per_class"]
+    return dict(batch_size=4 if shots == 1 else 2, first_order_to_second_order_epoch=10,
+                task_learning_rate=0.01)
+
+
+def preset_names() -> List[str]:
+    """All preset names: maml++_<setting>, maml_<setting> and maml++_<setting>_paper."""
+    names = []
+    for setting in _SETTINGS:
+        names += [f"maml++_{setting}", f"maml_{setting}", f"maml++_{setting}_paper"]
+    return names
+
+
+def preset(name: str, **overrides: Any) -> MAMLConfig:
+    """A released config by name, e.g. ``preset("maml++_omniglot_20w1s", batch_size=4)``.
+
+    `maml++_<setting>` are the six released MAML++ configs, `maml_<setting>` the MAML
+    baselines, and `maml++_<setting>_paper` the paper-era variants.
+    """
+    parts = name.split("_", 1)
+    if len(parts) != 2 or parts[0] not in ("maml", "maml++"):
+        raise ValueError(f"name: unknown preset {name!r}; choose one of {preset_names()}")
+    method, rest = parts
+    paper = rest.endswith("_paper")
+    setting = rest[: -len("_paper")] if paper else rest
+    if setting not in _SETTINGS or (paper and method != "maml++"):
+        raise ValueError(f"name: unknown preset {name!r}; choose one of {preset_names()}")
+    values: Dict[str, Any] = dict(_SETTINGS[setting])
+    if method == "maml":
+        values.update(_MAML_BASELINE)
+    if paper:
+        values.update(_paper_era(setting))
+    shots = values["num_samples_per_class"]
+    values["experiment_name"] = (
+        f"{setting.split('_')[0]}_{method}_{values['num_classes_per_set']}way_{shots}shot"
+        + ("_paper" if paper else "")
+    )
+    values.update(overrides)
+    return MAMLConfig(**values)

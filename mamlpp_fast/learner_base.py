@@ -1,0 +1,453 @@
+"""The outer loop of MAML++, shared by the per-task reference and the task-batched MetaLearner.
+
+`FewShotLearnerBase` has the official `MAMLFewShotClassifier` surface: construction from a
+config, `run_train_iter`, `run_validation_iter`, `meta_update`, `save_model`, `load_model`,
+`get_per_step_loss_importance_vector`, and the `classifier`, `inner_loop_optimizer`,
+`optimizer` and `scheduler` attributes. Subclasses implement `forward`, the inner loop.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import MAMLConfig
+from .parameters import (
+    build_classifier,
+    build_inner_loop_optimizer,
+    inner_loop_parameter_names,
+    learning_rate_key,
+    seed_like_official,
+)
+from .schedules import EpochCosineSchedule, per_step_loss_weights
+
+__all__ = ["FewShotLearnerBase", "TaskBatch", "resolve_config", "atomic_torch_save"]
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+TaskBatch = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+_BATCH_NAMES = ("x_support_set", "x_target_set", "y_support_set", "y_target_set")
+
+
+def resolve_config(config: Any) -> MAMLConfig:
+    """Accept a MAMLConfig, a dict of official keys, a JSON path, or an official args object."""
+    if isinstance(config, MAMLConfig):
+        return config
+    if config is None:
+        return MAMLConfig()
+    if isinstance(config, (str, os.PathLike)):
+        return MAMLConfig.from_json(config)
+    if isinstance(config, dict):
+        return MAMLConfig.from_dict(config)
+    if hasattr(config, "__dict__"):
+        # An official argparse namespace or Bunch: keep the keys MAMLConfig knows.
+        values = {k: v for k, v in vars(config).items() if not k.startswith("_")}
+        known = set(MAMLConfig.__dataclass_fields__) - {"ignored_keys"}
+        dropped = sorted(k for k in values if k not in known)
+        if dropped:
+            warnings.warn(f"args: ignoring keys mamlpp_fast does not use: {dropped}", stacklevel=3)
+        return MAMLConfig.from_dict({k: v for k, v in values.items() if k in known})
+    raise ValueError(
+        f"config must be a MAMLConfig, a dict, a JSON path or an args object, got {type(config)}"
+    )
+
+
+def atomic_torch_save(obj: Any, path: Union[str, os.PathLike]) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`, so a
+    crash never leaves a truncated checkpoint."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, tmp_path = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(obj, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp_path, path)
+        directory = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.unlink(tmp_path)
+        raise
+
+
+class FewShotLearnerBase(nn.Module):
+    """Meta-parameters, outer optimiser and official API of a MAML++ learner.
+
+    Args:
+        config: a `MAMLConfig`, a dict of official keys, a path to an official JSON config, or
+            an official args object. Defaults to `MAMLConfig()`.
+        device: where the learner computes. Defaults to the CPU.
+        dtype: floating dtype of the meta-parameters (float32 by default; `learner.double()`
+            works too).
+        im_shape: accepted for drop-in compatibility with the official constructor, which takes
+            `(batch, C, H, W)`; it must agree with the config.
+        args: alias of `config`, as in the official constructor.
+        validate_inputs: check each batch for shape, label range and finiteness before touching
+            any state. On a GPU this costs one host-device synchronisation per call.
+    """
+
+    def __init__(
+        self,
+        config: Any = None,
+        *,
+        device: Union[str, torch.device, None] = None,
+        dtype: Optional[torch.dtype] = None,
+        im_shape: Optional[Sequence[int]] = None,
+        args: Any = None,
+        validate_inputs: bool = True,
+    ) -> None:
+        super().__init__()
+        if config is not None and args is not None:
+            raise ValueError("pass either config or args, not both")
+        self.config = resolve_config(config if config is not None else args)
+        if im_shape is not None and tuple(im_shape[1:]) != self.config.image_shape:
+            raise ValueError(
+                f"im_shape {tuple(im_shape)} disagrees with the config image shape "
+                f"(C, H, W) = {self.config.image_shape}"
+            )
+        self.validate_inputs = validate_inputs
+        self.current_epoch = 0
+        self.batch_size = self.config.batch_size
+        self.task_learning_rate = self.config.task_learning_rate
+        self.im_shape = (2, *self.config.image_shape)
+
+        # Parameter creation consumes the torch RNG exactly as the official constructor does.
+        self.rng = seed_like_official(self.config.seed)
+        self.classifier = build_classifier(self.config)
+        self.inner_loop_parameter_names: List[str] = inner_loop_parameter_names(self.classifier)
+        self.inner_loop_optimizer = build_inner_loop_optimizer(self.config, self.inner_loop_parameter_names)
+        self.to(device=torch.device(device) if device is not None else torch.device("cpu"))
+        if dtype is not None:
+            if not dtype.is_floating_point:
+                raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
+            self.to(dtype=dtype)
+
+        self.optimizer = torch.optim.Adam(
+            self.trainable_parameters(), lr=self.config.meta_learning_rate, amsgrad=False
+        )
+        self.scheduler = EpochCosineSchedule(
+            self.optimizer, total_epochs=self.config.total_epochs, min_lr=self.config.min_learning_rate
+        )
+        self._loss_weight_cache: Dict[Any, torch.Tensor] = {}
+        # When a list, the inner loop appends one record per step (tests and debugging).
+        self.trace: Optional[List[Dict[str, Any]]] = None
+
+    # ------------------------------------------------------------------ official helpers
+    @property
+    def args(self) -> MAMLConfig:
+        """The config, under the name the official class uses."""
+        return self.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.classifier.layer_dict["conv0"].conv.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.classifier.layer_dict["conv0"].conv.weight.dtype
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """All parameters the outer loop trains (official order: classifier, then LSLR)."""
+        for param in self.parameters():
+            if param.requires_grad:
+                yield param
+
+    def get_inner_loop_parameter_dict(self, params) -> Dict[str, torch.Tensor]:
+        """Official semantics: trainable parameters whose name has no "norm_layer"."""
+        return {name: param for name, param in params if param.requires_grad and "norm_layer" not in name}
+
+    def get_per_step_loss_importance_vector(self) -> torch.Tensor:
+        """MSL weights at `current_epoch`, shape (number_of_training_steps_per_iter,).
+
+        Like the official code, the vector is built in numpy and stored in torch's default
+        dtype; it is cached per epoch so a meta-step makes no host-to-device copy.
+        """
+        key = (self.current_epoch, self.device, torch.get_default_dtype())
+        cached = self._loss_weight_cache.get(key)
+        if cached is None:
+            weights = per_step_loss_weights(
+                self.config.number_of_training_steps_per_iter,
+                self.config.multi_step_loss_num_epochs,
+                self.current_epoch,
+            )
+            cached = torch.tensor(weights, dtype=torch.get_default_dtype()).to(self.device)
+            self._loss_weight_cache = {key: cached}
+        return cached
+
+    def learning_rates_for(self, names: Sequence[str]) -> List[nn.Parameter]:
+        """The LSLR vector (length S+1) of each named inner-loop parameter."""
+        rates = self.inner_loop_optimizer.names_learning_rates_dict
+        return [rates[learning_rate_key(name)] for name in names]
+
+    def running_statistics(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """(running_mean, running_var) of each stage; rows are steps when per-step BN is on."""
+        return [
+            (self.classifier.layer_dict[f"conv{i}"].norm_layer.running_mean,
+             self.classifier.layer_dict[f"conv{i}"].norm_layer.running_var)
+            for i in range(self.config.num_stages)
+        ]
+
+    def bn_parameters(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """(weight, bias) of each stage's norm layer, shape (S, C) or (C,)."""
+        return [
+            (self.classifier.layer_dict[f"conv{i}"].norm_layer.weight,
+             self.classifier.layer_dict[f"conv{i}"].norm_layer.bias)
+            for i in range(self.config.num_stages)
+        ]
+
+    def bn_row(self, tensor: torch.Tensor, step: int) -> torch.Tensor:
+        """The step's row of a per-step BN tensor, or the tensor itself without per-step BN."""
+        return tensor[step] if self.config.per_step_bn_statistics else tensor
+
+    # ------------------------------------------------------------------ inputs
+    def prepare_batch(self, data_batch: Sequence[ArrayLike]) -> TaskBatch:
+        """Validate a (x_support, x_target, y_support, y_target[, seed]) batch and convert it to
+        the learner's device and dtype. Raises ValueError naming the bad argument."""
+        if not isinstance(data_batch, (tuple, list)) or len(data_batch) not in (4, 5):
+            raise ValueError(
+                "data_batch must be a tuple (x_support_set, x_target_set, y_support_set, "
+                f"y_target_set) (a fifth seed item is ignored), got {type(data_batch).__name__}"
+                + (f" of length {len(data_batch)}" if isinstance(data_batch, (tuple, list)) else "")
+            )
+        images = [self._as_tensor(data_batch[i], _BATCH_NAMES[i], images=True) for i in (0, 1)]
+        labels = [self._as_tensor(data_batch[i], _BATCH_NAMES[i], images=False) for i in (2, 3)]
+        x_support, x_target = images
+        y_support, y_target = labels
+        for name, x in zip(_BATCH_NAMES[:2], images):
+            if x.dim() != 6:
+                raise ValueError(f"{name} must have shape [B, N, K, C, H, W], got {list(x.shape)}")
+            if tuple(x.shape[3:]) != self.config.image_shape:
+                raise ValueError(
+                    f"{name} images must be (C, H, W) = {self.config.image_shape} as configured, "
+                    f"got {tuple(x.shape[3:])}"
+                )
+        for name, y, x in zip(_BATCH_NAMES[2:], labels, images):
+            if tuple(y.shape) != tuple(x.shape[:3]):
+                raise ValueError(
+                    f"{name} must have shape [B, N, K] = {list(x.shape[:3])} to match its images, "
+                    f"got {list(y.shape)}"
+                )
+        if x_support.shape[0] != x_target.shape[0]:
+            raise ValueError(
+                f"x_target_set has {x_target.shape[0]} tasks but x_support_set has {x_support.shape[0]}"
+            )
+        if x_support.shape[1] != x_target.shape[1]:
+            raise ValueError(
+                f"x_target_set has {x_target.shape[1]} classes per task but x_support_set has "
+                f"{x_support.shape[1]}"
+            )
+        n_way = x_support.shape[1]
+        if n_way != self.config.num_classes_per_set:
+            raise ValueError(
+                f"x_support_set has {n_way} classes per task but the network was built for "
+                f"num_classes_per_set={self.config.num_classes_per_set}"
+            )
+        if self.validate_inputs:
+            self._check_values(images, labels, n_way)
+        device, dtype = self.device, self.dtype
+        images = [x.to(device=device, dtype=dtype) for x in images]
+        labels = [y.to(device=device, dtype=torch.long) for y in labels]
+        return images[0], images[1], labels[0], labels[1]
+
+    def _as_tensor(self, value: ArrayLike, name: str, *, images: bool) -> torch.Tensor:
+        if isinstance(value, np.ndarray):
+            if value.dtype == object:
+                raise ValueError(f"{name} must be a numeric array, got dtype object")
+            value = torch.from_numpy(np.ascontiguousarray(value))
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{name} must be a numpy array or a torch.Tensor, got {type(value).__name__}")
+        if value.device.type != "cpu" and value.device != self.device:
+            raise ValueError(
+                f"{name} is on {value.device} but the learner is on {self.device}; move it there "
+                f"(CPU tensors and numpy arrays are moved automatically)"
+            )
+        if images and not value.is_floating_point():
+            raise ValueError(f"{name} must hold floating point images, got dtype {value.dtype}")
+        if not images and (value.is_complex() or value.dtype == torch.bool):
+            raise ValueError(f"{name} must hold integer class labels, got dtype {value.dtype}")
+        return value
+
+    def _check_values(self, images: List[torch.Tensor], labels: List[torch.Tensor], n_way: int) -> None:
+        # One stacked reduction per batch, so a GPU batch costs a single synchronisation.
+        flags = []
+        for x in images:
+            flags.append(torch.isfinite(x).all())
+        for y in labels:
+            if y.is_floating_point():
+                flags.append((torch.isfinite(y) & (y == y.round())).all())
+            else:
+                flags.append(torch.ones((), dtype=torch.bool, device=y.device))
+            flags.append(((y >= 0) & (y < n_way)).all())
+        ok = torch.stack(flags).tolist()
+        for name, good in zip(_BATCH_NAMES[:2], ok[:2]):
+            if not good:
+                raise ValueError(f"{name} contains NaN or infinite values")
+        for index, name in enumerate(_BATCH_NAMES[2:]):
+            if not ok[2 + 2 * index]:
+                raise ValueError(f"{name} must hold whole-number class labels")
+            if not ok[3 + 2 * index]:
+                raise ValueError(f"{name} labels must be in [0, {n_way}) for {n_way}-way tasks")
+
+    @staticmethod
+    def _check_epoch(epoch: Any) -> int:
+        try:
+            value = int(epoch)
+        except (TypeError, ValueError):
+            raise ValueError(f"epoch must be a number, got {epoch!r}") from None
+        if value < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch!r}")
+        return value
+
+    def _record(self, step: int, support_loss, fast_weights, target_loss) -> None:
+        """Append one inner step to `self.trace` (when tracing): detached support loss, fast
+        weights after the update, and target loss (None when the target was not evaluated)."""
+        if self.trace is None:
+            return
+        self.trace.append({
+            "step": step,
+            "support_loss": support_loss.detach().clone(),
+            "fast_weights": {name: value.detach().clone() for name, value in fast_weights.items()},
+            "target_loss": None if target_loss is None else target_loss.detach().clone(),
+        })
+
+    # ------------------------------------------------------------------ the inner loop
+    def forward(
+        self,
+        data_batch: TaskBatch,
+        epoch: int,
+        use_second_order: bool,
+        use_multi_step_loss_optimization: bool,
+        num_steps: int,
+        training_phase: bool,
+    ) -> Tuple[Dict[str, Any], Any]:
+        raise NotImplementedError
+
+    def train_forward_prop(self, data_batch: TaskBatch, epoch: int):
+        return self.forward(
+            data_batch=data_batch,
+            epoch=epoch,
+            use_second_order=self.config.uses_second_order(epoch),
+            use_multi_step_loss_optimization=self.config.use_multi_step_loss_optimization,
+            num_steps=self.config.number_of_training_steps_per_iter,
+            training_phase=True,
+        )
+
+    def evaluation_forward_prop(self, data_batch: TaskBatch, epoch: int):
+        return self.forward(
+            data_batch=data_batch,
+            epoch=epoch,
+            use_second_order=False,
+            use_multi_step_loss_optimization=True,
+            num_steps=self.config.number_of_evaluation_steps_per_iter,
+            training_phase=False,
+        )
+
+    # ------------------------------------------------------------------ the outer loop
+    def meta_update(self, loss: torch.Tensor) -> None:
+        """Adam step on the meta-loss; imagenet datasets clamp classifier gradients to ±10."""
+        self.optimizer.zero_grad()
+        loss.backward()
+        if self.config.clamps_meta_gradients:
+            for param in self.classifier.parameters():
+                if param.requires_grad and param.grad is not None:
+                    param.grad.data.clamp_(-10, 10)
+        self.optimizer.step()
+
+    def run_train_iter(self, data_batch: Sequence[ArrayLike], epoch: Any):
+        """One meta-iteration: inner loops on all tasks, then one outer Adam step.
+
+        Args:
+            data_batch: (x_support [B, N, K, C, H, W], x_target [B, N, T, C, H, W],
+                y_support [B, N, K], y_target [B, N, T]) as numpy arrays or tensors.
+            epoch: current epoch (the official trainer passes current_iter / 500; it is cast to
+                int).
+
+        Returns:
+            (losses, target_logits): `losses` maps "loss", "accuracy" and
+            "loss_importance_vector_{i}" to 0-dim tensors (no host synchronisation; call
+            float() when needed) and "learning_rate" to a float; `target_logits` is a detached
+            tensor [B, N*T, N] of the final step's target logits.
+        """
+        epoch = self._check_epoch(epoch)
+        batch = self.prepare_batch(data_batch)
+        self.scheduler.step(epoch)
+        if self.current_epoch != epoch:
+            self.current_epoch = epoch
+        if not self.training:
+            self.train()
+        losses, preds = self.train_forward_prop(data_batch=batch, epoch=epoch)
+        self.meta_update(loss=losses["loss"])
+        losses["loss"] = losses["loss"].detach()
+        losses["learning_rate"] = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.zero_grad()
+        return losses, preds
+
+    def run_validation_iter(self, data_batch: Sequence[ArrayLike]):
+        """Evaluate a batch of tasks (first order, 5 steps, final-step target only).
+
+        Same inputs and outputs as `run_train_iter`; no meta-parameter changes (the per-step
+        BN running statistics are updated, as in the official code, unless
+        `bn_restore_stats_after_evaluation` is set).
+        """
+        batch = self.prepare_batch(data_batch)
+        if self.training:
+            self.eval()
+        losses, preds = self.evaluation_forward_prop(data_batch=batch, epoch=self.current_epoch)
+        losses["loss"] = losses["loss"].detach()
+        return losses, preds
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_model(self, model_save_dir: Union[str, os.PathLike], state: Dict[str, Any]) -> None:
+        """Write `state` plus the network, optimizer and scheduler to the file `model_save_dir`,
+        atomically (the official argument name is kept although it is a file path)."""
+        state["network"] = self.state_dict()
+        state["optimizer"] = self.optimizer.state_dict()
+        state["scheduler"] = self.scheduler.state_dict()
+        state["current_epoch"] = self.current_epoch
+        atomic_torch_save(state, model_save_dir)
+
+    def load_model(self, model_save_dir: Union[str, os.PathLike], model_name: str, model_idx: Any) -> Dict[str, Any]:
+        """Load `{model_save_dir}/{model_name}_{model_idx}`; official checkpoints load too."""
+        filepath = os.path.join(os.fspath(model_save_dir), f"{model_name}_{model_idx}")
+        if not os.path.isfile(filepath):
+            raise FileNotFoundError(f"no checkpoint at {filepath!r}")
+        state = torch.load(filepath, map_location=self.device, weights_only=False)
+        if "network" not in state:
+            raise ValueError(f"{filepath!r} has no 'network' entry; not a MAML++ checkpoint")
+        self.load_state_dict(state["network"])
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if "scheduler" in state:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if "current_epoch" in state:
+            self.current_epoch = int(state["current_epoch"])
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load meta-parameters; values are copied into the existing tensors so the optimizer
+        keeps referring to them. Shapes must match the config."""
+        own = self.state_dict()
+        if strict:
+            missing = sorted(set(own) - set(state_dict))
+            unexpected = sorted(set(state_dict) - set(own))
+            if missing or unexpected:
+                raise ValueError(
+                    f"state_dict does not match this config: missing {missing}, unexpected {unexpected}"
+                )
+        for key, value in state_dict.items():
+            if key in own and tuple(own[key].shape) != tuple(value.shape):
+                raise ValueError(
+                    f"state_dict[{key!r}] has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}"
+                )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)

@@ -1,0 +1,230 @@
+"""MetaLearner (all tasks at once) against the per-task reference, in float64.
+
+Same init, same data: logits, per-step losses, fast weights after every step, meta-loss and
+every meta-gradient must agree to 1e-10 relative.
+
+One exactness caveat is mathematical, not numerical: a conv bias feeds straight into batch norm
+with batch statistics, which subtracts it again, so its exact gradient (and that of its LSLR
+rates) is zero. Both implementations produce rounding noise there (~1e-16). Such tensors are
+compared against a floor of 1e-3 of the norm of all tensors of the same kind, and after Adam
+steps (which scale that noise by lr / eps) against an absolute bound.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Dict, List
+
+import pytest
+import torch
+
+from mamlpp_fast import MetaLearner, preset
+from mamlpp_fast.reference import MAMLFewShotClassifier
+
+RTOL = 1e-10
+
+
+def make_batch(config, num_tasks: int, seed: int = 0):
+    """Random images, class-major labels: (x_s [B,N,K,C,H,W], x_t, y_s [B,N,K], y_t)."""
+    gen = torch.Generator().manual_seed(seed)
+    n, k, t = config.num_classes_per_set, config.num_samples_per_class, config.num_target_samples
+    x_s = torch.randn(num_tasks, n, k, *config.image_shape, generator=gen, dtype=torch.float64)
+    x_t = torch.randn(num_tasks, n, t, *config.image_shape, generator=gen, dtype=torch.float64)
+    labels = torch.arange(n).view(1, n, 1)
+    return x_s, x_t, labels.expand(num_tasks, n, k).clone(), labels.expand(num_tasks, n, t).clone()
+
+
+def make_pair(config, backend: str = "auto"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = MAMLFewShotClassifier(config).double()
+        learner = MetaLearner(config, backend=backend).double()
+    learner.load_state_dict(reference.state_dict())
+    return reference, learner
+
+
+def inert(name: str) -> bool:
+    """Conv biases (and their LSLR rates) have an exact gradient of zero: BN removes them."""
+    return ".conv.bias" in name or "-conv-bias" in name
+
+
+def assert_tensors_match(actual: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor], what: str) -> None:
+    assert actual.keys() == expected.keys(), f"{what}: keys differ"
+    scale = torch.sqrt(sum(e.double().pow(2).sum() for e in expected.values())).item()
+    for name, e in expected.items():
+        a = actual[name]
+        assert a.shape == e.shape, f"{what} {name}: shape {tuple(a.shape)} vs {tuple(e.shape)}"
+        err = (a - e).norm().item()
+        bound = RTOL * (max(e.norm().item(), 1e-3 * scale) if inert(name) else e.norm().item())
+        assert err <= bound, f"{what} {name}: |diff| {err:.3e} > {bound:.3e} (|ref| {e.norm().item():.3e})"
+
+
+def meta_gradients(learner, batch, epoch: int, training: bool = True):
+    learner.zero_grad(set_to_none=True)
+    learner.trace = []
+    prepared = learner.prepare_batch(batch)
+    forward = learner.train_forward_prop if training else learner.evaluation_forward_prop
+    losses, logits = forward(prepared, epoch)
+    if training:
+        losses["loss"].backward()
+    grads = {n: p.grad.detach().clone() for n, p in learner.named_parameters() if p.grad is not None}
+    trace, learner.trace = learner.trace, None
+    return losses, logits, grads, trace
+
+
+def stack_reference_trace(trace: List[dict], num_tasks: int) -> List[dict]:
+    """Per-task reference records -> per-step records with a leading task axis."""
+    steps = len(trace) // num_tasks
+    merged = []
+    for step in range(steps):
+        records = [trace[task * steps + step] for task in range(num_tasks)]
+        assert all(r["step"] == step for r in records)
+        merged.append({
+            "support_loss": torch.stack([r["support_loss"] for r in records]),
+            "fast_weights": {
+                name: torch.stack([r["fast_weights"][name] for r in records])
+                for name in records[0]["fast_weights"]
+            },
+            "target_loss": None if records[0]["target_loss"] is None
+            else torch.stack([r["target_loss"] for r in records]),
+        })
+    return merged
+
+
+def compare_one_pass(config, num_tasks: int, epoch: int = 0, training: bool = True, backend: str = "auto"):
+    reference, learner = make_pair(config, backend)
+    batch = make_batch(config, num_tasks)
+    ref_losses, ref_logits, ref_grads, ref_trace = meta_gradients(reference, batch, epoch, training)
+    losses, logits, grads, trace = meta_gradients(learner, batch, epoch, training)
+
+    assert_tensors_match({"logits": logits}, {"logits": ref_logits}, "target logits")
+    assert_tensors_match({"loss": losses["loss"].detach(), "accuracy": losses["accuracy"]},
+                         {"loss": ref_losses["loss"].detach(), "accuracy": ref_losses["accuracy"]}, "metrics")
+    ref_steps = stack_reference_trace(ref_trace, num_tasks)
+    assert len(trace) == len(ref_steps)
+    for step, (mine, theirs) in enumerate(zip(trace, ref_steps)):
+        assert_tensors_match({"support": mine["support_loss"]}, {"support": theirs["support_loss"]},
+                             f"support loss, step {step}")
+        assert (mine["target_loss"] is None) == (theirs["target_loss"] is None), f"target pass at step {step}"
+        if theirs["target_loss"] is not None:
+            assert_tensors_match({"target": mine["target_loss"]}, {"target": theirs["target_loss"]},
+                                 f"target loss, step {step}")
+        assert_tensors_match(mine["fast_weights"], theirs["fast_weights"], f"fast weights after step {step}")
+    if training:
+        assert grads.keys() == ref_grads.keys()
+        assert len(grads) > 0
+        assert_tensors_match(grads, ref_grads, "meta-gradient")
+    # The per-step running statistics (dead state in the official code) must also agree.
+    assert_tensors_match(
+        {k: v for k, v in learner.state_dict().items() if "running" in k},
+        {k: v for k, v in reference.state_dict().items() if "running" in k},
+        "running statistics",
+    )
+    return losses, ref_losses
+
+
+SMALL = dict(cnn_num_filters=16, number_of_training_steps_per_iter=3, number_of_evaluation_steps_per_iter=3)
+
+
+@pytest.mark.parametrize(
+    "name, overrides, num_tasks",
+    [
+        ("maml++_omniglot_5w1s", SMALL, 1),
+        ("maml++_omniglot_5w1s", SMALL, 8),
+        ("maml++_omniglot_5w5s", SMALL, 2),
+        ("maml++_omniglot_20w1s", dict(SMALL, num_target_samples=2), 2),
+        ("maml++_omniglot_20w5s", SMALL, 2),
+        ("maml++_omniglot_20w1s", {}, 2),  # the released network and step count
+        ("maml_omniglot_5w1s", SMALL, 2),  # MAML baseline: no MSL, fixed rates, shared BN
+        ("maml++_mini-imagenet_5w1s", dict(SMALL, cnn_num_filters=8, num_target_samples=2), 2),
+    ],
+)
+@pytest.mark.parametrize("second_order", [True, False])
+def test_training_pass_matches_reference(name, overrides, num_tasks, second_order):
+    config = preset(name, second_order=second_order, **overrides)
+    compare_one_pass(config, num_tasks)
+
+
+@pytest.mark.parametrize("use_msl, epoch", [(True, 0), (True, 4), (True, 10), (False, 0)])
+def test_multi_step_loss_gate_matches_reference(use_msl, epoch):
+    config = preset("maml++_omniglot_5w1s", use_multi_step_loss_optimization=use_msl, **SMALL)
+    losses, _ = compare_one_pass(config, num_tasks=2, epoch=epoch)
+    expected_gate = use_msl and epoch < config.multi_step_loss_num_epochs
+    assert config.uses_multi_step_loss(epoch, training_phase=True) == expected_gate
+
+
+def test_derivative_order_annealing_switches_after_the_configured_epoch():
+    config = preset("maml++_omniglot_5w1s", first_order_to_second_order_epoch=2, **SMALL)
+    assert not config.uses_second_order(2)
+    assert config.uses_second_order(3)
+    for epoch in (2, 3):
+        compare_one_pass(config, num_tasks=2, epoch=epoch)
+    batch = make_batch(config, 2)
+    annealed = make_pair(config)[1]
+    first_order = make_pair(config.replace(second_order=False))[1]
+    name = "classifier.layer_dict.conv1.conv.weight"
+    at = {epoch: (meta_gradients(annealed, batch, epoch)[2][name],
+                  meta_gradients(first_order, batch, epoch)[2][name]) for epoch in (2, 3)}
+    assert torch.equal(*at[2]), "epoch 2 must still be first order"
+    assert (at[3][0] - at[3][1]).norm() > 1e-6 * at[3][1].norm(), "epoch 3 must be second order"
+
+
+def test_first_and_second_order_meta_gradients_differ():
+    config = preset("maml++_omniglot_5w1s", **SMALL)
+    _, learner = make_pair(config)
+    batch = make_batch(config, 2)
+    grads = {}
+    for order in (True, False):
+        learner.config.second_order = order
+        grads[order] = meta_gradients(learner, batch, epoch=0)[2]
+    name = "classifier.layer_dict.conv1.conv.weight"
+    assert (grads[True][name] - grads[False][name]).norm() > 1e-6 * grads[True][name].norm()
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("maml++_omniglot_20w1s", SMALL),
+    ("maml++_mini-imagenet_5w5s", dict(SMALL, cnn_num_filters=8, num_target_samples=2)),
+])
+def test_evaluation_pass_matches_reference(name, overrides):
+    compare_one_pass(preset(name, **overrides), num_tasks=2, training=False)
+
+
+@pytest.mark.parametrize("fix", ["bn_use_running_stats_in_evaluation", "bn_restore_stats_after_evaluation"])
+def test_evaluation_fixes_match_reference(fix):
+    config = preset("maml++_omniglot_5w1s", **{fix: True}, **SMALL)
+    reference, learner = make_pair(config)
+    batch = make_batch(config, 2)
+    for model in (reference, learner):
+        model.run_train_iter(batch, epoch=0)
+    before = {k: v.clone() for k, v in learner.state_dict().items() if "running" in k}
+    ref_losses, ref_logits = reference.run_validation_iter(batch)
+    losses, logits = learner.run_validation_iter(batch)
+    assert_tensors_match({"logits": logits}, {"logits": ref_logits}, "evaluation logits")
+    after = {k: v for k, v in learner.state_dict().items() if "running" in k}
+    assert_tensors_match(after, before, "running statistics untouched by evaluation")
+
+
+def test_several_train_iterations_end_with_equal_parameters():
+    """Adam, cosine annealing across epochs, MSL decay and a validation pass in between."""
+    config = preset("maml++_omniglot_5w1s", total_epochs=4, **SMALL)
+    reference, learner = make_pair(config)
+    for iteration, epoch in enumerate([0, 0, 1, 2, 3]):
+        batch = make_batch(config, 2, seed=iteration)
+        ref_losses, _ = reference.run_train_iter(batch, epoch)
+        losses, _ = learner.run_train_iter(batch, epoch)
+        assert losses["learning_rate"] == ref_losses["learning_rate"]
+        assert losses["loss"].item() == pytest.approx(ref_losses["loss"].item(), rel=RTOL)
+        if iteration == 2:
+            reference.run_validation_iter(batch)
+            learner.run_validation_iter(batch)
+    assert learner.optimizer.param_groups[0]["lr"] < config.meta_learning_rate
+    ref_state, state = reference.state_dict(), learner.state_dict()
+    for name, expected in ref_state.items():
+        actual = state[name]
+        if inert(name) or name.endswith("running_mean"):
+            # Adam turns the zero-gradient noise of conv biases into steps of about
+            # lr * noise / eps ~ 1e-10; running means include the conv bias.
+            assert (actual - expected).abs().max().item() < 1e-8, name
+        else:
+            err = (actual - expected).norm().item()
+            assert err <= RTOL * expected.norm().item(), f"{name}: {err:.3e}"
