@@ -1,0 +1,115 @@
+"""MAMLConfig: official keys, official JSON semantics, presets and validation."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+
+from mamlpp_fast import MAMLConfig, preset, preset_names
+
+# The released MAML++ Omniglot 20-way 1-shot config, key for key (spec section 3).
+OFFICIAL_OMNIGLOT_20W1S = {
+    "batch_size": 8, "image_height": 28, "image_width": 28, "image_channels": 1, "gpu_to_use": 0,
+    "num_dataprovider_workers": 4, "max_models_to_save": 5, "dataset_name": "omniglot",
+    "dataset_path": "omniglot", "reset_stored_paths": False,
+    "experiment_name": "omniglot_1_8_0.1_64_20_0", "train_seed": 0, "val_seed": 0,
+    "train_val_test_split": [0.70918052988, 0.03080714725, 0.2606284658],
+    "indexes_of_folders_indicating_class": [-3, -2], "load_from_npz_files": False,
+    "sets_are_pre_split": False, "load_into_memory": True, "init_inner_loop_learning_rate": 0.1,
+    "train_in_stages": False, "multi_step_loss_num_epochs": 10, "minimum_per_task_contribution": 0.01,
+    "num_evaluation_tasks": 600, "learnable_per_layer_per_step_inner_loop_learning_rate": True,
+    "enable_inner_loop_optimizable_bn_params": False, "total_epochs": 100, "total_iter_per_epoch": 500,
+    "continue_from_epoch": -2, "evaluate_on_test_set_only": False, "max_pooling": True,
+    "per_step_bn_statistics": True, "learnable_batch_norm_momentum": False,
+    "evalute_on_test_set_only": False, "learnable_bn_gamma": True, "learnable_bn_beta": True,
+    "weight_decay": 0.0, "dropout_rate_value": 0.0, "min_learning_rate": 0.00001,
+    "meta_learning_rate": 0.001, "total_epochs_before_pause": 100,
+    "first_order_to_second_order_epoch": -1, "norm_layer": "batch_norm", "cnn_num_filters": 64,
+    "num_stages": 4, "conv_padding": True, "number_of_training_steps_per_iter": 5,
+    "number_of_evaluation_steps_per_iter": 5, "cnn_blocks_per_stage": 1, "num_classes_per_set": 20,
+    "num_samples_per_class": 1, "num_target_samples": 1, "second_order": "true",
+    "use_multi_step_loss_optimization": "true",
+}
+
+
+def test_official_json_loads_as_is(tmp_path):
+    path = tmp_path / "omniglot_maml++-omniglot_1_8_0.1_64_20_0.json"
+    path.write_text(json.dumps(OFFICIAL_OMNIGLOT_20W1S))
+    with pytest.warns(UserWarning, match="ignored by the official code"):
+        config = MAMLConfig.from_json(path)
+    assert config.second_order is True and config.use_multi_step_loss_optimization is True
+    assert config.num_classes_per_set == 20 and config.batch_size == 8
+    # Missing from the file, so the official argparse defaults apply.
+    assert config.task_learning_rate == 0.1 and config.seed == 104
+    assert set(config.ignored_keys) >= {"weight_decay", "init_inner_loop_learning_rate", "gpu_to_use"}
+    # It is the released MAML++ 20-way 1-shot preset in every key that matters.
+    expected = preset("maml++_omniglot_20w1s")
+    for key in ("batch_size", "num_classes_per_set", "num_samples_per_class", "num_target_samples",
+                "number_of_training_steps_per_iter", "multi_step_loss_num_epochs", "min_learning_rate",
+                "meta_learning_rate", "task_learning_rate", "cnn_num_filters", "per_step_bn_statistics",
+                "learnable_per_layer_per_step_inner_loop_learning_rate", "second_order"):
+        assert getattr(config, key) == getattr(expected, key), key
+
+
+def test_unknown_keys_and_bad_values_raise(tmp_path):
+    with pytest.raises(ValueError, match="unknown config key.*not_a_key"):
+        MAMLConfig.from_dict({"not_a_key": 1})
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        MAMLConfig(batch_size=0)
+    with pytest.raises(ValueError, match="second_order must be a boolean"):
+        MAMLConfig(second_order="maybe")
+    with pytest.raises(ValueError, match="cnn_num_filters must be an integer"):
+        MAMLConfig(cnn_num_filters=2.5)
+    with pytest.raises(ValueError, match="norm_layer"):
+        MAMLConfig(norm_layer="layer_norm")
+    with pytest.raises(ValueError, match="number_of_evaluation_steps_per_iter"):
+        MAMLConfig(number_of_evaluation_steps_per_iter=3)
+    with pytest.raises(ValueError, match="too small"):
+        MAMLConfig(image_height=8, image_width=8)
+    with pytest.raises(ValueError, match="meta_learning_rate"):
+        MAMLConfig(meta_learning_rate=float("nan"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        MAMLConfig.from_json(bad)
+    with pytest.raises(ValueError, match="does not exist"):
+        MAMLConfig.from_json(tmp_path / "missing.json")
+
+
+def test_presets_cover_the_released_configs():
+    names = preset_names()
+    for setting in ("omniglot_5w1s", "omniglot_5w5s", "omniglot_20w1s", "omniglot_20w5s",
+                    "mini-imagenet_5w1s", "mini-imagenet_5w5s"):
+        assert f"maml++_{setting}" in names and f"maml_{setting}" in names
+    mini = preset("maml++_mini-imagenet_5w1s")
+    assert (mini.batch_size, mini.num_target_samples, mini.cnn_num_filters) == (2, 15, 48)
+    assert mini.min_learning_rate == mini.meta_learning_rate  # CA is off in the release
+    assert mini.clamps_meta_gradients and not preset("maml++_omniglot_5w1s").clamps_meta_gradients
+    maml = preset("maml_omniglot_20w1s")
+    assert not maml.use_multi_step_loss_optimization and not maml.per_step_bn_statistics
+    assert not maml.learnable_per_layer_per_step_inner_loop_learning_rate
+    paper = preset("maml++_mini-imagenet_5w1s_paper")
+    assert (paper.batch_size, paper.first_order_to_second_order_epoch, paper.task_learning_rate) == (4, 10, 0.01)
+    assert preset("maml++_omniglot_20w5s_paper").batch_size == 8
+    assert preset("maml++_omniglot_5w1s_paper").batch_size == 16
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("maml++_cifar_5w1s")
+
+
+def test_round_trip_through_json(tmp_path):
+    config = preset("maml++_omniglot_5w5s", batch_size=3)
+    path = tmp_path / "c.json"
+    config.to_json(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert MAMLConfig.from_json(path) == config
+
+
+def test_gates():
+    config = MAMLConfig(first_order_to_second_order_epoch=10, multi_step_loss_num_epochs=10)
+    assert not config.uses_second_order(10) and config.uses_second_order(11)
+    assert config.uses_multi_step_loss(9, training_phase=True)
+    assert not config.uses_multi_step_loss(10, training_phase=True)
+    assert not config.uses_multi_step_loss(0, training_phase=False)

@@ -1,0 +1,182 @@
+"""The drop-in API: official state_dict names, checkpoints, input validation, adapt/predict."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from mamlpp_fast import MetaLearner, preset
+from mamlpp_fast.reference import MAMLFewShotClassifier
+
+TINY = dict(cnn_num_filters=8, number_of_training_steps_per_iter=2, number_of_evaluation_steps_per_iter=2,
+            batch_size=2)
+
+
+def official_state_dict_keys(num_stages: int = 4) -> list:
+    """Written out from spec section 2 ("State_dict names"), not from our own code."""
+    keys = []
+    for i in range(num_stages):
+        keys += [f"classifier.layer_dict.conv{i}.conv.weight", f"classifier.layer_dict.conv{i}.conv.bias"]
+        keys += [f"classifier.layer_dict.conv{i}.norm_layer.{k}" for k in ("running_mean", "running_var", "bias", "weight")]
+    keys += ["classifier.layer_dict.linear.weights", "classifier.layer_dict.linear.bias"]
+    for i in range(num_stages):
+        keys += [f"inner_loop_optimizer.names_learning_rates_dict.layer_dict-conv{i}-conv-{k}" for k in ("weight", "bias")]
+    keys += ["inner_loop_optimizer.names_learning_rates_dict.layer_dict-linear-weights",
+             "inner_loop_optimizer.names_learning_rates_dict.layer_dict-linear-bias"]
+    return keys
+
+
+def numpy_batch(config, seed=0, num_tasks=None):
+    rng = np.random.RandomState(seed)
+    b = num_tasks or config.batch_size
+    n, k, t = config.num_classes_per_set, config.num_samples_per_class, config.num_target_samples
+    labels = np.arange(n).reshape(1, n, 1)
+    return (rng.rand(b, n, k, *config.image_shape).astype(np.float32),
+            rng.rand(b, n, t, *config.image_shape).astype(np.float32),
+            np.tile(labels, (b, 1, k)).astype(np.float32),  # the official loader yields float labels
+            np.tile(labels, (b, 1, t)).astype(np.float32))
+
+
+@pytest.fixture
+def config():
+    return preset("maml++_omniglot_5w1s", **TINY)
+
+
+def test_state_dict_has_the_official_names_and_shapes():
+    learner = MetaLearner(preset("maml++_omniglot_20w1s"))
+    state = learner.state_dict()
+    assert sorted(state) == sorted(official_state_dict_keys())
+    assert state["classifier.layer_dict.conv0.norm_layer.weight"].shape == (5, 64)
+    assert state["classifier.layer_dict.linear.weights"].shape == (20, 64)
+    assert state["inner_loop_optimizer.names_learning_rates_dict.layer_dict-conv0-conv-weight"].shape == (6,)
+    assert torch.all(state["inner_loop_optimizer.names_learning_rates_dict.layer_dict-conv0-conv-weight"] == 0.1)
+    # The official constructor's two dummy passes leave running_var[0] at 0.81.
+    assert torch.allclose(state["classifier.layer_dict.conv0.norm_layer.running_var"][0], torch.tensor(0.81))
+    # 10 inner-loop tensors, 60 LSLR scalars, BN gamma/beta trained by Adam only.
+    assert len(learner.inner_loop_parameter_names) == 10
+    trainable = sum(p.numel() for p in learner.trainable_parameters())
+    assert trainable == 112_724 + 4 * 2 * 5 * 64 + 60
+
+
+def test_same_seed_gives_the_same_init_as_the_reference(config):
+    a, b = MetaLearner(config), MAMLFewShotClassifier(config)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+def test_official_checkpoint_file_loads(tmp_path, config):
+    source = MAMLFewShotClassifier(config)
+    state = {"network": {k: v.clone() + 0.5 for k, v in source.state_dict().items()}, "current_iter": 7}
+    torch.save(state, tmp_path / "train_model_3")
+    learner = MetaLearner(config)
+    loaded = learner.load_model(str(tmp_path), "train_model", 3)
+    assert loaded["current_iter"] == 7
+    for key, value in state["network"].items():
+        assert torch.equal(learner.state_dict()[key], value), key
+
+
+def test_save_load_round_trip_continues_identically(tmp_path, config):
+    learner = MetaLearner(config).double()
+    learner.run_train_iter(numpy_batch(config, 0), epoch=1)
+    learner.save_model(tmp_path / "train_model_latest", state={"current_iter": 1})
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    clone = MetaLearner(config).double()
+    state = clone.load_model(tmp_path, "train_model", "latest")
+    assert state["current_iter"] == 1 and clone.current_epoch == 1
+    batch = numpy_batch(config, 1)
+    a, _ = learner.run_train_iter(batch, epoch=2)
+    b, _ = clone.run_train_iter(batch, epoch=2)
+    assert a["loss"].item() == b["loss"].item()
+    for (name, x), (_, y) in zip(learner.state_dict().items(), clone.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+def test_load_rejects_a_mismatched_checkpoint(tmp_path, config):
+    other = MetaLearner(preset("maml++_omniglot_20w1s", **TINY))
+    with pytest.raises(ValueError, match="shape"):
+        MetaLearner(config).load_state_dict(other.state_dict())
+    with pytest.raises(FileNotFoundError):
+        MetaLearner(config).load_model(tmp_path, "train_model", 9)
+
+
+def _snapshot(learner):
+    return (copy.deepcopy(learner.state_dict()), copy.deepcopy(learner.optimizer.state_dict()),
+            learner.current_epoch, learner.optimizer.param_groups[0]["lr"])
+
+
+def _bad_batches(config):
+    good = numpy_batch(config)
+    x_s, x_t, y_s, y_t = good
+    nan = x_s.copy()
+    nan[0, 0, 0, 0, 0, 0] = np.nan
+    out_of_range = y_t.copy()
+    out_of_range[0, 0, 0] = 5
+    fractional = y_s.copy()
+    fractional[0, 1, 0] = 0.5
+    return [
+        ((x_s[0], x_t, y_s, y_t), "x_support_set must have shape"),
+        ((x_s, x_t[:1], y_s, y_t[:1]), "x_target_set has 1 tasks"),
+        ((x_s, x_t[:, :3], y_s, y_t[:, :3]), "x_target_set has 3 classes"),
+        ((x_s, x_t, y_s[:, :, :0], y_t), "y_support_set must have shape"),
+        ((x_s[..., :20, :20], x_t, y_s, y_t), "x_support_set images must be"),
+        ((x_s, x_t, y_s, out_of_range), r"y_target_set labels must be in \[0, 5\)"),
+        ((x_s, x_t, fractional, y_t), "y_support_set must hold whole-number"),
+        ((nan, x_t, y_s, y_t), "x_support_set contains NaN"),
+        ((x_s.astype(np.int64), x_t, y_s, y_t), "x_support_set must hold floating point"),
+        ((x_s, x_t, y_s.astype(bool), y_t), "y_support_set must hold integer"),
+        ((torch.from_numpy(x_s).to("meta"), x_t, y_s, y_t), "x_support_set is on meta"),
+        ((x_s, x_t, y_s), "data_batch must be a tuple"),
+        ((x_s, "images", y_s, y_t), "x_target_set must be a numpy array or a torch.Tensor"),
+    ]
+
+
+def test_bad_input_raises_and_changes_nothing(config):
+    learner = MetaLearner(config)
+    learner.run_train_iter(numpy_batch(config), epoch=0)
+    before = _snapshot(learner)
+    for batch, message in _bad_batches(config):
+        for call in (lambda: learner.run_train_iter(batch, epoch=4), lambda: learner.run_validation_iter(batch)):
+            with pytest.raises(ValueError, match=message):
+                call()
+            after = _snapshot(learner)
+            assert after[2:] == before[2:]
+            for key, value in before[0].items():
+                assert torch.equal(after[0][key], value), key
+    with pytest.raises(ValueError, match="epoch must be"):
+        learner.run_train_iter(numpy_batch(config), epoch=-1)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        MetaLearner(config, backend="fast")
+
+
+def test_learner_computes_in_its_own_dtype(config):
+    learner = MetaLearner(config).double()
+    losses, logits = learner.run_train_iter(numpy_batch(config), epoch=0)
+    assert logits.dtype == torch.float64 and losses["loss"].dtype == torch.float64
+    losses, logits = learner.run_validation_iter(numpy_batch(config))
+    assert logits.dtype == torch.float64 and logits.shape == (2, 5, 5)
+
+
+def test_adapt_then_predict_equals_the_evaluation_pass(config):
+    learner = MetaLearner(config).double()
+    x_s, x_t, y_s, y_t = numpy_batch(config)
+    _, eval_logits = learner.run_validation_iter((x_s, x_t, y_s, y_t))
+    fast = learner.adapt(x_s, y_s.astype(np.int64))
+    assert fast["layer_dict.conv1.conv.weight"].shape == (2, 8, 8, 3, 3)
+    logits = learner.predict(torch.from_numpy(x_t).reshape(2, 5, 1, 28, 28), fast)
+    assert torch.allclose(logits, eval_logits, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="steps must be in"):
+        learner.adapt(x_s, y_s, steps=5)
+    with pytest.raises(ValueError, match="query_x"):
+        learner.predict(x_t[:, :, 0, 0], fast)
+
+
+def test_meta_step_trains(config):
+    learner = MetaLearner(config)
+    batch = numpy_batch(config)
+    first = learner.meta_step(batch)["loss"].item()
+    for _ in range(15):
+        last = learner.meta_step(batch)["loss"].item()
+    assert last < first
