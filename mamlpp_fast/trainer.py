@@ -1,0 +1,665 @@
+"""The experiment loop of MAML++: the official `ExperimentBuilder` semantics, done right.
+
+`Trainer(config, output_dir)` owns an experiment folder ``{output_dir}/{experiment_name}/``::
+
+    config.json               the config the run was started with
+    saved_models/
+        train_model_{epoch}   one checkpoint per epoch (1-based); only the best N by
+                              validation accuracy are kept, N = max(5, max_models_to_save)
+        train_model_latest    the newest checkpoint; a rerun resumes from it
+    logs/
+        summary.csv, summary.json      per-epoch statistics (rewritten atomically)
+        test_summary.csv, .json        the test protocol's result
+        learning_curves.png            train/val loss and accuracy per epoch
+
+What it does, as the official code does:
+
+- ``total_iter_per_epoch`` meta-iterations per epoch, passing ``epoch = current_iter //
+  total_iter_per_epoch`` to ``run_train_iter``;
+- at the end of each epoch, validation on the same ``num_evaluation_tasks`` fixed tasks, then
+  ``train_model_{epoch}`` and ``train_model_latest``;
+- a pause after ``total_epochs_before_pause`` epochs of one process (rerun to continue);
+- when all ``total_epochs`` are done, the test protocol: the top-5 epochs by validation
+  accuracy, the same test tasks through each, logits averaged over the models, argmax.
+
+What it does better:
+
+- checkpoints are written atomically (temporary file, fsync, rename), so a kill -9 at any
+  moment leaves the previous checkpoint intact; a leftover temporary file is ignored;
+- checkpoints also hold the RNG states (torch, numpy, python ``random``, the learner's RNG) and
+  the data position, so a resumed run continues bit for bit like an uninterrupted one;
+- the official code keeps every epoch's checkpoint (``max_models_to_save`` is read but never
+  used); here only the best N are kept (the test ensemble needs the top 5);
+- an optional time budget (``max_minutes``) or iteration budget (``max_iters``) that stops
+  cleanly at the end of the current epoch;
+- the test result also gets a 95% confidence interval over per-task accuracies.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .config import MAMLConfig
+from .learner_base import atomic_torch_save, resolve_config
+
+__all__ = [
+    "Trainer",
+    "ensemble_logits_accuracy",
+    "top_epochs",
+    "CHECKPOINT_PREFIX",
+    "LATEST",
+]
+
+CHECKPOINT_PREFIX = "train_model"
+LATEST = "latest"
+TEST_ENSEMBLE_SIZE = 5
+_EPOCH_FILE = re.compile(r"^" + CHECKPOINT_PREFIX + r"_(\d+)$")
+_STAT_KEYS = (
+    "train_loss_mean", "train_loss_std", "train_accuracy_mean", "train_accuracy_std",
+    "learning_rate", "val_loss_mean", "val_loss_std", "val_accuracy_mean", "val_accuracy_std",
+)
+
+
+# ---------------------------------------------------------------------- helpers
+def top_epochs(val_accuracies: Sequence[float], n: int) -> List[int]:
+    """The 1-based epochs of the ``n`` best validation accuracies, best last.
+
+    Like the official ``np.argsort(val_accuracy_mean)[-n:]`` but with a stable sort, so ties
+    go to the later epoch and the choice is reproducible. Pruning and the test protocol use the
+    same rule, so the top 5 are always among the kept checkpoints.
+    """
+    if n <= 0 or len(val_accuracies) == 0:
+        return []
+    order = np.argsort(np.asarray(val_accuracies, dtype=np.float64), kind="stable")
+    return [int(i) + 1 for i in order[-n:]]
+
+
+def ensemble_logits_accuracy(per_model_logits: Sequence[np.ndarray], targets: np.ndarray) -> Dict[str, Any]:
+    """The official test protocol's arithmetic.
+
+    Args:
+        per_model_logits: one array [tasks, N*T, N] of target logits per model.
+        targets: [tasks, N*T] integer labels, in the same (class-major) order as the logits.
+
+    Returns:
+        dict with ``test_accuracy_mean`` (mean over every prediction), ``test_accuracy_std``
+        (official: std over individual predictions), ``test_accuracy_task_std`` (std over
+        per-task accuracies), ``test_accuracy_ci95`` (1.96 * task std / sqrt(tasks)),
+        ``num_tasks``, ``num_models`` and ``per_task_accuracy``.
+    """
+    if len(per_model_logits) == 0:
+        raise ValueError("per_model_logits is empty: no model to evaluate")
+    stacked = np.stack([np.asarray(x, dtype=np.float64) for x in per_model_logits])
+    if stacked.ndim != 4:
+        raise ValueError(f"each model's logits must be [tasks, N*T, N], got {list(stacked.shape[1:])}")
+    mean_logits = stacked.mean(axis=0)
+    predictions = mean_logits.argmax(axis=2)
+    targets = np.asarray(targets).reshape(predictions.shape)
+    correct = (predictions == targets).astype(np.float64)
+    per_task = correct.mean(axis=1)
+    num_tasks = int(per_task.shape[0])
+    task_std = float(per_task.std())
+    return {
+        "test_accuracy_mean": float(correct.mean()),
+        "test_accuracy_std": float(correct.std()),
+        "test_accuracy_task_std": task_std,
+        "test_accuracy_ci95": 1.96 * task_std / math.sqrt(max(num_tasks, 1)),
+        "num_tasks": num_tasks,
+        "num_models": int(stacked.shape[0]),
+        "per_task_accuracy": per_task,
+    }
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _csv_text(rows: List[Dict[str, Any]], keys: Sequence[str]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(keys), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row)
+    return out.getvalue()
+
+
+def _rng_state(learner) -> Dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "learner": learner.rng.get_state() if getattr(learner, "rng", None) is not None else None,
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(learner, state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("learner") is not None and getattr(learner, "rng", None) is not None:
+        learner.rng.set_state(state["learner"])
+    if "cuda" in state and torch.cuda.is_available():
+        try:
+            torch.cuda.set_rng_state_all(state["cuda"])
+        except Exception as error:  # a different number of GPUs
+            warnings.warn(f"could not restore the CUDA RNG state: {error}", stacklevel=2)
+
+
+def _to_float(value: Any) -> float:
+    return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def _resolve_dataset_path(config: MAMLConfig, dataset_dir: Optional[str]) -> Optional[str]:
+    """The root the data loader should search: --dataset-dir, else the config's dataset_path
+    when it is an existing folder, else None (the environment variables decide)."""
+    if dataset_dir is not None:
+        if not os.path.isdir(dataset_dir):
+            raise ValueError(f"--dataset-dir: {dataset_dir!r} is not a folder")
+        return dataset_dir
+    if "synthetic" in config.dataset_name.lower():
+        return None
+    path = config.dataset_path
+    if path and os.path.isdir(path):
+        return path
+    return None
+
+
+# ---------------------------------------------------------------------- the trainer
+class Trainer:
+    """Train, validate, checkpoint, resume and test one MAML++ experiment.
+
+    Args:
+        config: a `MAMLConfig` (or anything `resolve_config` accepts).
+        output_dir: parent folder of the experiment folder ``{experiment_name}/``.
+        device, dtype, backend: passed to `MetaLearner`.
+        dataset_dir: where the data set lives (default: the config's ``dataset_path`` when it is
+            a folder, else ``$MAMLPP_FAST_DATA_DIR`` / ``$DATASET_DIR``).
+        progress: show a tqdm bar; None shows one when stderr is a terminal.
+        max_minutes: stop cleanly at the end of the first epoch that ends after this many
+            minutes of this process's training.
+        max_iters: stop cleanly at the end of the first epoch that ends after this many
+            meta-iterations of this process.
+        log: where one-line messages go (default: print to stdout).
+        learner, data: prebuilt objects (tests); built from the config otherwise.
+        prefetch: batches the data loader builds ahead in a background thread.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        output_dir: Union[str, os.PathLike] = "runs",
+        *,
+        device: Union[str, torch.device, None] = None,
+        dtype: Optional[torch.dtype] = None,
+        backend: str = "auto",
+        dataset_dir: Optional[str] = None,
+        progress: Optional[bool] = None,
+        max_minutes: Optional[float] = None,
+        max_iters: Optional[int] = None,
+        log: Optional[Callable[[str], None]] = None,
+        learner: Any = None,
+        data: Any = None,
+        prefetch: int = 3,
+    ) -> None:
+        self.config = resolve_config(config)
+        if max_minutes is not None and not (max_minutes > 0):
+            raise ValueError(f"max_minutes must be > 0, got {max_minutes!r}")
+        if max_iters is not None and int(max_iters) < 1:
+            raise ValueError(f"max_iters must be >= 1, got {max_iters!r}")
+        self.output_dir = os.fspath(output_dir)
+        self.experiment_dir = os.path.join(self.output_dir, self.config.experiment_name)
+        self.saved_models_dir = os.path.join(self.experiment_dir, "saved_models")
+        self.logs_dir = os.path.join(self.experiment_dir, "logs")
+        self.device = device
+        self.dtype = dtype
+        self.backend = backend
+        self.dataset_dir = dataset_dir
+        self.progress = progress
+        self.max_minutes = max_minutes
+        self.max_iters = None if max_iters is None else int(max_iters)
+        self.log = log if log is not None else (lambda message: print(message, flush=True))
+        self.prefetch = int(prefetch)
+        self._learner = learner
+        self._data = data
+        self.state: Dict[str, Any] = self._fresh_state()
+        self.resumed_from: Optional[str] = None
+
+    # ------------------------------------------------------------------ lazily built parts
+    @property
+    def learner(self):
+        if self._learner is None:
+            from .meta_learner import MetaLearner
+
+            self._learner = MetaLearner(self.config, backend=self.backend, device=self.device, dtype=self.dtype)
+        return self._learner
+
+    @property
+    def data(self):
+        if self._data is None:
+            from .data import MetaLearningDataLoader
+
+            root = _resolve_dataset_path(self.config, self.dataset_dir)
+            self._data = MetaLearningDataLoader(
+                self.config, current_iter=self.state["current_iter"], prefetch=self.prefetch,
+                dataset_path=root,
+            )
+        return self._data
+
+    @property
+    def keep_top_n(self) -> int:
+        return max(TEST_ENSEMBLE_SIZE, int(self.config.max_models_to_save))
+
+    @property
+    def total_iters(self) -> int:
+        return int(self.config.total_epochs) * int(self.config.total_iter_per_epoch)
+
+    @property
+    def epochs_done(self) -> int:
+        return int(self.state["current_iter"]) // int(self.config.total_iter_per_epoch)
+
+    @property
+    def finished(self) -> bool:
+        return int(self.state["current_iter"]) >= self.total_iters
+
+    def checkpoint_path(self, index: Union[int, str]) -> str:
+        return os.path.join(self.saved_models_dir, f"{CHECKPOINT_PREFIX}_{index}")
+
+    @staticmethod
+    def _fresh_state() -> Dict[str, Any]:
+        return {
+            "current_iter": 0,
+            "best_val_acc": 0.0,
+            "best_val_iter": 0,
+            "best_epoch": 0,
+            "per_epoch_statistics": {key: [] for key in ("epoch", "current_iter", *_STAT_KEYS, "epoch_seconds")},
+        }
+
+    # ------------------------------------------------------------------ folders and resume
+    def _make_folders(self) -> None:
+        os.makedirs(self.saved_models_dir, exist_ok=True)
+        os.makedirs(self.logs_dir, exist_ok=True)
+        config_path = os.path.join(self.experiment_dir, "config.json")
+        if not os.path.exists(config_path):
+            _atomic_write_text(config_path, json.dumps(self.config.to_dict(), indent=2) + "\n")
+
+    def _remove_stale_temp_files(self) -> None:
+        """Temporary files of a write that a crash interrupted (never loaded, safe to delete)."""
+        if not os.path.isdir(self.saved_models_dir):
+            return
+        for name in os.listdir(self.saved_models_dir):
+            if name.startswith(CHECKPOINT_PREFIX + "_") and name.endswith(".tmp"):
+                try:
+                    os.unlink(os.path.join(self.saved_models_dir, name))
+                except OSError:
+                    pass
+
+    def maybe_resume(self) -> bool:
+        """Load ``train_model_latest`` when it exists (learner, optimizer, scheduler, counters,
+        statistics, RNG states and data position). Returns whether it resumed."""
+        self._remove_stale_temp_files()
+        path = self.checkpoint_path(LATEST)
+        if not os.path.isfile(path):
+            return False
+        state = self.learner.load_model(self.saved_models_dir, CHECKPOINT_PREFIX, LATEST)
+        saved_config = state.get("config")
+        if saved_config is not None:
+            differing = sorted(
+                key for key, value in self.config.to_dict().items()
+                if key in saved_config and saved_config[key] != value
+                and key not in ("total_epochs_before_pause", "num_dataprovider_workers")
+            )
+            if differing:
+                warnings.warn(
+                    f"resuming {path!r} with a config that differs from the one it was trained "
+                    f"with in {differing}; use another experiment_name to start afresh",
+                    stacklevel=2,
+                )
+        for key in ("current_iter", "best_val_acc", "best_val_iter", "best_epoch", "per_epoch_statistics"):
+            if key in state:
+                self.state[key] = state[key]
+        self.state["current_iter"] = int(self.state["current_iter"])
+        if "rng_state" in state:
+            _set_rng_state(self.learner, state["rng_state"])
+        if self._data is not None:
+            self._data.current_iter = int(state.get("data_current_iter", self.state["current_iter"]))
+        self.resumed_from = path
+        return True
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, epoch: int) -> None:
+        """``train_model_{epoch}`` then ``train_model_latest``, both atomic; then prune."""
+        state = dict(self.state)
+        state["config"] = self.config.to_dict()
+        state["rng_state"] = _rng_state(self.learner)
+        state["data_current_iter"] = int(self.state["current_iter"])
+        state["epoch"] = int(epoch)
+        state["mamlpp_fast_checkpoint_version"] = 1
+        self.learner.save_model(self.checkpoint_path(epoch), state)
+        # save_model put the network, optimizer and scheduler in `state`; write the same again.
+        atomic_torch_save(state, self.checkpoint_path(LATEST))
+        self.prune_checkpoints()
+
+    def prune_checkpoints(self) -> List[int]:
+        """Delete epoch checkpoints outside the best ``keep_top_n`` by validation accuracy.
+        Returns the kept epochs."""
+        stats = self.state["per_epoch_statistics"]
+        keep = set(top_epochs(stats["val_accuracy_mean"], self.keep_top_n))
+        if not os.path.isdir(self.saved_models_dir):
+            return sorted(keep)
+        for name in os.listdir(self.saved_models_dir):
+            match = _EPOCH_FILE.match(name)
+            if match and int(match.group(1)) not in keep:
+                try:
+                    os.unlink(os.path.join(self.saved_models_dir, name))
+                except OSError:
+                    pass
+        return sorted(keep)
+
+    # ------------------------------------------------------------------ logs
+    def write_logs(self) -> None:
+        stats = self.state["per_epoch_statistics"]
+        rows = [
+            {key: stats[key][i] for key in stats} for i in range(len(stats["epoch"]))
+        ]
+        keys = list(stats.keys())
+        _atomic_write_text(os.path.join(self.logs_dir, "summary.csv"), _csv_text(rows, keys))
+        summary = {
+            "experiment_name": self.config.experiment_name,
+            "current_iter": int(self.state["current_iter"]),
+            "best_val_acc": float(self.state["best_val_acc"]),
+            "best_val_iter": int(self.state["best_val_iter"]),
+            "best_epoch": int(self.state["best_epoch"]),
+            "per_epoch_statistics": rows,
+        }
+        _atomic_write_text(os.path.join(self.logs_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
+
+    def plot_learning_curves(self) -> Optional[str]:
+        """``logs/learning_curves.png``; skipped with a warning without matplotlib."""
+        stats = self.state["per_epoch_statistics"]
+        if not stats["epoch"]:
+            return None
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg", force=False)
+            import matplotlib.pyplot as plt
+        except Exception as error:  # ImportError, or a broken backend
+            warnings.warn(f"matplotlib unavailable ({error}); skipping learning_curves.png", stacklevel=2)
+            return None
+        path = os.path.join(self.logs_dir, "learning_curves.png")
+        fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+        epochs = stats["epoch"]
+        ax_loss.plot(epochs, stats["train_loss_mean"], "o-", label="train")
+        ax_loss.plot(epochs, stats["val_loss_mean"], "s-", label="val")
+        ax_loss.set_xlabel("epoch")
+        ax_loss.set_ylabel("loss")
+        ax_loss.legend()
+        ax_loss.grid(alpha=0.3)
+        ax_acc.plot(epochs, stats["train_accuracy_mean"], "o-", label="train")
+        ax_acc.plot(epochs, stats["val_accuracy_mean"], "s-", label="val")
+        ax_acc.set_xlabel("epoch")
+        ax_acc.set_ylabel("accuracy")
+        ax_acc.legend()
+        ax_acc.grid(alpha=0.3)
+        fig.suptitle(self.config.experiment_name)
+        fig.tight_layout()
+        tmp = path + ".tmp.png"
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, path)
+        return path
+
+    # ------------------------------------------------------------------ evaluation
+    def _evaluate(self, batches) -> Tuple[List[float], List[float], List[np.ndarray], List[np.ndarray]]:
+        losses, accuracies, logits, targets = [], [], [], []
+        learner = self.learner
+        try:
+            for batch in batches:
+                data_batch = tuple(batch[:4])
+                out, preds = learner.run_validation_iter(data_batch)
+                losses.append(out["loss"])
+                accuracies.append(out["accuracy"])
+                logits.append(preds.detach().float().cpu().numpy())
+                y_target = batch[3]
+                y_target = y_target.cpu().numpy() if isinstance(y_target, torch.Tensor) else np.asarray(y_target)
+                targets.append(y_target.reshape(y_target.shape[0], -1))
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+        return [_to_float(v) for v in losses], [_to_float(v) for v in accuracies], logits, targets
+
+    def validate(self) -> Dict[str, float]:
+        """Loss and accuracy on the fixed validation tasks (mean and std over batches)."""
+        losses, accuracies, _, _ = self._evaluate(self.data.get_val_batches())
+        if not losses:
+            raise ValueError(
+                f"num_evaluation_tasks={self.config.num_evaluation_tasks} gives no validation batch "
+                f"of batch_size={self.config.batch_size}; raise num_evaluation_tasks"
+            )
+        return {
+            "val_loss_mean": float(np.mean(losses)),
+            "val_loss_std": float(np.std(losses)),
+            "val_accuracy_mean": float(np.mean(accuracies)),
+            "val_accuracy_std": float(np.std(accuracies)),
+        }
+
+    def test_logits(self, checkpoint_path: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """Load a checkpoint (when given) and return (logits [tasks, N*T, N], targets [tasks, N*T])
+        over the fixed test tasks."""
+        if checkpoint_path is not None:
+            folder, name = os.path.split(checkpoint_path)
+            prefix, _, index = name.rpartition("_")
+            if not prefix:
+                raise ValueError(f"checkpoint: {checkpoint_path!r} is not named <name>_<index>")
+            self.learner.load_model(folder or ".", prefix, index)
+        _, _, logits, targets = self._evaluate(self.data.get_test_batches())
+        if not logits:
+            raise ValueError(
+                f"num_evaluation_tasks={self.config.num_evaluation_tasks} gives no test batch "
+                f"of batch_size={self.config.batch_size}; raise num_evaluation_tasks"
+            )
+        return np.concatenate(logits), np.concatenate(targets)
+
+    def evaluate_checkpoints(self, checkpoint_paths: Sequence[str]) -> Dict[str, Any]:
+        """The ensemble test on explicit checkpoint files (logits averaged over them)."""
+        per_model, targets = [], None
+        for path in checkpoint_paths:
+            logits, model_targets = self.test_logits(path)
+            per_model.append(logits)
+            if targets is None:
+                targets = model_targets
+            elif not np.array_equal(targets, model_targets):
+                raise RuntimeError("the test tasks differ between models; the data is not deterministic")
+        return ensemble_logits_accuracy(per_model, targets)
+
+    def run_test(self, top_n: int = TEST_ENSEMBLE_SIZE) -> Dict[str, Any]:
+        """The official protocol: the top-``top_n`` epochs by validation accuracy, the same test
+        tasks through each, logits averaged, argmax. Writes ``logs/test_summary.csv``/``.json``."""
+        stats = self.state["per_epoch_statistics"]
+        epochs = top_epochs(stats["val_accuracy_mean"], top_n)
+        if not epochs:
+            raise ValueError(f"no validated epoch in {self.experiment_dir!r}: train first")
+        paths = [self.checkpoint_path(epoch) for epoch in epochs]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"checkpoints of the top-{top_n} epochs are missing: {missing}")
+        result = self.evaluate_checkpoints(paths)
+        summary = {
+            "test_accuracy_mean": result["test_accuracy_mean"],
+            "test_accuracy_std": result["test_accuracy_std"],
+            "test_accuracy_task_std": result["test_accuracy_task_std"],
+            "test_accuracy_ci95": result["test_accuracy_ci95"],
+            "num_tasks": result["num_tasks"],
+            "num_models": result["num_models"],
+            "epochs": epochs,
+            "val_accuracy_of_epochs": [float(stats["val_accuracy_mean"][e - 1]) for e in epochs],
+        }
+        os.makedirs(self.logs_dir, exist_ok=True)
+        row = dict(summary, epochs=" ".join(str(e) for e in epochs),
+                   val_accuracy_of_epochs=" ".join(f"{v:.6f}" for v in summary["val_accuracy_of_epochs"]))
+        _atomic_write_text(os.path.join(self.logs_dir, "test_summary.csv"), _csv_text([row], list(row)))
+        _atomic_write_text(os.path.join(self.logs_dir, "test_summary.json"), json.dumps(summary, indent=2) + "\n")
+        self.test_summary = summary
+        return summary
+
+    # ------------------------------------------------------------------ training
+    def _progress_enabled(self) -> bool:
+        if self.progress is not None:
+            return bool(self.progress)
+        try:
+            return sys.stderr.isatty()
+        except (AttributeError, ValueError):
+            return False
+
+    def train(self) -> Dict[str, Any]:
+        """Train until ``total_epochs`` are done, or a pause / budget stops it at an epoch end.
+
+        Resumes from ``train_model_latest`` first. Returns a dict with ``finished``,
+        ``stopped_because``, ``epochs_done`` and ``current_iter``.
+        """
+        self._make_folders()
+        if self.resumed_from is None and self.state["current_iter"] == 0:
+            if self.maybe_resume():
+                self.log(f"resumed from {self.resumed_from} at iteration {self.state['current_iter']} "
+                         f"(epoch {self.epochs_done}/{self.config.total_epochs})")
+        cfg = self.config
+        per_epoch = int(cfg.total_iter_per_epoch)
+        learner = self.learner
+        data = self.data
+        start_time = time.time()
+        iters_this_run = 0
+        epochs_this_run = 0
+        stopped_because = "finished"
+        bar = None
+        if self._progress_enabled() and not self.finished:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_iters, initial=int(self.state["current_iter"]), mininterval=1.0,
+                       unit="it", dynamic_ncols=True, desc=cfg.experiment_name, file=sys.stderr)
+        try:
+            while not self.finished:
+                epoch_index = self.epochs_done  # 0-based epoch being trained
+                epoch_start = time.time()
+                first = int(self.state["current_iter"])
+                n = per_epoch - (first % per_epoch)
+                losses: List[torch.Tensor] = []
+                accuracies: List[torch.Tensor] = []
+                learning_rate = float("nan")
+                batches = data.get_train_batches(total_batches=n, current_iter=first)
+                try:
+                    for batch in batches:
+                        current = int(self.state["current_iter"])
+                        out, _ = learner.run_train_iter(tuple(batch[:4]), epoch=current // per_epoch)
+                        losses.append(out["loss"].detach())
+                        accuracies.append(torch.as_tensor(out["accuracy"]).detach())
+                        learning_rate = out["learning_rate"]
+                        self.state["current_iter"] = current + 1
+                        iters_this_run += 1
+                        if bar is not None:
+                            bar.update(1)
+                            if len(losses) % 20 == 0 or len(losses) == n:
+                                bar.set_postfix(epoch=epoch_index + 1, loss=f"{_to_float(losses[-1]):.4f}",
+                                                acc=f"{_to_float(accuracies[-1]):.4f}", refresh=False)
+                finally:
+                    close = getattr(batches, "close", None)
+                    if close is not None:
+                        close()
+                train_losses = torch.stack(losses).double().cpu().numpy()
+                train_accs = torch.stack([a.to(losses[0].device) for a in accuracies]).double().cpu().numpy()
+                val = self.validate()
+                epoch = epoch_index + 1
+                stats = self.state["per_epoch_statistics"]
+                record = {
+                    "epoch": epoch,
+                    "current_iter": int(self.state["current_iter"]),
+                    "train_loss_mean": float(train_losses.mean()),
+                    "train_loss_std": float(train_losses.std()),
+                    "train_accuracy_mean": float(train_accs.mean()),
+                    "train_accuracy_std": float(train_accs.std()),
+                    "learning_rate": float(learning_rate),
+                    **val,
+                    "epoch_seconds": round(time.time() - epoch_start, 3),
+                }
+                for key, value in record.items():
+                    stats.setdefault(key, []).append(value)
+                if val["val_accuracy_mean"] > self.state["best_val_acc"]:
+                    self.state["best_val_acc"] = val["val_accuracy_mean"]
+                    self.state["best_val_iter"] = int(self.state["current_iter"])
+                    self.state["best_epoch"] = epoch
+                self.save_checkpoint(epoch)
+                self.write_logs()
+                epochs_this_run += 1
+                message = (
+                    f"epoch {epoch}/{cfg.total_epochs}: train loss {record['train_loss_mean']:.4f} "
+                    f"acc {record['train_accuracy_mean']:.4f} | val loss {val['val_loss_mean']:.4f} "
+                    f"acc {val['val_accuracy_mean']:.4f} (best {self.state['best_val_acc']:.4f} "
+                    f"@ epoch {self.state['best_epoch']}) | {record['epoch_seconds']:.1f}s"
+                )
+                if bar is not None:
+                    bar.write(message, file=sys.stderr)
+                else:
+                    self.log(message)
+                if self.finished:
+                    break
+                if epochs_this_run >= int(cfg.total_epochs_before_pause):
+                    stopped_because = "total_epochs_before_pause"
+                    break
+                if self.max_minutes is not None and time.time() - start_time >= 60.0 * self.max_minutes:
+                    stopped_because = "max_minutes"
+                    break
+                if self.max_iters is not None and iters_this_run >= self.max_iters:
+                    stopped_because = "max_iters"
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+        if self.state["per_epoch_statistics"]["epoch"]:
+            try:
+                self.plot_learning_curves()
+            except Exception as error:  # a plot must never lose a run
+                warnings.warn(f"could not write learning_curves.png: {error}", stacklevel=2)
+        if not self.finished:
+            self.log(f"paused after epoch {self.epochs_done}/{cfg.total_epochs} ({stopped_because}); "
+                     f"rerun the same command to resume")
+        return {
+            "finished": self.finished,
+            "stopped_because": stopped_because if self.finished or epochs_this_run else stopped_because,
+            "epochs_done": self.epochs_done,
+            "current_iter": int(self.state["current_iter"]),
+            "seconds": time.time() - start_time,
+        }
+
+    def run_experiment(self) -> Dict[str, Any]:
+        """Train (resuming if possible) and, when every epoch is done, run the test protocol."""
+        outcome = self.train()
+        if outcome["finished"]:
+            outcome["test"] = self.run_test()
+        return outcome
