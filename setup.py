@@ -97,9 +97,10 @@ def extension_setup_kwargs() -> dict:
         from torch.utils import cpp_extension
     except ImportError:
         sys.exit(
-            "mamlpp_fast: torch is not importable in the build environment. Install torch first, then "
-            "build against it without build isolation:\n"
-            "    pip install torch && pip install --no-build-isolation .\n"
+            "mamlpp_fast: torch is not importable in the build environment (plain `pip install .` "
+            "builds in an isolated environment without torch). Install torch first (pin it, e.g. "
+            "torch==2.13.0), then build against it without build isolation:\n"
+            "    pip install --no-build-isolation .\n"
             "(or set MAMLPP_FAST_SKIP_EXT=1 for a pure-Python install)"
         )
 

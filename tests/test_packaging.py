@@ -1,0 +1,108 @@
+"""The installed package: imported from outside the source tree, backends reported, fallbacks work."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import mamlpp_fast
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_python(code: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_tests_import_the_installed_package():
+    # Under `pytest tests -q` from the repo root the installed copy must be what is imported:
+    # the source folder has no compiled _C and no mamlpp_fast.kernels.
+    source = REPO / "mamlpp_fast"
+    installed = Path(mamlpp_fast.__file__).resolve().parent
+    if (REPO / "mamlpp_fast" / "__editable__").exists() or "__editable__" in str(installed):
+        pytest.skip("editable install")
+    assert installed != source.resolve(), f"imported the source tree {installed}, not the install"
+
+
+def test_import_from_outside_the_source_tree(tmp_path):
+    run = run_python(
+        "import mamlpp_fast, mamlpp_fast.kernels, mamlpp_fast.ops; "
+        "print(mamlpp_fast.__file__); print(mamlpp_fast._backend.describe_backends())",
+        tmp_path,
+    )
+    assert run.returncode == 0, run.stderr
+    path, summary = run.stdout.strip().splitlines()[-2:]
+    assert "usable backends: reference, aten" in summary
+    assert Path(path).resolve().parent != (REPO / "mamlpp_fast").resolve()
+
+
+def test_kernels_package_does_not_import_triton(tmp_path):
+    run = run_python("import sys, mamlpp_fast.kernels; print('triton' in sys.modules)", tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "False"
+
+
+def test_describe_backends():
+    text = mamlpp_fast._backend.describe_backends()
+    assert text.startswith("mamlpp_fast with torch") and text.endswith(".")
+    backends = mamlpp_fast._backend.available_backends()
+    assert backends[:2] == ["reference", "aten"]
+    assert ("cpp" in backends) == mamlpp_fast._backend.has_extension()
+    if mamlpp_fast._backend.has_cuda_extension():
+        assert "with CUDA kernels" in text
+
+
+def test_disable_ext_env_var(tmp_path):
+    code = ("from mamlpp_fast import _backend as b; "
+            "print(b.has_extension(), b.has_cuda_extension(), b.available_backends(), b.extension_error())")
+    run = run_python(code, tmp_path, MAMLPP_FAST_DISABLE_EXT="1")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("False False ['reference', 'aten']")
+    assert "MAMLPP_FAST_DISABLE_EXT" in run.stdout
+    assert "Traceback" not in run.stderr
+
+
+def test_readme_commands_are_what_ci_runs():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    for heading in ("Install", "Test"):
+        section = re.search(rf"^## {heading}\s*$(.*?)(?=^## |\Z)", readme, re.M | re.S)
+        assert section, f"README.md has no '## {heading}' section"
+        blocks = re.findall(r"^```[a-z]*\n(.*?)^```", section.group(1), re.M | re.S)
+        assert len(blocks) == 1 and len(blocks[0].strip().splitlines()) == 1, heading
+    ci = REPO / ".ci" / "run"
+    if not ci.exists():
+        pytest.skip(".ci/run is not shipped here")
+    run = subprocess.run(["bash", str(ci), "--print-commands"], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    install, test = run.stdout.strip().splitlines()
+    assert "--no-build-isolation" in install and "torch==" in install
+    assert test.startswith("pytest ") and "python -m pytest" not in test
+    assert f"```bash\n{install}\n```" in readme and f"```bash\n{test}\n```" in readme
+
+
+def test_plain_pip_install_explains_itself():
+    # Without torch, setup.py must stop at once with instructions (what build isolation gives).
+    code = (
+        "import builtins, runpy, sys\n"
+        "real = builtins.__import__\n"
+        "def imp(name, *a, **k):\n"
+        "    if name == 'torch' or name.startswith('torch.'):\n"
+        "        raise ImportError('no torch')\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = imp\n"
+        "sys.argv = ['setup.py', '--name']\n"
+        "runpy.run_path('setup.py', run_name='__main__')\n"
+    )
+    if not (REPO / "setup.py").exists():
+        pytest.skip("no setup.py")
+    run = run_python(code, REPO, MAMLPP_FAST_SKIP_EXT="0")
+    assert run.returncode != 0
+    assert "--no-build-isolation" in run.stderr and "Install torch first" in run.stderr
+    assert "pip install torch " not in run.stderr  # never advise an unpinned torch
