@@ -5,10 +5,13 @@ Every op has a pure-PyTorch path, so all of them work without the compiled exten
 """
 
 from .._backend import available_backends, describe_backends, has_extension
+from .bn_lrelu_pool import bn_lrelu_pool, bn_lrelu_pool_backend
 from .lslr_update import lslr_update, lslr_update_backend
 
 __all__ = [
     "available_backends",
+    "bn_lrelu_pool",
+    "bn_lrelu_pool_backend",
     "describe_backends",
     "has_extension",
     "lslr_update",

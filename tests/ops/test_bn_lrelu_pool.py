@@ -1,0 +1,351 @@
+"""mamlpp_fast.ops.bn_lrelu_pool (fused batch_norm -> leaky_relu -> max_pool2d) against the ATen
+composition in mamlpp_fast.reference.ops, to second order."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from mamlpp_fast import _backend
+from mamlpp_fast.ops.bn_lrelu_pool import bn_lrelu_pool, bn_lrelu_pool_backend
+from mamlpp_fast.reference.ops import bn_lrelu_pool_reference
+from mamlpp_fast.testing import error_summary
+
+EPS, SLOPE = 1e-5, 0.01
+# (n, G, H, W): odd and even sizes, H != W, odd n*H*W (3*5*7), a 3x5 plane with one pooled row.
+SMALL_SHAPES = [(3, 4, 5, 5), (3, 4, 7, 7), (3, 4, 6, 6), (3, 4, 5, 7), (2, 3, 3, 5)]
+# Task-batched few-shot shapes: Omniglot 2 tasks x 64 filters at 14x14; mini-ImageNet 2 x 48 at 84x84.
+REALISTIC_SHAPES = [(20, 2 * 64, 14, 14), (5, 2 * 48, 84, 84)]
+
+
+def _has_op() -> bool:
+    return _backend.has_extension() and hasattr(torch.ops.mamlpp_fast, "bn_lrelu_pool_forward")
+
+
+needs_op = pytest.mark.skipif(not _has_op(), reason="compiled bn_lrelu_pool ops not loaded")
+
+
+def fused_backends(device: str) -> list[str]:
+    names = ["aten"]
+    if _has_op():
+        names.append("cpp" if device == "cpu" else "cuda")
+    return names
+
+
+def sample_inputs(
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float64,
+    requires_grad: bool = False,
+    shape: tuple[int, int, int, int] = (3, 4, 5, 7),
+    *,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, weight, bias): a conv-like x with per-channel offsets/scales, some negative gammas."""
+    n, G, H, W = shape
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    x = x * (0.5 + torch.rand(1, G, 1, 1, generator=gen, dtype=torch.float64) * 2)
+    x = x + torch.randn(1, G, 1, 1, generator=gen, dtype=torch.float64)
+    weight = torch.randn(G, generator=gen, dtype=torch.float64)
+    bias = torch.randn(G, generator=gen, dtype=torch.float64) * 0.5
+    return tuple(
+        t.to(device=device, dtype=dtype).requires_grad_(requires_grad) for t in (x, weight, bias)
+    )
+
+
+def assert_rel(actual, expected, tol: float, msg: str = "", *, min_scale: float = 1e-30) -> None:
+    """max|actual - expected| <= tol * max(max|expected|, min_scale) (relative to the tensor's scale)."""
+    assert actual.shape == expected.shape, f"{msg}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    err = (actual.detach().double() - expected.detach().double()).abs().max().item()
+    scale = max(expected.detach().double().abs().max().item(), min_scale)
+    assert err <= tol * scale, f"{msg}: {error_summary(actual, expected)}, scale {scale:.3e}"
+
+
+def raw_forward(x, weight, bias):
+    return torch.ops.mamlpp_fast.bn_lrelu_pool_forward.default(x, weight, bias, EPS, SLOPE)
+
+
+# --- forward -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SMALL_SHAPES + REALISTIC_SHAPES[:1], ids=str)
+def test_forward_matches_reference(device, shape):
+    x, w, b = sample_inputs(device, shape=shape)
+    y_ref, mean_ref, invstd_ref = bn_lrelu_pool_reference(x, w, b, EPS, SLOPE)
+    for backend in fused_backends(device):
+        y, mean, invstd = bn_lrelu_pool(x, w, b, EPS, SLOPE, backend=backend)
+        assert_rel(y, y_ref, 1e-12, f"y {backend}")
+        assert_rel(mean, mean_ref, 1e-12, f"mean {backend}")
+        assert_rel(invstd, invstd_ref, 1e-12, f"invstd {backend}")
+        # float32 in, float32 out, within 1e-4 of the float64 result.
+        y32, mean32, invstd32 = bn_lrelu_pool(x.float(), w.float(), b.float(), EPS, SLOPE, backend=backend)
+        assert y32.dtype == mean32.dtype == invstd32.dtype == torch.float32
+        assert_rel(y32, y_ref, 1e-4, f"y float32 {backend}")
+        assert_rel(mean32, mean_ref, 1e-4, f"mean float32 {backend}")
+        assert_rel(invstd32, invstd_ref, 1e-4, f"invstd float32 {backend}")
+
+
+@needs_op
+def test_indices_are_first_argmax_of_window(device):
+    x, w, b = sample_inputs(device, shape=(2, 3, 6, 5))
+    y, _, _, idx = raw_forward(x, w, b)
+    assert idx.dtype == torch.uint8 and idx.shape == y.shape
+    a = torch.nn.functional.leaky_relu(
+        torch.nn.functional.batch_norm(x, None, None, w, b, training=True, eps=EPS), SLOPE
+    )
+    _, flat = torch.nn.functional.max_pool2d(a, 2, 2, return_indices=True)
+    W = x.shape[3]
+    expected = (flat // W % 2) * 2 + flat % W % 2
+    assert torch.equal(idx.long(), expected)
+
+
+# --- gradients ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SMALL_SHAPES, ids=str)
+def test_gradcheck_and_gradgradcheck(device, shape):
+    # The full (column-by-column) check of the ATen compositions costs ~10 s per shape on 2 cores;
+    # they get the randomised fast mode, the compiled op the full check.
+    for backend in fused_backends(device) + ["reference"]:
+        inputs = sample_inputs(device, requires_grad=True, shape=shape, seed=1)
+        fast = backend not in ("cpp", "cuda")
+
+        def fn(x, w, b, backend=backend):
+            return bn_lrelu_pool(x, w, b, EPS, SLOPE, backend=backend)[0]
+
+        assert torch.autograd.gradcheck(fn, inputs, fast_mode=fast), backend
+        assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=fast), backend
+
+
+@needs_op
+def test_gradcheck_backward_op_alone(device):
+    x, w, b = sample_inputs(device, requires_grad=True, shape=(3, 4, 5, 7), seed=2)
+    gy = torch.randn(3, 4, 2, 3, dtype=torch.float64, device=device, requires_grad=True)
+
+    def fn(gy, x, w, b):
+        # mean/invstd/indices are the forward's outputs for this x: recompute them per evaluation.
+        with torch.no_grad():
+            _, mean, invstd, idx = raw_forward(x, w, b)
+        return torch.ops.mamlpp_fast.bn_lrelu_pool_backward.default(gy, x, w, b, mean, invstd, idx, SLOPE)
+
+    assert torch.autograd.gradcheck(fn, (gy, x, w, b))
+
+
+@needs_op
+@pytest.mark.parametrize("shape", SMALL_SHAPES[:3] + REALISTIC_SHAPES[:1], ids=str)
+def test_backward_op_matches_reference_autograd(device, shape):
+    x, w, b = sample_inputs(device, requires_grad=True, shape=shape, seed=3)
+    y_ref = bn_lrelu_pool_reference(x, w, b, EPS, SLOPE)[0]
+    gy = torch.randn_like(y_ref)
+    expected = torch.autograd.grad(y_ref, (x, w, b), gy)
+    with torch.no_grad():
+        _, mean, invstd, idx = raw_forward(x, w, b)
+        got = torch.ops.mamlpp_fast.bn_lrelu_pool_backward.default(gy, x, w, b, mean, invstd, idx, SLOPE)
+    for name, g, e in zip(("grad_x", "grad_weight", "grad_bias"), got, expected):
+        assert_rel(g, e, 1e-12, name)
+
+
+def _second_order(impl, x0, w0, b0, gy, hx, hw, hb):
+    """First-order grads with create_graph, then the grads of <h, first-order grads>."""
+    x, w, b = (t.detach().clone().requires_grad_() for t in (x0, w0, b0))
+    gy = gy.detach().clone().requires_grad_()
+    y = impl(x, w, b)
+    first = torch.autograd.grad(y, (x, w, b), gy, create_graph=True)
+    loss = sum((f * h).sum() for f, h in zip(first, (hx, hw, hb)) if h is not None)
+    second = torch.autograd.grad(loss, (gy, x, w), allow_unused=True)
+    return first, second
+
+
+@needs_op
+@pytest.mark.parametrize("shape", REALISTIC_SHAPES, ids=str)
+def test_double_backward_matches_reference_at_realistic_shapes(device, shape):
+    x, w, b = sample_inputs(device, shape=shape, seed=4)
+    gy = torch.randn(*shape[:2], shape[2] // 2, shape[3] // 2, dtype=x.dtype, device=device)
+    hx, hw, hb = torch.randn_like(x), torch.randn_like(w), torch.randn_like(b)
+    backend = "cpp" if device == "cpu" else "cuda"
+    fused = _second_order(lambda *a: bn_lrelu_pool(*a, backend=backend)[0], x, w, b, gy, hx, hw, hb)
+    ref = _second_order(lambda *a: bn_lrelu_pool_reference(*a)[0], x, w, b, gy, hx, hw, hb)
+    for level, (got, expected) in enumerate(zip(fused, ref)):
+        for k, (g, e) in enumerate(zip(got, expected)):
+            assert_rel(g, e, 1e-10, f"order {level + 1}, input {k}")
+
+
+@needs_op
+@pytest.mark.parametrize("present", ["x", "weight", "bias", "x+bias", "none"])
+def test_double_backward_with_missing_cotangents(device, present):
+    x, w, b = sample_inputs(device, shape=(4, 3, 6, 7), seed=5)
+    gy = torch.randn(4, 3, 3, 3, dtype=x.dtype, device=device)
+    h = {
+        "x": torch.randn_like(x) if "x" in present else None,
+        "weight": torch.randn_like(w) if present == "weight" else None,
+        "bias": torch.randn_like(b) if "bias" in present else None,
+    }
+    with torch.no_grad():
+        _, mean, invstd, idx = raw_forward(x, w, b)
+        got = torch.ops.mamlpp_fast.bn_lrelu_pool_double_backward.default(
+            gy, x, w, b, mean, invstd, idx, h["x"], h["weight"], h["bias"], SLOPE
+        )
+    zeros = [torch.zeros_like(t) for t in (x, w, b)]
+    hs = [h[k] if h[k] is not None else z for k, z in zip(("x", "weight", "bias"), zeros)]
+    _, expected = _second_order(lambda *a: bn_lrelu_pool_reference(*a)[0], x, w, b, gy, *hs)
+    for k, (g, e) in enumerate(zip(got, expected)):
+        assert_rel(g, e if e is not None else torch.zeros_like(g), 1e-10, f"output {k}")
+
+
+def test_negative_gamma(device):
+    x, w, b = sample_inputs(device, shape=(3, 4, 6, 6), seed=6)
+    w = -w.abs()
+    for backend in fused_backends(device):
+        inputs = tuple(t.detach().clone().requires_grad_() for t in (x, w, b))
+        fn = lambda x, w, b, be=backend: bn_lrelu_pool(x, w, b, backend=be)[0]  # noqa: E731
+        assert_rel(fn(*inputs), bn_lrelu_pool_reference(*inputs)[0], 1e-12, backend)
+        assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=backend == "aten"), backend
+
+
+@needs_op
+@pytest.mark.parametrize("kind", ["constant", "duplicated", "zeros"])
+def test_ties_match_aten(device, kind):
+    n, G, H, W = 3, 4, 6, 7
+    if kind == "constant":  # every channel constant: all windows tie, BN output is the bias
+        x = torch.randn(1, G, 1, 1, dtype=torch.float64).expand(n, G, H, W).contiguous()
+    elif kind == "duplicated":  # every 2x2 window holds one repeated value (ties everywhere)
+        x = torch.randn(n, G, H // 2 + 1, W // 2 + 1, dtype=torch.float64)
+        x = x.repeat_interleave(2, 2).repeat_interleave(2, 3)[:, :, :H, :W].contiguous()
+    else:
+        x = torch.zeros(n, G, H, W, dtype=torch.float64)
+    x = x.to(device)
+    w = torch.randn(G, dtype=torch.float64, device=device)
+    b = torch.randn(G, dtype=torch.float64, device=device)
+    gy = torch.randn(n, G, H // 2, W // 2, dtype=torch.float64, device=device)
+    hx = torch.randn_like(x)
+    results = []
+    for impl in (lambda *a: bn_lrelu_pool(*a, backend="cpp" if device == "cpu" else "cuda")[0],
+                 lambda *a: bn_lrelu_pool_reference(*a)[0]):
+        xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+        y = impl(xr, wr, br)
+        gx, gw, gb = torch.autograd.grad(y, (xr, wr, br), gy, create_graph=True)
+        second = torch.autograd.grad((gx * hx).sum() + gw.sum(), (xr, wr))
+        results.append((y, gx, gw, gb, *second))
+    for k, (got, expected) in enumerate(zip(*results)):
+        # min_scale: with a constant channel x - mean is exactly 0 here but ~1e-16 in ATen, so
+        # gradients that are exactly 0 for us (e.g. grad_weight) are roundoff-sized there.
+        assert_rel(got, expected, 1e-10, f"{kind}: output {k}", min_scale=1.0)
+
+
+def test_mean_and_invstd_carry_no_gradient(device):
+    x, w, b = sample_inputs(device, requires_grad=True)
+    for backend in fused_backends(device):
+        _, mean, invstd = bn_lrelu_pool(x, w, b, backend=backend)
+        assert not mean.requires_grad and not invstd.requires_grad, backend
+
+
+# --- registration, checks, fallback -----------------------------------------------------------------
+
+
+@needs_op
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck(device, requires_grad):
+    x, w, b = sample_inputs(device, requires_grad=requires_grad, shape=(2, 3, 5, 6))
+    torch.library.opcheck(torch.ops.mamlpp_fast.bn_lrelu_pool_forward.default, (x, w, b, EPS, SLOPE))
+    with torch.no_grad():
+        _, mean, invstd, idx = raw_forward(x, w, b)
+    gy = torch.randn(2, 3, 2, 3, dtype=x.dtype, device=device, requires_grad=requires_grad)
+    saved = (mean, invstd, idx)
+    torch.library.opcheck(
+        torch.ops.mamlpp_fast.bn_lrelu_pool_backward.default, (gy, x, w, b, *saved, SLOPE)
+    )
+    hx, hw, hb = torch.randn_like(x), torch.randn_like(w), torch.randn_like(b)
+    dbwd = torch.ops.mamlpp_fast.bn_lrelu_pool_double_backward.default
+    # No autograd formula by design: check schema / fake / dispatch without gradient inputs.
+    plain = [t.detach() for t in (gy, x, w, b)]
+    for h in ((hx, hw, hb), (hx, None, None), (None, hw, hb)):
+        torch.library.opcheck(dbwd, (*plain, *saved, *h, SLOPE),
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_torch_compile_fullgraph():
+    x, w, b = sample_inputs(dtype=torch.float32)
+    compiled = torch.compile(lambda x, w, b: bn_lrelu_pool(x, w, b), fullgraph=True, backend="eager")
+    assert_rel(compiled(x, w, b)[0], bn_lrelu_pool_reference(x, w, b)[0], 1e-5)
+
+
+BAD_INPUTS = [
+    # (description, mutate(x, w, b) -> (x, w, b), message fragment)
+    ("x 3-D", lambda x, w, b: (x[0], w, b), "x must be 4-D"),
+    ("x int", lambda x, w, b: (x.long(), w, b), "x must be float32 or float64"),
+    ("x tiny", lambda x, w, b: (x[:, :, :1].contiguous(), w, b), "x must have H >= 2 and W >= 2"),
+    ("weight shape", lambda x, w, b: (x, w[:2], b), "weight must have shape [G]"),
+    ("bias shape", lambda x, w, b: (x, w, b[None]), "bias must have shape [G]"),
+    ("weight dtype", lambda x, w, b: (x, w.float(), b), "weight must have x's dtype"),
+]
+
+
+@pytest.mark.parametrize("name,mutate,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_inputs_name_the_argument(name, mutate, message):
+    bad = mutate(*sample_inputs())
+    pattern = message.replace("[", r"\[").replace("]", r"\]")
+    for backend in fused_backends("cpu"):
+        with pytest.raises(RuntimeError, match=pattern):
+            bn_lrelu_pool(*bad, backend=backend)
+    if _has_op():
+        with pytest.raises(RuntimeError, match="bn_lrelu_pool_forward: " + pattern):
+            raw_forward(*bad)
+
+
+@needs_op
+def test_raw_ops_reject_bad_saved_tensors():
+    x, w, b = sample_inputs()
+    _, mean, invstd, idx = raw_forward(x, w, b)
+    gy = torch.randn(3, 4, 2, 3, dtype=x.dtype)
+    bwd = torch.ops.mamlpp_fast.bn_lrelu_pool_backward.default
+    with pytest.raises(RuntimeError, match="x must be contiguous"):
+        bwd(gy, x.transpose(2, 3).contiguous().transpose(2, 3), w, b, mean, invstd, idx, SLOPE)
+    with pytest.raises(RuntimeError, match="grad_y must have shape"):
+        bwd(gy[:, :, :1], x, w, b, mean, invstd, idx, SLOPE)
+    with pytest.raises(RuntimeError, match="indices must be uint8"):
+        bwd(gy, x, w, b, mean, invstd, idx.int(), SLOPE)
+    with pytest.raises(RuntimeError, match="invstd must have shape"):
+        bwd(gy, x, w, b, mean, invstd[:1], idx, SLOPE)
+    dbwd = torch.ops.mamlpp_fast.bn_lrelu_pool_double_backward.default
+    with pytest.raises(RuntimeError, match="grad_grad_x must have shape"):
+        dbwd(gy, x, w, b, mean, invstd, idx, gy, None, None, SLOPE)
+
+
+def test_backend_choice():
+    x, _, _ = sample_inputs()
+    assert bn_lrelu_pool_backend(x) == ("cpp" if _has_op() else "aten")
+    assert bn_lrelu_pool_backend(x, backend="aten") == "aten"
+    with pytest.raises(ValueError, match="unknown backend"):
+        bn_lrelu_pool(*sample_inputs(), backend="fortran")
+
+
+def test_fallback_without_extension(tmp_path):
+    """With MAMLPP_FAST_DISABLE_EXT=1 the op runs (and differentiates twice) on the ATen path."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from mamlpp_fast import _backend
+        from mamlpp_fast.ops.bn_lrelu_pool import bn_lrelu_pool, bn_lrelu_pool_backend
+        from mamlpp_fast.reference.ops import bn_lrelu_pool_reference
+        assert not _backend.has_extension()
+        x = torch.randn(3, 4, 5, 7, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(4, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+        assert bn_lrelu_pool_backend(x) == "aten"
+        y, mean, invstd = bn_lrelu_pool(x, w, b)
+        y_ref, mean_ref, invstd_ref = bn_lrelu_pool_reference(x, w, b)
+        assert torch.allclose(y, y_ref) and torch.allclose(invstd, invstd_ref)
+        assert torch.autograd.gradgradcheck(lambda *a: bn_lrelu_pool(*a)[0], (x, w, b))
+        print("fallback ok")
+        """
+    )
+    env = {**os.environ, "MAMLPP_FAST_DISABLE_EXT": "1"}
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "fallback ok" in run.stdout
