@@ -132,6 +132,8 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", default="float32", help="float32 (default) or float64")
     group.add_argument("--backend", default="auto", help="kernels: auto (default), aten, cpp, cuda or triton")
     group.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch)")
+    group.add_argument("--threads", type=int, default=None, metavar="N",
+                       help="CPU threads for torch (default: torch's choice; 1 is much faster on a busy machine)")
 
 
 def _resolve_runtime(args: argparse.Namespace):
@@ -150,6 +152,10 @@ def _resolve_runtime(args: argparse.Namespace):
             raise CLIError(f"--device: {args.device!r} is not a device (try cpu or cuda)") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise CLIError(f"--device: {args.device!r} requested but CUDA is not available")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CLIError(f"--threads: must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     from .meta_learner import _BACKENDS
 
     if args.backend not in _BACKENDS:

@@ -1,0 +1,134 @@
+"""mamlpp-train / mamlpp-eval / python -m mamlpp_fast: end to end on a tiny budget, and clear
+errors for bad arguments."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mamlpp_fast.cli import build_config, eval_main, main, train_main
+
+TINY = ["--preset", "synthetic-tiny", "--no-progress", "--threads", "1"]
+EXPERIMENT = "synthetic_tiny_5way_1shot"
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_train_then_eval_end_to_end(tmp_path, capsys):
+    assert train_main(TINY + ["--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy:" in out and "epoch 2/2" in out
+    folder = tmp_path / EXPERIMENT
+    for name in ("config.json", "saved_models/train_model_1", "saved_models/train_model_2",
+                 "saved_models/train_model_latest", "logs/summary.csv", "logs/summary.json",
+                 "logs/test_summary.csv", "logs/test_summary.json", "logs/learning_curves.png"):
+        assert (folder / name).is_file(), name
+    summary = json.loads((folder / "logs" / "test_summary.json").read_text())
+    assert summary["num_tasks"] == 4 and summary["num_models"] == 2
+    assert 0.0 <= summary["test_accuracy_mean"] <= 1.0
+
+    # Rerunning a finished experiment trains nothing and tests again (official behaviour).
+    assert train_main(TINY + ["--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "epoch 1/2" not in out and "test accuracy:" in out
+
+    assert eval_main(["--experiment", str(folder), "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"test accuracy: {summary['test_accuracy_mean']:.4f}" in out
+
+    assert eval_main(["--checkpoint", str(folder / "saved_models" / "train_model_2"), "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "ensemble of 1 model(s)" in out
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    import mamlpp_fast
+
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(mamlpp_fast.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    done = subprocess.run([sys.executable, "-m", "mamlpp_fast", "train", *TINY, "--set", "total_epochs=1",
+                           "--output-dir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "test accuracy:" in done.stdout
+    bad = subprocess.run([sys.executable, "-m", "mamlpp_fast", "fit"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "unknown command 'fit'" in bad.stderr
+
+
+def test_set_and_iters_per_epoch_override_the_preset():
+    config = build_config(preset_name="synthetic-tiny", sets=["batch_size=3", "second_order=false",
+                                                               "experiment_name=abc"], seed=7)
+    assert config.batch_size == 3 and config.second_order is False and config.seed == 7
+    assert config.experiment_name == "abc"
+    official = build_config(preset_name="maml++_omniglot_20w1s", sets=["total_iter_per_epoch=10"])
+    assert official.num_classes_per_set == 20 and official.total_iter_per_epoch == 10
+
+
+def test_official_json_config(tmp_path):
+    path = tmp_path / "exp.json"
+    path.write_text(json.dumps({"batch_size": 2, "dataset_name": "synthetic", "second_order": "false",
+                                "num_classes_per_set": 5, "experiment_name": "from_json",
+                                "weight_decay": 0.0, "max_pooling": True,
+                                "number_of_evaluation_steps_per_iter": 2,
+                                "number_of_training_steps_per_iter": 2}))
+    config = build_config(config_path=str(path), sets=["cnn_num_filters=8"])
+    assert config.batch_size == 2 and config.second_order is False and config.cnn_num_filters == 8
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--set", "no_such_key=1"], "unknown config key"),
+    (["--set", "batch_size"], "--set: expected key=value"),
+    (["--set", "batch_size=abc"], "batch_size must be an integer"),
+    (["--preset", "nope"], "--preset: unknown preset 'nope'"),
+    (["--config", "/no/such/file.json"], "--config: file '/no/such/file.json' does not exist"),
+    (["--config", "x.json", "--preset", "synthetic-tiny"], "mutually exclusive"),
+    (["--dtype", "int8"], "--dtype: expected float32 or float64"),
+    (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nonsense"], "--device"),
+    (["--backend", "fastest"], "--backend: expected one of"),
+    (["--max-minutes", "-1"], "--max-minutes: must be > 0"),
+    (["--max-iters", "0"], "--max-iters: must be >= 1"),
+    (["--iters-per-epoch", "0"], "--iters-per-epoch: must be >= 1"),
+    (["--threads", "0"], "--threads: must be >= 1"),
+    (["--dataset-dir", "/no/such/dir"], "--dataset-dir: '/no/such/dir' is not a folder"),
+    (["--max-iters", "two"], "argument --max-iters: invalid int value"),
+])
+def test_bad_train_arguments_name_the_argument(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(argv + ["--output-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing was started
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "--experiment or --checkpoint is required"),
+    (["--checkpoint", "/no/such/ckpt"], "--checkpoint: '/no/such/ckpt' does not exist"),
+    (["--top-n", "0", "--checkpoint", "x"], "--top-n: must be >= 1"),
+])
+def test_bad_eval_arguments_name_the_argument(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_eval_on_a_folder_without_checkpoints(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        eval_main(["--experiment", str(tmp_path)])
+    assert "has no saved_models/train_model_latest" in capsys.readouterr().err
+
+
+def test_main_usage(capsys):
+    assert main([]) == 2
+    assert "usage: python -m mamlpp_fast" in capsys.readouterr().out

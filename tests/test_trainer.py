@@ -1,0 +1,264 @@
+"""Trainer: atomic checkpoints, exact resume (also after a real kill -9), best-N pruning and the
+official top-5 logit-averaging test protocol. Tiny synthetic configs keep each test short."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from mamlpp_fast.cli import CLI_PRESETS
+from mamlpp_fast.config import MAMLConfig
+from mamlpp_fast.trainer import Trainer, ensemble_logits_accuracy, top_epochs
+
+
+def tiny_config(**overrides) -> MAMLConfig:
+    values = dict(CLI_PRESETS["synthetic-tiny"])
+    values.update(overrides)
+    return MAMLConfig.from_dict(values)
+
+
+def make_trainer(tmp_path, **overrides) -> Trainer:
+    return Trainer(tiny_config(**overrides), tmp_path, progress=False, log=lambda message: None)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Faster on a busy machine, and every run in a test uses the same thread count.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def assert_same_tensors(a, b, where=""):
+    assert set(a) == set(b), where
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), f"{where}{key} differs"
+        elif isinstance(a[key], dict):
+            assert_same_tensors(a[key], b[key], f"{where}{key}.")
+        elif isinstance(a[key], (list, tuple)) and a[key] and isinstance(a[key][0], dict):
+            for i, (x, y) in enumerate(zip(a[key], b[key])):
+                assert_same_tensors(x, y, f"{where}{key}[{i}].")
+        else:
+            assert a[key] == b[key], f"{where}{key} differs"
+
+
+# ---------------------------------------------------------------------- protocol arithmetic
+def test_ensemble_averages_logits_not_probabilities_or_votes():
+    # One task, three predictions, two classes. For prediction 0 the logit mean picks class 1
+    # while both probability averaging and majority voting would pick class 0.
+    a = np.array([[[0.0, 100.0], [1.0, 0.0], [0.0, 1.0]]])
+    b = np.array([[[40.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
+    c = np.array([[[40.0, 0.0], [0.0, 5.0], [0.0, 1.0]]])
+    targets = np.array([[1, 0, 0]])
+    result = ensemble_logits_accuracy([a, b, c], targets)
+    # mean logits: [26.7, 33.3] -> 1 (right), [0.67, 1.67] -> 1 (wrong), [0, 1] -> 1 (wrong)
+    assert result["test_accuracy_mean"] == pytest.approx(1 / 3)
+    assert result["num_models"] == 3 and result["num_tasks"] == 1
+    assert result["test_accuracy_std"] == pytest.approx(np.std([1.0, 0.0, 0.0]))
+
+
+def test_ensemble_statistics_by_hand():
+    rng = np.random.default_rng(0)
+    logits = [rng.normal(size=(7, 5, 5)) for _ in range(4)]
+    targets = rng.integers(0, 5, size=(7, 5))
+    result = ensemble_logits_accuracy(logits, targets)
+    correct = (np.mean(logits, axis=0).argmax(-1) == targets).astype(float)
+    per_task = correct.mean(axis=1)
+    assert result["test_accuracy_mean"] == pytest.approx(correct.mean())
+    assert result["test_accuracy_std"] == pytest.approx(correct.std())
+    assert result["test_accuracy_ci95"] == pytest.approx(1.96 * per_task.std() / np.sqrt(7))
+    np.testing.assert_allclose(result["per_task_accuracy"], per_task)
+    with pytest.raises(ValueError, match="empty"):
+        ensemble_logits_accuracy([], targets)
+
+
+def test_top_epochs_is_one_based_and_stable():
+    assert top_epochs([0.1, 0.5, 0.3, 0.9, 0.2, 0.4, 0.6], 5) == [3, 6, 2, 7, 4]
+    assert top_epochs([0.5, 0.5, 0.5], 2) == [2, 3]  # ties go to the later epoch
+    assert top_epochs([0.2], 5) == [1]
+    assert top_epochs([], 5) == []
+
+
+def test_run_test_uses_the_top5_epochs_and_averages_their_logits(tmp_path):
+    trainer = make_trainer(tmp_path)
+    accs = [0.1, 0.5, 0.3, 0.9, 0.2, 0.4, 0.6]
+    trainer.state["per_epoch_statistics"]["val_accuracy_mean"] = accs
+    os.makedirs(trainer.saved_models_dir)
+    rng = np.random.default_rng(1)
+    fake = {}
+    for epoch in range(1, 8):
+        path = trainer.checkpoint_path(epoch)
+        open(path, "wb").close()
+        fake[path] = rng.normal(size=(6, 5, 5))
+    targets = rng.integers(0, 5, size=(6, 5))
+    seen = []
+
+    def fake_test_logits(path=None):
+        seen.append(path)
+        return fake[path], targets
+
+    trainer.test_logits = fake_test_logits
+    summary = trainer.run_test()
+    assert summary["epochs"] == [3, 6, 2, 7, 4]
+    assert sorted(seen) == sorted(trainer.checkpoint_path(e) for e in (2, 3, 4, 6, 7))
+    expected = ensemble_logits_accuracy([fake[trainer.checkpoint_path(e)] for e in (2, 3, 4, 6, 7)], targets)
+    assert summary["test_accuracy_mean"] == pytest.approx(expected["test_accuracy_mean"])
+    assert summary["test_accuracy_ci95"] == pytest.approx(expected["test_accuracy_ci95"])
+    assert os.path.isfile(os.path.join(trainer.logs_dir, "test_summary.csv"))
+    assert os.path.isfile(os.path.join(trainer.logs_dir, "test_summary.json"))
+
+
+def test_test_logits_match_the_learners_own_accuracy(tmp_path):
+    """The targets line up with the logits (class-major), so one model's protocol accuracy is
+    the learner's accuracy on the same tasks."""
+    trainer = make_trainer(tmp_path, num_evaluation_tasks=6)
+    losses, accuracies, logits, targets = trainer._evaluate(trainer.data.get_test_batches())
+    assert len(logits) == 3
+    for acc, lg, tg in zip(accuracies, logits, targets):
+        assert lg.shape == (2, 5, 5) and tg.shape == (2, 5)
+        assert acc == pytest.approx(float(np.mean(lg.argmax(-1) == tg)), abs=1e-6)
+
+
+# ---------------------------------------------------------------------- pruning
+@pytest.mark.parametrize("max_models_to_save, kept", [(5, [2, 3, 4, 6, 7]), (3, [2, 3, 4, 6, 7]),
+                                                      (6, [2, 3, 4, 5, 6, 7])])
+def test_prune_keeps_the_best_n(tmp_path, max_models_to_save, kept):
+    trainer = make_trainer(tmp_path, max_models_to_save=max_models_to_save)
+    trainer.state["per_epoch_statistics"]["val_accuracy_mean"] = [0.1, 0.5, 0.3, 0.9, 0.2, 0.4, 0.6]
+    os.makedirs(trainer.saved_models_dir)
+    for name in [*(f"train_model_{e}" for e in range(1, 8)), "train_model_latest", "notes.txt"]:
+        open(os.path.join(trainer.saved_models_dir, name), "wb").close()
+    assert trainer.prune_checkpoints() == kept
+    left = sorted(os.listdir(trainer.saved_models_dir))
+    assert left == sorted([f"train_model_{e}" for e in kept] + ["train_model_latest", "notes.txt"])
+
+
+def test_training_prunes_to_top5_plus_latest(tmp_path):
+    trainer = make_trainer(tmp_path, total_epochs=7, total_iter_per_epoch=1, num_evaluation_tasks=2)
+    scripted = iter([0.1, 0.5, 0.3, 0.9, 0.2, 0.4, 0.6])
+    trainer.validate = lambda: {"val_loss_mean": 1.0, "val_loss_std": 0.0,
+                                "val_accuracy_mean": next(scripted), "val_accuracy_std": 0.0}
+    outcome = trainer.train()
+    assert outcome["finished"] and outcome["epochs_done"] == 7
+    files = sorted(os.listdir(trainer.saved_models_dir))
+    assert files == sorted([f"train_model_{e}" for e in (2, 3, 4, 6, 7)] + ["train_model_latest"])
+    assert trainer.state["best_epoch"] == 4 and trainer.state["best_val_acc"] == 0.9
+    assert os.path.isfile(os.path.join(trainer.logs_dir, "summary.csv"))
+    with open(os.path.join(trainer.logs_dir, "summary.csv")) as handle:
+        assert len(handle.read().strip().splitlines()) == 8
+
+
+# ---------------------------------------------------------------------- atomic writes and resume
+def _final_state(trainer):
+    return torch.load(trainer.checkpoint_path("latest"), map_location="cpu", weights_only=False)
+
+
+def test_resume_in_process_gives_the_same_parameters(tmp_path):
+    whole = make_trainer(tmp_path / "whole", total_epochs=3)
+    assert whole.train()["finished"]
+    runs = 0
+    while True:
+        part = make_trainer(tmp_path / "parts", total_epochs=3, total_epochs_before_pause=1)
+        outcome = part.train()
+        runs += 1
+        if outcome["finished"]:
+            break
+        assert outcome["stopped_because"] == "total_epochs_before_pause"
+    assert runs == 3
+    a, b = _final_state(whole), _final_state(part)
+    assert_same_tensors(a["network"], b["network"], "network.")
+    assert_same_tensors(a["optimizer"]["state"], b["optimizer"]["state"], "optimizer.")
+    assert a["current_iter"] == b["current_iter"] == 9
+    assert a["per_epoch_statistics"]["val_accuracy_mean"] == b["per_epoch_statistics"]["val_accuracy_mean"]
+    assert a["per_epoch_statistics"]["train_loss_mean"] == b["per_epoch_statistics"]["train_loss_mean"]
+
+
+def test_max_iters_stops_at_the_epoch_end(tmp_path):
+    trainer = Trainer(tiny_config(total_epochs=3), tmp_path, progress=False, max_iters=1,
+                      log=lambda message: None)
+    outcome = trainer.train()
+    assert not outcome["finished"] and outcome["stopped_because"] == "max_iters"
+    assert outcome["current_iter"] == 3  # the epoch was finished
+
+
+def test_leftover_temp_file_is_ignored_and_a_failed_write_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, total_epochs=2, total_epochs_before_pause=1)
+    trainer.train()
+    latest = trainer.checkpoint_path("latest")
+    before = open(latest, "rb").read()
+    # A crash in the middle of a write leaves a truncated temporary file next to the checkpoint.
+    junk = os.path.join(trainer.saved_models_dir, "train_model_latest.x1y2z3.tmp")
+    with open(junk, "wb") as handle:
+        handle.write(before[: len(before) // 3])
+
+    # A write that fails half way never touches the real file.
+    def broken_save(obj, stream, *args, **kwargs):
+        stream.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_checkpoint(1)
+    monkeypatch.undo()
+    assert open(latest, "rb").read() == before
+    assert sorted(os.listdir(trainer.saved_models_dir)) == ["train_model_1", "train_model_latest",
+                                                            "train_model_latest.x1y2z3.tmp"]
+
+    resumed = make_trainer(tmp_path, total_epochs=2, total_epochs_before_pause=1)
+    assert resumed.maybe_resume()
+    assert resumed.state["current_iter"] == 3
+    assert not os.path.exists(junk)  # stale temporary files are cleaned up
+    assert resumed.train()["finished"]
+
+
+def _cli_env():
+    env = dict(os.environ)
+    import mamlpp_fast
+
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(mamlpp_fast.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _train_command(output_dir):
+    return [sys.executable, "-m", "mamlpp_fast", "train", "--preset", "synthetic-tiny",
+            "--set", "total_epochs=4", "--output-dir", str(output_dir), "--no-progress", "--no-test",
+            "--threads", "1"]
+
+
+def test_kill_minus_9_then_resume_matches_an_uninterrupted_run(tmp_path):
+    env = _cli_env()
+    killed_dir = tmp_path / "killed"
+    latest = killed_dir / "synthetic_tiny_5way_1shot" / "saved_models" / "train_model_latest"
+    process = subprocess.Popen(_train_command(killed_dir), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not latest.exists() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert latest.exists(), "the first checkpoint never appeared"
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    state = torch.load(latest, map_location="cpu", weights_only=False)
+    assert state["current_iter"] < 12
+    subprocess.run(_train_command(killed_dir), env=env, check=True, capture_output=True, timeout=300)
+    # The uninterrupted reference runs in this process (same config, one thread as well).
+    whole = make_trainer(tmp_path / "whole", total_epochs=4)
+    assert whole.train()["finished"]
+    a = _final_state(whole)
+    b = torch.load(latest, map_location="cpu", weights_only=False)
+    assert a["current_iter"] == b["current_iter"] == 12
+    assert_same_tensors(a["network"], b["network"], "network.")
+    assert_same_tensors(a["optimizer"]["state"], b["optimizer"]["state"], "optimizer.")
