@@ -1,0 +1,145 @@
+"""End-to-end seconds per meta-iteration (`run_train_iter`): MetaLearner against the per-task
+reference, in the same run.
+
+    python benchmarks/bench_meta_step.py                      # Omniglot 20w1s + mini-ImageNet 5w1s
+    python benchmarks/bench_meta_step.py --settings maml++_omniglot_20w1s --reps 5 --json out.json
+
+Providers are timed round-robin (one iteration of each in turn, repeated), so machine drift
+hits them alike and the ratio to the reference is reliable even when absolute times wander.
+Inputs are random images with the official shapes; each iteration is a full meta-step
+(inner loops, outer backward, Adam), second order at epoch 0 unless `--first-order`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from utils import env_info, markdown_table, write_json  # noqa: E402
+
+from mamlpp_fast import MetaLearner, preset  # noqa: E402
+from mamlpp_fast.reference import MAMLFewShotClassifier  # noqa: E402
+
+DEFAULT_SETTINGS = ("maml++_omniglot_20w1s", "maml++_mini-imagenet_5w1s")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    setting: str
+    second_order: bool
+    batch_size: int
+    dtype: str = "float32"
+    device: str = "cpu"
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    config: Config
+    provider: str
+    seconds_median: float
+    seconds_min: float
+    reps: int
+    speedup_vs_reference: float
+
+
+def random_batch(config, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    b, n = config.batch_size, config.num_classes_per_set
+    k, t = config.num_samples_per_class, config.num_target_samples
+    labels = torch.arange(n).view(1, n, 1)
+    return (torch.rand(b, n, k, *config.image_shape, generator=gen),
+            torch.rand(b, n, t, *config.image_shape, generator=gen),
+            labels.expand(b, n, k).clone(), labels.expand(b, n, t).clone())
+
+
+def make_provider(name: str, config, dtype: torch.dtype, device: str) -> Callable[[tuple], None]:
+    """A function that runs one full meta-iteration of provider `name` on a batch."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if name == "reference":
+            learner = MAMLFewShotClassifier(config, device=device, dtype=dtype)
+        elif name.startswith("mamlpp_fast"):
+            backend = name.split(":", 1)[1] if ":" in name else "auto"
+            learner = MetaLearner(config, backend=backend, device=device, dtype=dtype)
+        else:
+            raise ValueError(f"unknown provider {name!r}")
+
+    def step(batch):
+        losses, _ = learner.run_train_iter(batch, epoch=0)
+        float(losses["loss"])  # wait for the work (a sync on GPU) so the timing is complete
+
+    return step
+
+
+def run_experiment(config: Config, providers: List[str], reps: int) -> List[Result]:
+    settings = preset(config.setting, batch_size=config.batch_size, second_order=config.second_order)
+    dtype = getattr(torch, config.dtype)
+    batch = random_batch(settings)
+    steps: Dict[str, Callable] = {p: make_provider(p, settings, dtype, config.device) for p in providers}
+    for step in steps.values():  # warm-up (allocator, oneDNN primitive caches)
+        step(batch)
+    samples: Dict[str, List[float]] = {p: [] for p in providers}
+    for _ in range(reps):
+        for provider, step in steps.items():
+            start = time.perf_counter()
+            step(batch)
+            samples[provider].append(time.perf_counter() - start)
+    reference = statistics.median(samples["reference"]) if "reference" in samples else float("nan")
+    return [
+        Result(config, p, statistics.median(s), min(s), len(s), reference / statistics.median(s))
+        for p, s in samples.items()
+    ]
+
+
+def print_results(results: List[Result]) -> str:
+    rows = [
+        (r.config.setting, "2nd" if r.config.second_order else "1st", r.config.batch_size, r.config.dtype,
+         r.provider, r.seconds_median, r.seconds_min, r.reps, r.speedup_vs_reference)
+        for r in results
+    ]
+    table = markdown_table(
+        ["setting", "order", "B", "dtype", "provider", "s/iter (median)", "s/iter (min)", "reps", "speed-up vs reference"],
+        rows,
+    )
+    print(table)
+    return table
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", default=",".join(DEFAULT_SETTINGS), help="comma-separated preset names")
+    parser.add_argument("--providers", default="reference,mamlpp_fast:aten,mamlpp_fast",
+                        help="reference, mamlpp_fast (auto backend), mamlpp_fast:<backend>")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=None, help="override the preset's tasks per batch")
+    parser.add_argument("--first-order", action="store_true")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--json", default=None, help="write results here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"# {env_info()}")
+    providers = [p for p in args.providers.split(",") if p]
+    results: List[Result] = []
+    for setting in args.settings.split(","):
+        batch_size = args.batch_size or preset(setting).batch_size
+        config = Config(setting, not args.first_order, batch_size, args.dtype, args.device)
+        results += run_experiment(config, providers, args.reps)
+    print_results(results)
+    if args.json:
+        write_json(args.json, "bench_meta_step", results)
+
+
+if __name__ == "__main__":
+    main()
