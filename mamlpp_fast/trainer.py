@@ -339,7 +339,7 @@ class Trainer:
                 warnings.warn(
                     f"resuming {path!r} with a config that differs from the one it was trained "
                     f"with in {differing}; use another experiment_name to start afresh",
-                    stacklevel=2,
+                    stacklevel=3,
                 )
         for key in ("current_iter", "best_val_acc", "best_val_iter", "best_epoch", "per_epoch_statistics"):
             if key in state:
@@ -651,7 +651,7 @@ class Trainer:
                      f"rerun the same command to resume")
         return {
             "finished": self.finished,
-            "stopped_because": stopped_because if self.finished or epochs_this_run else stopped_because,
+            "stopped_because": stopped_because,
             "epochs_done": self.epochs_done,
             "current_iter": int(self.state["current_iter"]),
             "seconds": time.time() - start_time,
