@@ -171,7 +171,10 @@ def _backward(ctx, grad_outs: list[Tensor]):
     saved = list(ctx.saved_tensors)
     lr = saved.pop() if need_grads else None
     grads = saved if need_lr else None
-    d_params = d_grads = d_lr = None
+    # List arguments need a list back (one None per element when no gradient is wanted), e.g. the
+    # first-order inner loop, where grads do not require grad.
+    d_params = d_grads = [None] * len(grad_outs)
+    d_lr = None
     if need_params:
         d_params = [go.sum(0) if sh else go for go, sh in zip(grad_outs, ctx.shared)]
     if need_grads:
