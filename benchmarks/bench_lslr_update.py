@@ -109,7 +109,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--providers", default=None, help="comma-separated lslr_update backends")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write results as JSON")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     providers = args.providers.split(",") if args.providers else default_providers(args.device)
     print(f"# lslr_update, Omniglot 20-way shapes, {args.device}: {_backend.describe_backends()}\n")
     results = [run_experiment(c, p) for c in get_configs(args.device) for p in providers]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import os
 import re
 import subprocess
@@ -23,11 +25,19 @@ def run_python(code: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
 def test_tests_import_the_installed_package():
     # Under `pytest tests -q` from the repo root the installed copy must be what is imported:
     # the source folder has no compiled _C and no mamlpp_fast.kernels.
-    source = REPO / "mamlpp_fast"
+    if _is_editable_install():
+        pytest.skip("editable install: the source tree is the installed package")
     installed = Path(mamlpp_fast.__file__).resolve().parent
-    if (REPO / "mamlpp_fast" / "__editable__").exists() or "__editable__" in str(installed):
-        pytest.skip("editable install")
-    assert installed != source.resolve(), f"imported the source tree {installed}, not the install"
+    assert installed != (REPO / "mamlpp_fast").resolve(), f"imported the source tree {installed}"
+    assert (installed / "kernels" / "__init__.py").exists(), "kernels/ not installed as a subpackage"
+
+
+def _is_editable_install() -> bool:
+    try:
+        direct_url = importlib.metadata.distribution("mamlpp_fast").read_text("direct_url.json")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return bool(direct_url and json.loads(direct_url).get("dir_info", {}).get("editable"))
 
 
 def test_import_from_outside_the_source_tree(tmp_path):

@@ -94,6 +94,19 @@ def test_grads_match_formula_autograd(device):
         assert_close(list(s_op), list(s_ref), msg=f"second-order grads, backend={backend}")
 
 
+@pytest.mark.parametrize("needs", ["params", "grads", "lr", "params+lr"])
+def test_partial_requires_grad(device, needs):
+    # First-order MAML: grads are constants; only some inputs need gradients.
+    for backend in backends_for(device):
+        params, grads, lr = lslr_update_inputs([(3, 5), (2,)], 2, shared=[True, False], device=device)
+        wanted = {"params": params, "grads": grads, "lr": [lr]}
+        leaves = [t.requires_grad_() for key in needs.split("+") for t in wanted[key]]
+        out = lslr_update(params, grads, lr, backend=backend)
+        got = torch.autograd.grad(sum(o.sum() for o in out), leaves)
+        ref = torch.autograd.grad(sum(o.sum() for o in formula(params, grads, lr)), leaves)
+        assert_close(list(got), list(ref), msg=f"backend={backend}, needs={needs}")
+
+
 @needs_ext
 @pytest.mark.parametrize("shared", [False, True], ids=["batched", "shared"])
 def test_opcheck(device, shared):
