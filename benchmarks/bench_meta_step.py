@@ -3,6 +3,12 @@ reference, in the same run.
 
     python benchmarks/bench_meta_step.py                      # Omniglot 20w1s + mini-ImageNet 5w1s
     python benchmarks/bench_meta_step.py --settings maml++_omniglot_20w1s --reps 5 --json out.json
+    python benchmarks/bench_meta_step.py --providers all --settings all --first-order
+    python benchmarks/bench_meta_step.py --providers all --memory   # peak memory, fresh process each
+
+Providers: reference, mamlpp_fast[:backend], and the peers of benchmarks/peers (torchfunc,
+learn2learn, higher; same MAML++ semantics, differences in their docstrings). `--providers all`
+is the reference, mamlpp_fast and every peer whose library imports.
 
 Providers are timed round-robin (one iteration of each in turn, repeated), so machine drift
 hits them alike and the ratio to the reference is reliable even when absolute times wander.
@@ -28,8 +34,11 @@ from utils import env_info, markdown_table, write_json  # noqa: E402
 
 from mamlpp_fast import MetaLearner, preset  # noqa: E402
 from mamlpp_fast.reference import MAMLFewShotClassifier  # noqa: E402
+from peers import PEERS, available_peers, make_peer  # noqa: E402
 
 DEFAULT_SETTINGS = ("maml++_omniglot_20w1s", "maml++_mini-imagenet_5w1s")
+ALL_SETTINGS = ("maml++_omniglot_5w1s", "maml++_omniglot_20w1s", "maml++_omniglot_20w5s",
+                "maml++_mini-imagenet_5w1s", "maml++_mini-imagenet_5w5s")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +79,13 @@ def make_provider(name: str, config, dtype: torch.dtype, device: str) -> Callabl
         elif name.startswith("mamlpp_fast"):
             backend = name.split(":", 1)[1] if ":" in name else "auto"
             learner = MetaLearner(config, backend=backend, device=device, dtype=dtype)
+        elif name in PEERS:
+            peer = make_peer(name, config, dtype, device)
+
+            def peer_step(batch):
+                float(peer.run_train_iter(batch, epoch=0))
+
+            return peer_step
         else:
             raise ValueError(f"unknown provider {name!r}")
 
@@ -126,19 +142,60 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--json", default=None, help="write results here")
+    parser.add_argument("--memory", action="store_true",
+                        help="peak memory instead of timing: each provider in a fresh process")
+    parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"# {env_info()}")
     providers = [p for p in args.providers.split(",") if p]
+    if providers == ["all"]:
+        providers = ["reference", "mamlpp_fast", *available_peers()]
+    settings_list = list(ALL_SETTINGS) if args.settings == "all" else args.settings.split(",")
+    if args.memory_child or args.memory:
+        run_memory(args, providers, settings_list, argv)
+        return
     results: List[Result] = []
-    for setting in args.settings.split(","):
+    for setting in settings_list:
         batch_size = args.batch_size or preset(setting).batch_size
         config = Config(setting, not args.first_order, batch_size, args.dtype, args.device)
         results += run_experiment(config, providers, args.reps)
     print_results(results)
     if args.json:
         write_json(args.json, "bench_meta_step", results)
+
+
+def run_memory(args, providers: List[str], settings_list: List[str], argv) -> None:
+    """--memory: one fresh process per (setting, provider); --memory-child: be that process."""
+    import json
+
+    from memory_probe import MARKER, MemoryResult, measure_child, print_memory, run_in_subprocess
+
+    if args.memory_child:
+        (setting,), (provider,) = settings_list, providers
+        config = preset(setting, batch_size=args.batch_size or preset(setting).batch_size,
+                        second_order=not args.first_order)
+        step = make_provider(provider, config, getattr(torch, args.dtype), args.device)
+        print(MARKER + json.dumps(measure_child(step, random_batch(config), args.reps, args.device)),
+              flush=True)
+        return
+    results = []
+    for setting in settings_list:
+        batch_size = args.batch_size or preset(setting).batch_size
+        for provider in providers:
+            child = ["--memory-child", "--settings", setting, "--providers", provider,
+                     "--reps", str(args.reps), "--dtype", args.dtype, "--device", args.device,
+                     "--batch-size", str(batch_size)]
+            child += ["--first-order"] if args.first_order else []
+            child += ["--threads", str(args.threads)] if args.threads else []
+            out = run_in_subprocess(__file__, child)
+            results.append(MemoryResult(setting, not args.first_order, batch_size, args.dtype,
+                                        args.device, provider, **out))
+            print(f"# {setting} {provider}: {out['peak_mib']:.1f} MiB", flush=True)
+    print_memory(results)
+    if args.json:
+        write_json(args.json, "bench_meta_step_memory", results)
 
 
 if __name__ == "__main__":
