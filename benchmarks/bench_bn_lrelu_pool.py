@@ -16,14 +16,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
-import statistics
-import time
-from collections.abc import Callable
+import sys
+from pathlib import Path
 
 import torch
 
-from mamlpp_fast.ops.bn_lrelu_pool import bn_lrelu_pool
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from utils import env_info, measure, write_json  # noqa: E402
+
+from mamlpp_fast.ops.bn_lrelu_pool import bn_lrelu_pool  # noqa: E402
 
 MODES = ("fwd", "fwd+bwd", "2nd")
 
@@ -37,6 +38,7 @@ class Config:
     S: int  # spatial size (H = W = S)
     mode: str
     provider: str
+    device: str = "cpu"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +48,7 @@ class Result:
     runs: int
 
 
-def get_configs(providers: list[str], quick: bool = False) -> list[Config]:
+def get_configs(providers: list[str], quick: bool = False, device: str = "cpu") -> list[Config]:
     shapes = []  # (dataset, n, C, S, tasks)
     for S in (28, 14, 7, 3):
         shapes += [("omniglot", 20, 64, S, B) for B in ((1, 8) if S == 28 else (1, 8, 32))]
@@ -56,29 +58,18 @@ def get_configs(providers: list[str], quick: bool = False) -> list[Config]:
     if quick:
         shapes = [s for s in shapes if s[4] <= 8 and s[3] <= 42]
     return [
-        Config(ds, n, C, B, S, mode, p)
+        Config(ds, n, C, B, S, mode, p, device)
         for (ds, n, C, S, B), mode, p in itertools.product(shapes, MODES, providers)
     ]
-
-
-def _timeit(fn: Callable[[], object], min_time: float = 0.25, max_runs: int = 50) -> tuple[float, int]:
-    fn()  # warm-up (allocator, thread pool)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < 3 or (time.perf_counter() - start < min_time and len(times) < max_runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3, len(times)
 
 
 def run_experiment(cfg: Config) -> Result:
     gen = torch.Generator().manual_seed(0)
     G = cfg.B * cfg.C
-    x0 = torch.randn(cfg.n, G, cfg.S, cfg.S, generator=gen)
-    w0 = torch.rand(G, generator=gen) + 0.5
-    b0 = torch.randn(G, generator=gen) * 0.1
-    gy = torch.randn(cfg.n, G, cfg.S // 2, cfg.S // 2, generator=gen)
+    x0 = torch.randn(cfg.n, G, cfg.S, cfg.S, generator=gen).to(cfg.device)
+    w0 = (torch.rand(G, generator=gen) + 0.5).to(cfg.device)
+    b0 = (torch.randn(G, generator=gen) * 0.1).to(cfg.device)
+    gy = torch.randn(cfg.n, G, cfg.S // 2, cfg.S // 2, generator=gen).to(cfg.device)
     hx = torch.randn_like(x0)
 
     def op(x, w, b):
@@ -101,8 +92,8 @@ def run_experiment(cfg: Config) -> Result:
                 loss = (gx * hx).sum() + gw.square().sum()
                 torch.autograd.grad(loss, (gyr, x, w))
 
-    ms, runs = _timeit(step)
-    return Result(cfg, ms, runs)
+    timing = measure(step, cfg.device)
+    return Result(cfg, timing.p50_ms, timing.reps)
 
 
 def print_results(results: list[Result], providers: list[str]) -> None:
@@ -124,28 +115,19 @@ def print_results(results: list[Result], providers: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--providers", default="aten,cpp", help="comma list: aten,cpp,reference")
+    parser.add_argument("--providers", default=None,
+                        help="comma list, first is the baseline (default: aten,cpp on CPU; aten,cuda on CUDA)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--quick", action="store_true", help="small shapes only")
     args = parser.parse_args()
-    providers = args.providers.split(",")
-    results = [run_experiment(c) for c in get_configs(providers, args.quick)]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32\n")
+    default = "aten,cuda" if torch.device(args.device).type == "cuda" else "aten,cpp"
+    providers = (args.providers or default).split(",")
+    results = [run_experiment(c) for c in get_configs(providers, args.quick, args.device)]
+    print(f"# {env_info()}\n")
     print_results(results, providers)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "torch": torch.__version__,
-                    "threads": torch.get_num_threads(),
-                    "results": [
-                        {**dataclasses.asdict(r.config), "median_ms": r.median_ms, "runs": r.runs}
-                        for r in results
-                    ],
-                },
-                f,
-                indent=1,
-            )
+        write_json(args.json, "bench_bn_lrelu_pool", results)
 
 
 if __name__ == "__main__":

@@ -34,11 +34,11 @@ def make_batch(config, num_tasks: int, seed: int = 0):
     return x_s, x_t, labels.expand(num_tasks, n, k).clone(), labels.expand(num_tasks, n, t).clone()
 
 
-def make_pair(config, backend: str = "auto"):
+def make_pair(config, backend: str = "auto", device: str = "cpu"):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reference = MAMLFewShotClassifier(config).double()
-        learner = MetaLearner(config, backend=backend).double()
+        learner = MetaLearner(config, backend=backend, device=device).double()
     learner.load_state_dict(reference.state_dict())
     return reference, learner
 
@@ -52,7 +52,7 @@ def assert_tensors_match(actual: Dict[str, torch.Tensor], expected: Dict[str, to
     assert actual.keys() == expected.keys(), f"{what}: keys differ"
     scale = torch.sqrt(sum(e.double().pow(2).sum() for e in expected.values())).item()
     for name, e in expected.items():
-        a = actual[name]
+        a = actual[name].to(e.device)
         assert a.shape == e.shape, f"{what} {name}: shape {tuple(a.shape)} vs {tuple(e.shape)}"
         err = (a - e).norm().item()
         bound = RTOL * (max(e.norm().item(), 1e-3 * scale) if inert(name) else e.norm().item())
@@ -91,8 +91,9 @@ def stack_reference_trace(trace: List[dict], num_tasks: int) -> List[dict]:
     return merged
 
 
-def compare_one_pass(config, num_tasks: int, epoch: int = 0, training: bool = True, backend: str = "auto"):
-    reference, learner = make_pair(config, backend)
+def compare_one_pass(config, num_tasks: int, epoch: int = 0, training: bool = True, backend: str = "auto",
+                     device: str = "cpu"):
+    reference, learner = make_pair(config, backend, device)
     batch = make_batch(config, num_tasks)
     ref_losses, ref_logits, ref_grads, ref_trace = meta_gradients(reference, batch, epoch, training)
     losses, logits, grads, trace = meta_gradients(learner, batch, epoch, training)
@@ -228,3 +229,13 @@ def test_several_train_iterations_end_with_equal_parameters():
         else:
             err = (actual - expected).norm().item()
             assert err <= RTOL * expected.norm().item(), f"{name}: {err:.3e}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("second_order", [True, False])
+@pytest.mark.parametrize("backend", ["auto", "aten"])
+def test_gpu_meta_step_matches_cpu_reference_in_float64(second_order, backend):
+    """The whole meta-step on the GPU (float64 kernels) against the CPU reference."""
+    config = preset("maml++_omniglot_20w1s", second_order=second_order, **SMALL)
+    compare_one_pass(config, num_tasks=4, backend=backend, device="cuda")
+    compare_one_pass(config, num_tasks=4, backend=backend, device="cuda", training=False)
