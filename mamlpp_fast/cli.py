@@ -212,17 +212,36 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(str(error))
         return 2  # not reached
     from .trainer import Trainer
+    from .distributed import init_from_env, torchrun_world_size
 
+    distributed = None
+    if torchrun_world_size() > 1:  # launched by torchrun: shard tasks over the ranks
+        distributed = init_from_env(device=device)
+        if distributed.device is not None:
+            device = distributed.device
+        if distributed.rank != 0:
+            args.no_test = True  # rank 0 runs the test protocol and writes its summary
     trainer = Trainer(config, args.output_dir, device=device, dtype=dtype, backend=args.backend,
                       dataset_dir=args.dataset_dir, progress=False if args.no_progress else None,
-                      max_minutes=args.max_minutes, max_iters=args.max_iters)
-    print(f"experiment: {trainer.experiment_dir} ({config.num_classes_per_set}-way "
-          f"{config.num_samples_per_class}-shot, {config.dataset_name}, {config.total_epochs} epochs x "
-          f"{config.total_iter_per_epoch} iterations, batch {config.batch_size}, device {device})", flush=True)
+                      max_minutes=args.max_minutes, max_iters=args.max_iters, distributed=distributed)
+    if distributed is None or distributed.is_main:
+        print(f"experiment: {trainer.experiment_dir} ({config.num_classes_per_set}-way "
+              f"{config.num_samples_per_class}-shot, {config.dataset_name}, {config.total_epochs} epochs x "
+              f"{config.total_iter_per_epoch} iterations, batch {config.batch_size}, device {device}"
+              + (f", {distributed.world_size} ranks" if distributed is not None else "") + ")", flush=True)
     try:
         outcome = trainer.train()
         if outcome["finished"] and not args.no_test:
             _print_test(trainer.run_test())
+    except RuntimeError as error:
+        if distributed is None:
+            raise
+        # A collective failed: most likely another rank died (or the group timed out).
+        print(f"mamlpp-train: error: rank {distributed.rank}/{distributed.world_size}: a collective "
+              f"failed, probably because another rank died ({error}). The last finished epoch is "
+              f"saved in {trainer.saved_models_dir}/train_model_latest; rerun the same torchrun "
+              f"command to resume.", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; the last finished epoch is saved, rerun to resume", file=sys.stderr)
         return 130

@@ -97,6 +97,12 @@ class FewShotLearnerBase(nn.Module):
             any state. On a GPU this costs one host-device synchronisation per call.
     """
 
+    # Scale-out hooks (issue "scale"): None keeps the plain single-process meta-step.
+    # task_chunk_size: run the meta-batch k tasks at a time, accumulating meta-gradients.
+    # distributed: a `mamlpp_fast.distributed.DistributedContext` sharding tasks over ranks.
+    task_chunk_size: Optional[int] = None
+    distributed: Any = None
+
     def __init__(
         self,
         config: Any = None,
@@ -354,10 +360,17 @@ class FewShotLearnerBase(nn.Module):
         )
 
     # ------------------------------------------------------------------ the outer loop
-    def meta_update(self, loss: torch.Tensor) -> None:
-        """Adam step on the meta-loss; imagenet datasets clamp classifier gradients to ±10."""
-        self.optimizer.zero_grad()
-        loss.backward()
+    def meta_update(self, loss: Optional[torch.Tensor], distributed: Any = None) -> None:
+        """Adam step on the meta-loss; imagenet datasets clamp classifier gradients to ±10.
+
+        loss=None steps on the gradients already accumulated in .grad (chunked meta-batch).
+        With `distributed` (a DistributedContext) the gradients are averaged over ranks first.
+        """
+        if loss is not None:
+            self.optimizer.zero_grad()
+            loss.backward()
+        if distributed is not None:
+            distributed.all_reduce_gradients(self.trainable_parameters())
         if self.config.clamps_meta_gradients:
             for param in self.classifier.parameters():
                 if param.requires_grad and param.grad is not None:
@@ -386,12 +399,57 @@ class FewShotLearnerBase(nn.Module):
             self.current_epoch = epoch
         if not self.training:
             self.train()
-        losses, preds = self.train_forward_prop(data_batch=batch, epoch=epoch)
-        self.meta_update(loss=losses["loss"])
-        losses["loss"] = losses["loss"].detach()
+        if self.task_chunk_size is None and self.distributed is None:
+            losses, preds = self.train_forward_prop(data_batch=batch, epoch=epoch)
+            self.meta_update(loss=losses["loss"])
+            losses["loss"] = losses["loss"].detach()
+        else:
+            losses, preds = self._scaled_out_train_pass(batch, epoch)
         losses["learning_rate"] = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad()
         return losses, preds
+
+    def _scaled_out_train_pass(self, batch: TaskBatch, epoch: int):
+        """Meta-step with task chunking and/or task sharding over ranks (see `task_chunk_size`,
+        `distributed`): this rank's tasks k at a time, each chunk's loss scaled by its share of
+        the tasks so the accumulated gradient is the mean over the meta-batch, then one step.
+        Running statistics are folded once at the end, in global task order."""
+        distributed = self.distributed
+        if distributed is not None:
+            batch = distributed.shard_batch(batch)
+        num_tasks = int(batch[0].shape[0])
+        chunk = num_tasks if self.task_chunk_size is None else min(int(self.task_chunk_size), num_tasks)
+        self.optimizer.zero_grad()
+        self._begin_deferred_statistics()
+        try:
+            total: Dict[str, Any] = {}
+            logits = []
+            for start in range(0, num_tasks, chunk):
+                part = tuple(t[start:start + chunk] for t in batch)
+                share = part[0].shape[0] / num_tasks
+                out, preds = self.train_forward_prop(data_batch=part, epoch=epoch)
+                (out["loss"] * share if share != 1.0 else out["loss"]).backward()
+                for key in ("loss", "accuracy"):
+                    value = out[key].detach() * share if share != 1.0 else out[key].detach()
+                    total[key] = value if key not in total else total[key] + value
+                for key, value in out.items():
+                    if key not in ("loss", "accuracy"):
+                        total[key] = value
+                logits.append(preds)
+        finally:
+            self._end_deferred_statistics(None if distributed is None else distributed.gather_tasks)
+        self.meta_update(loss=None, distributed=distributed)
+        if distributed is not None:
+            total = distributed.average_metrics(total)
+        return total, logits[0] if len(logits) == 1 else torch.cat(logits, dim=0)
+
+    def _begin_deferred_statistics(self) -> None:
+        """Start buffering the running-statistics updates of the training passes."""
+        raise NotImplementedError(f"{type(self).__name__} does not support task chunking or sharding")
+
+    def _end_deferred_statistics(self, gather=None) -> None:
+        """Fold the buffered updates (after `gather` of each per-task tensor across ranks)."""
+        raise NotImplementedError
 
     def run_validation_iter(self, data_batch: Sequence[ArrayLike]):
         """Evaluate a batch of tasks (first order, 5 steps, final-step target only).

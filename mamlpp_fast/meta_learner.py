@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from .learner_base import ArrayLike, FewShotLearnerBase, TaskBatch
 from .ops.bn_lrelu_pool import bn_lrelu_pool, bn_lrelu_pool_backend
@@ -25,10 +26,19 @@ from .task_batched import (
     to_task_channels,
 )
 
-__all__ = ["MetaLearner"]
+__all__ = ["MetaLearner", "check_task_chunk_size"]
 
 FastWeights = Dict[str, torch.Tensor]
 _BACKENDS = ("auto", "aten", "reference", "cpp", "cuda", "triton")
+
+
+def check_task_chunk_size(value: Any) -> Optional[int]:
+    """None, or a positive int number of tasks per chunk; ValueError otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"task_chunk_size must be a positive integer number of tasks (or None), got {value!r}")
+    return int(value)
 
 
 class MetaLearner(FewShotLearnerBase):
@@ -41,6 +51,13 @@ class MetaLearner(FewShotLearnerBase):
             the ATen composition), "aten", "cpp", "cuda" or "triton". `active_backends`
             reports the choice per op.
         device, dtype, im_shape, args, validate_inputs: as in `FewShotLearnerBase`.
+        task_chunk_size: memory-bounded meta-step: `run_train_iter` runs the meta-batch this
+            many tasks at a time and accumulates the meta-gradients (each chunk's loss scaled
+            by its share of the tasks), then takes one Adam step. Same gradients, metrics and
+            target logits as the whole batch at once (to rounding). None: all tasks at once.
+        checkpoint_inner_steps: recompute each training inner step (support forward, inner
+            gradient, LSLR update, target forward) in the backward pass instead of keeping its
+            activations (torch.utils.checkpoint, use_reentrant=False; works with second order).
 
     Example:
         >>> from mamlpp_fast import MetaLearner, preset
@@ -50,11 +67,22 @@ class MetaLearner(FewShotLearnerBase):
         >>> query_logits = learner.predict(query_x, fast)             # doctest: +SKIP
     """
 
-    def __init__(self, config: Any = None, *, backend: str = "auto", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        config: Any = None,
+        *,
+        backend: str = "auto",
+        task_chunk_size: Optional[int] = None,
+        checkpoint_inner_steps: bool = False,
+        **kwargs: Any,
+    ) -> None:
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         super().__init__(config, **kwargs)
         self.backend = backend
+        self.task_chunk_size = check_task_chunk_size(task_chunk_size)
+        self.checkpoint_inner_steps = bool(checkpoint_inner_steps)
+        self._deferred_statistics: Optional[Dict[int, List[Any]]] = None
 
     # ------------------------------------------------------------------ backends
     def _op_backend(self) -> Optional[str]:
@@ -152,18 +180,27 @@ class MetaLearner(FewShotLearnerBase):
         fast = self._initial_fast_weights(num_tasks, track_meta_gradients=training_phase)
         task_losses: Optional[torch.Tensor] = None
         target_logits: Optional[torch.Tensor] = None
+        checkpointed = self.checkpoint_inner_steps and training_phase
         for step in range(num_steps):
-            logits, support_stats = self._logits(support, fast, step, training_phase)
-            support_loss = per_task_cross_entropy(logits, y_support)
-            fast = self._inner_update(support_loss, fast, step, create_graph)
+            evaluate_target = use_msl or step == final_step
+            if checkpointed:
+                support_loss, fast, support_stats, target_logits_step, target_stats = self._checkpointed_step(
+                    support, target, y_support, fast, step, create_graph, evaluate_target)
+            else:
+                logits, support_stats = self._logits(support, fast, step, training_phase)
+                support_loss = per_task_cross_entropy(logits, y_support)
+                fast = self._inner_update(support_loss, fast, step, create_graph)
             if not training_phase:
                 # Evaluation never differentiates the meta-parameters: drop the graph early.
                 fast = {name: value.detach().requires_grad_() for name, value in fast.items()}
             passes = [support_stats]
             target_loss = None
-            if use_msl or step == final_step:
-                with torch.set_grad_enabled(training_phase):
-                    target_logits, target_stats = self._logits(target, fast, step, training_phase)
+            if evaluate_target:
+                if checkpointed:
+                    target_logits = target_logits_step
+                else:
+                    with torch.set_grad_enabled(training_phase):
+                        target_logits, target_stats = self._logits(target, fast, step, training_phase)
                 target_loss = per_task_cross_entropy(target_logits, y_target)
                 weighted = importance[step] * target_loss if use_msl else target_loss
                 task_losses = weighted if task_losses is None else task_losses + weighted
@@ -178,7 +215,80 @@ class MetaLearner(FewShotLearnerBase):
             losses[f"loss_importance_vector_{index}"] = item.detach()
         return losses, target_logits.detach()
 
+    def _checkpointed_step(self, support, target, y_support, fast: FastWeights, step: int,
+                           create_graph: bool, evaluate_target: bool):
+        """One training inner step under torch.utils.checkpoint (non-reentrant): its
+        activations are recomputed during the meta-backward instead of being kept."""
+        names = list(fast)
+
+        def run(*values):
+            weights = dict(zip(names, values))
+            logits, support_stats = self._logits(support, weights, step, True)
+            support_loss = per_task_cross_entropy(logits, y_support)
+            updated = self._inner_update(support_loss, weights, step, create_graph)
+            outputs = [support_loss, *[updated[n] for n in names]]
+            stats = list(support_stats)
+            if evaluate_target:
+                target_logits, target_stats = self._logits(target, updated, step, True)
+                outputs.append(target_logits)
+                stats += list(target_stats)
+            # Statistics leave the region as plain tensors (they are only folded, no_grad).
+            flat_stats = [t.detach() for s in stats for t in (s.mean, s.invstd)]
+            return (*outputs, *flat_stats), [s.count for s in stats]
+
+        counts: List[int] = []
+
+        def wrapped(*values):
+            outputs, stage_counts = run(*values)
+            counts[:] = stage_counts
+            return outputs
+
+        outputs = checkpoint(wrapped, *[fast[n] for n in names], use_reentrant=False)
+        support_loss = outputs[0]
+        updated = dict(zip(names, outputs[1:1 + len(names)]))
+        rest = list(outputs[1 + len(names):])
+        target_logits = rest.pop(0) if evaluate_target else None
+        stats = [StageStatistics(rest[2 * i], rest[2 * i + 1], counts[i]) for i in range(len(counts))]
+        stages = self.config.num_stages
+        return support_loss, updated, stats[:stages], target_logits, stats[stages:] if evaluate_target else None
+
+    # ------------------------------------------------------------------ running statistics
+    def _begin_deferred_statistics(self) -> None:
+        self._deferred_statistics = {}
+
+    def _end_deferred_statistics(self, gather=None) -> None:
+        """Fold the buffered per-step statistics of all chunks in task order; with `gather`
+        (an all-gather over ranks along the task axis) every rank folds all B tasks."""
+        buffered, self._deferred_statistics = self._deferred_statistics, None
+        if not buffered:
+            return
+        for step in sorted(buffered):
+            chunks = buffered[step]  # per chunk: passes, each a list of StageStatistics per stage
+            num_passes, stages = len(chunks[0]), len(chunks[0][0])
+            tensors = [torch.cat([chunk[p][i].mean for chunk in chunks]) for p in range(num_passes)
+                       for i in range(stages)]
+            tensors += [torch.cat([chunk[p][i].invstd for chunk in chunks]) for p in range(num_passes)
+                        for i in range(stages)]
+            if gather is not None:
+                widths = [t.shape[1] for t in tensors]
+                tensors = list(gather(torch.cat(tensors, dim=1)).split(widths, dim=1))
+            half = num_passes * stages
+            passes = [
+                [StageStatistics(tensors[p * stages + i], tensors[half + p * stages + i], chunks[0][p][i].count)
+                 for i in range(stages)]
+                for p in range(num_passes)
+            ]
+            self._fold_running_statistics(step, passes)
+
     def _update_running_statistics(self, step: int, passes: Sequence[List[StageStatistics]]) -> None:
+        if self._deferred_statistics is not None:
+            detached = [[StageStatistics(s.mean.detach(), s.invstd.detach(), s.count) for s in stats]
+                        for stats in passes]
+            self._deferred_statistics.setdefault(step, []).append(detached)
+            return
+        self._fold_running_statistics(step, passes)
+
+    def _fold_running_statistics(self, step: int, passes: Sequence[List[StageStatistics]]) -> None:
         for stage, (running_mean, running_var) in enumerate(self.running_statistics()):
             fold_running_statistics(running_mean[step], running_var[step],
                                     [stats[stage] for stats in passes], BN_MOMENTUM)

@@ -209,6 +209,9 @@ class Trainer:
         log: where one-line messages go (default: print to stdout).
         learner, data: prebuilt objects (tests); built from the config otherwise.
         prefetch: batches the data loader builds ahead in a background thread.
+        distributed: a `mamlpp_fast.distributed.DistributedContext` (torchrun): every rank
+            reads the same meta-batches and trains on its slice of the tasks; only rank 0
+            writes checkpoints, logs and messages. Validation runs on every rank unsharded.
     """
 
     def __init__(
@@ -227,6 +230,7 @@ class Trainer:
         learner: Any = None,
         data: Any = None,
         prefetch: int = 3,
+        distributed: Any = None,
     ) -> None:
         self.config = resolve_config(config)
         if max_minutes is not None and not (max_minutes > 0):
@@ -246,6 +250,8 @@ class Trainer:
         self.max_iters = None if max_iters is None else int(max_iters)
         self.log = log if log is not None else (lambda message: print(message, flush=True))
         self.prefetch = int(prefetch)
+        self.distributed = distributed
+        self.is_main = distributed is None or distributed.is_main
         self._learner = learner
         self._data = data
         self.state: Dict[str, Any] = self._fresh_state()
@@ -354,7 +360,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, epoch: int) -> None:
-        """``train_model_{epoch}`` then ``train_model_latest``, both atomic; then prune."""
+        """``train_model_{epoch}`` then ``train_model_latest``, both atomic; then prune.
+        Only rank 0 writes under torchrun."""
+        if not self.is_main:
+            return
         state = dict(self.state)
         state["config"] = self.config.to_dict()
         state["rng_state"] = _rng_state(self.learner)
@@ -384,6 +393,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ logs
     def write_logs(self) -> None:
+        if not self.is_main:
+            return
         stats = self.state["per_epoch_statistics"]
         rows = [
             {key: stats[key][i] for key in stats} for i in range(len(stats["epoch"]))
@@ -403,7 +414,7 @@ class Trainer:
     def plot_learning_curves(self) -> Optional[str]:
         """``logs/learning_curves.png``; skipped with a warning without matplotlib."""
         stats = self.state["per_epoch_statistics"]
-        if not stats["epoch"]:
+        if not stats["epoch"] or not self.is_main:
             return None
         try:
             import matplotlib
@@ -545,21 +556,26 @@ class Trainer:
         Resumes from ``train_model_latest`` first. Returns a dict with ``finished``,
         ``stopped_because``, ``epochs_done`` and ``current_iter``.
         """
-        self._make_folders()
+        if self.is_main:
+            self._make_folders()
         if self.resumed_from is None and self.state["current_iter"] == 0:
-            if self.maybe_resume():
+            if self.maybe_resume() and self.is_main:
                 self.log(f"resumed from {self.resumed_from} at iteration {self.state['current_iter']} "
                          f"(epoch {self.epochs_done}/{self.config.total_epochs})")
         cfg = self.config
         per_epoch = int(cfg.total_iter_per_epoch)
         learner = self.learner
+        if self.distributed is not None:
+            # Every rank resumed from the same file (or starts fresh): make them bit-identical.
+            self.distributed.broadcast_module(learner)
+            learner.distributed = self.distributed
         data = self.data
         start_time = time.time()
         iters_this_run = 0
         epochs_this_run = 0
         stopped_because = "finished"
         bar = None
-        if self._progress_enabled() and not self.finished:
+        if self._progress_enabled() and not self.finished and self.is_main:
             from tqdm import tqdm
 
             bar = tqdm(total=self.total_iters, initial=int(self.state["current_iter"]), mininterval=1.0,
@@ -625,7 +641,7 @@ class Trainer:
                 )
                 if bar is not None:
                     bar.write(message, file=sys.stderr)
-                else:
+                elif self.is_main:
                     self.log(message)
                 if self.finished:
                     break
@@ -646,7 +662,7 @@ class Trainer:
                 self.plot_learning_curves()
             except Exception as error:  # a plot must never lose a run
                 warnings.warn(f"could not write learning_curves.png: {error}", stacklevel=2)
-        if not self.finished:
+        if not self.finished and self.is_main:
             self.log(f"paused after epoch {self.epochs_done}/{cfg.total_epochs} ({stopped_because}); "
                      f"rerun the same command to resume")
         return {
