@@ -22,6 +22,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <tuple>
 
@@ -144,6 +145,8 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Ten
   scalar_t* rp = invstd_out.data_ptr<scalar_t>();
   uint8_t* ip = indices.data_ptr<uint8_t>();
   const scalar_t slope = static_cast<scalar_t>(slope_d);
+  const bool max_form = slope_d > 0 && slope_d <= 1;
+  const scalar_t factor[2] = {slope, scalar_t(1)};
 
   at::parallel_for(0, geo.G, channel_grain(geo.n * HW), [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
@@ -159,31 +162,39 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Ten
       rp[g] = invstd;
       const BnAffine<scalar_t> c = bn_affine(wp[g], bp[g], mean, invstd);
 
-      for (int64_t i = 0; i < geo.n; ++i) {
-        const scalar_t* xc = xp + geo.x_offset(i, g);
-        scalar_t* yc = yp + geo.y_offset(i, g);
-        uint8_t* ic = ip + geo.y_offset(i, g);
-        for (int64_t oh = 0; oh < Ho; ++oh) {
-          const scalar_t* r0 = xc + 2 * oh * W;
-          const scalar_t* r1 = r0 + W;
-          for (int64_t ow = 0; ow < Wo; ++ow) {
-            scalar_t a[4] = {r0[2 * ow], r0[2 * ow + 1], r1[2 * ow], r1[2 * ow + 1]};
-            for (int k = 0; k < 4; ++k) {
-              const scalar_t z = a[k] * c.alpha + c.shift;
-              a[k] = z > 0 ? z : z * slope;
-            }
-            // First max in row-major order; NaN wins (as ATen's max_pool2d).
-            scalar_t best = a[0];
-            uint8_t arg = 0;
-            for (int k = 1; k < 4; ++k)
-              if (a[k] > best || std::isnan(a[k])) {
-                best = a[k];
-                arg = static_cast<uint8_t>(k);
+      // Instantiated once per leaky-ReLU form, so the choice is made per channel, not per element.
+      auto pool_channel = [&](auto leaky_relu) {
+        for (int64_t i = 0; i < geo.n; ++i) {
+          const scalar_t* xc = xp + geo.x_offset(i, g);
+          scalar_t* yc = yp + geo.y_offset(i, g);
+          uint8_t* ic = ip + geo.y_offset(i, g);
+          for (int64_t oh = 0; oh < Ho; ++oh) {
+            const scalar_t* r0 = xc + 2 * oh * W;
+            const scalar_t* r1 = r0 + W;
+            for (int64_t ow = 0; ow < Wo; ++ow) {
+              scalar_t a[4] = {r0[2 * ow], r0[2 * ow + 1], r1[2 * ow], r1[2 * ow + 1]};
+              for (int k = 0; k < 4; ++k) a[k] = leaky_relu(a[k] * c.alpha + c.shift);
+              // First max in row-major order; NaN wins (as ATen's max_pool2d). Selects, not
+              // branches: on real data the comparisons are unpredictable (3-4x slower branchy).
+              scalar_t best = a[0];
+              uint8_t arg = 0;
+              for (int k = 1; k < 4; ++k) {
+                const bool take = (a[k] > best) | (a[k] != a[k]);
+                best = take ? a[k] : best;
+                arg = take ? static_cast<uint8_t>(k) : arg;
               }
-            yc[oh * Wo + ow] = best;
-            ic[oh * Wo + ow] = arg;
+              yc[oh * Wo + ow] = best;
+              ic[oh * Wo + ow] = arg;
+            }
           }
         }
+      };
+      // Branch-free leaky ReLU, bit-identical to z > 0 ? z : z * slope: for 0 < slope <= 1 it is
+      // max(z, slope * z) (one instruction); otherwise a multiply by a {slope, 1} table entry.
+      if (max_form) {
+        pool_channel([slope](scalar_t z) { return std::max(z, z * slope); });
+      } else {
+        pool_channel([&factor](scalar_t z) { return z * factor[z > 0]; });
       }
     }
   });
@@ -220,13 +231,12 @@ struct ChannelState {
   scalar_t slope;
   acc_t mean, invstd, weight;
   // D * gy at an argmax position px (flat in x) holding gy value g.
-  acc_t u(scalar_t xv, scalar_t gy) const {
-    const scalar_t z = xv * c.alpha + c.shift;
-    return z > 0 ? static_cast<acc_t>(gy) : static_cast<acc_t>(gy) * static_cast<acc_t>(slope);
-  }
+  // A table lookup instead of a branch on the sign of z: the sign is unpredictable on real data.
+  acc_t u(scalar_t xv, scalar_t gy) const { return static_cast<acc_t>(gy) * d(xv); }
   acc_t d(scalar_t xv) const {
     const scalar_t z = xv * c.alpha + c.shift;
-    return z > 0 ? acc_t(1) : static_cast<acc_t>(slope);
+    const acc_t factor[2] = {static_cast<acc_t>(slope), acc_t(1)};
+    return factor[z > 0];
   }
   acc_t xhat(scalar_t xv) const { return (static_cast<acc_t>(xv) - mean) * invstd; }
 };
