@@ -58,11 +58,12 @@ def test_python_dash_m_entry_point(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(mamlpp_fast.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     done = subprocess.run([sys.executable, "-m", "mamlpp_fast", "train", *TINY, "--set", "total_epochs=1",
-                           "--output-dir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+                           "--output-dir", str(tmp_path)], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr
     assert "test accuracy:" in done.stdout
-    bad = subprocess.run([sys.executable, "-m", "mamlpp_fast", "fit"], env=env, capture_output=True, text=True,
-                         timeout=120)
+    bad = subprocess.run([sys.executable, "-m", "mamlpp_fast", "fit"], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
     assert bad.returncode == 2 and "unknown command 'fit'" in bad.stderr
 
 
