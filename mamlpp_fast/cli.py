@@ -190,6 +190,11 @@ def _train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--iters-per-epoch", type=int, default=None, metavar="N",
                         help="shorthand for --set total_iter_per_epoch=N (short epochs for smoke runs)")
     parser.add_argument("--no-test", action="store_true", help="skip the test protocol at the end")
+    parser.add_argument("--task-chunk-size", type=int, default=None, metavar="K",
+                        help="memory-bounded meta-step: run the meta-batch K tasks at a time and "
+                             "accumulate the meta-gradients (same result, less memory)")
+    parser.add_argument("--checkpoint-inner-steps", action="store_true",
+                        help="recompute each inner step in the outer backward instead of storing it")
     return parser
 
 
@@ -207,6 +212,8 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
                 raise CLIError(f"--iters-per-epoch: must be >= 1, got {args.iters_per_epoch}")
             sets.append(f"total_iter_per_epoch={args.iters_per_epoch}")
         config = build_config(args.config, args.preset, sets, args.seed)
+        if args.task_chunk_size is not None and args.task_chunk_size < 1:
+            raise CLIError(f"--task-chunk-size: must be >= 1, got {args.task_chunk_size}")
         device, dtype = _resolve_runtime(args)
     except CLIError as error:
         parser.error(str(error))
@@ -223,7 +230,10 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
             args.no_test = True  # rank 0 runs the test protocol and writes its summary
     trainer = Trainer(config, args.output_dir, device=device, dtype=dtype, backend=args.backend,
                       dataset_dir=args.dataset_dir, progress=False if args.no_progress else None,
-                      max_minutes=args.max_minutes, max_iters=args.max_iters, distributed=distributed)
+                      max_minutes=args.max_minutes, max_iters=args.max_iters,
+                      learner_options={"task_chunk_size": args.task_chunk_size,
+                                       "checkpoint_inner_steps": args.checkpoint_inner_steps},
+                      distributed=distributed)
     if distributed is None or distributed.is_main:
         print(f"experiment: {trainer.experiment_dir} ({config.num_classes_per_set}-way "
               f"{config.num_samples_per_class}-shot, {config.dataset_name}, {config.total_epochs} epochs x "

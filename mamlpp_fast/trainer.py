@@ -233,6 +233,7 @@ class Trainer:
         data: Any = None,
         prefetch: int = 3,
         distributed: Any = None,
+        learner_options: Optional[Dict[str, Any]] = None,
     ) -> None:
         self.config = resolve_config(config)
         if max_minutes is not None and not (max_minutes > 0):
@@ -253,6 +254,8 @@ class Trainer:
         self.log = log if log is not None else (lambda message: print(message, flush=True))
         self.prefetch = int(prefetch)
         self.distributed = distributed
+        # Extra MetaLearner arguments, e.g. {"task_chunk_size": 2, "checkpoint_inner_steps": True}.
+        self.learner_options = dict(learner_options or {})
         self.is_main = distributed is None or distributed.is_main
         self._learner = learner
         self._data = data
@@ -265,7 +268,8 @@ class Trainer:
         if self._learner is None:
             from .meta_learner import MetaLearner
 
-            self._learner = MetaLearner(self.config, backend=self.backend, device=self.device, dtype=self.dtype)
+            self._learner = MetaLearner(self.config, backend=self.backend, device=self.device, dtype=self.dtype,
+                                        **self.learner_options)
         return self._learner
 
     @property
