@@ -416,6 +416,11 @@ class Trainer:
             "per_epoch_statistics": rows,
         }
         _atomic_write_text(os.path.join(self.logs_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
+        # Every epoch, so that a run stopped at any point (kill -9 included) has its curves.
+        try:
+            self.plot_learning_curves()
+        except Exception as error:  # a plot must never lose a run
+            warnings.warn(f"could not write learning_curves.png: {error}", stacklevel=2)
 
     def plot_learning_curves(self) -> Optional[str]:
         """``logs/learning_curves.png``; skipped with a warning without matplotlib."""
@@ -663,11 +668,6 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-        if self.state["per_epoch_statistics"]["epoch"]:
-            try:
-                self.plot_learning_curves()
-            except Exception as error:  # a plot must never lose a run
-                warnings.warn(f"could not write learning_curves.png: {error}", stacklevel=2)
         if not self.finished and self.is_main:
             self.log(f"paused after epoch {self.epochs_done}/{cfg.total_epochs} ({stopped_because}); "
                      f"rerun the same command to resume")
