@@ -18,11 +18,15 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "META_STEP_RTOL",
     "OMNIGLOT_20WAY_SHAPES",
     "TOLERANCES",
     "Tolerance",
     "assert_close",
     "assert_close_relative_to_eager",
+    "assert_tensors_match",
+    "is_inert",
+    "make_task_batch",
     "error_summary",
     "lslr_update_inputs",
     "seeded",
@@ -140,3 +144,39 @@ def lslr_update_inputs(
     grads = [make(batch, *s, scale=2.0, shift=-1.0) for s in shapes]
     lr = make(len(shapes), scale=0.1, shift=0.05)
     return params, grads, lr
+
+
+# ---------------------------------------------------------------- whole meta-steps (float64)
+
+# Whole meta-steps are compared in float64 to this relative tolerance.
+META_STEP_RTOL = 1e-10
+
+
+def make_task_batch(config, num_tasks: int, seed: int = 0, dtype: torch.dtype = torch.float64):
+    """Random images and class-major labels with a config's shapes:
+    (x_support [B,N,K,C,H,W], x_target [B,N,T,C,H,W], y_support [B,N,K], y_target [B,N,T])."""
+    gen = torch.Generator().manual_seed(seed)
+    n, k, t = config.num_classes_per_set, config.num_samples_per_class, config.num_target_samples
+    x_s = torch.randn(num_tasks, n, k, *config.image_shape, generator=gen, dtype=dtype)
+    x_t = torch.randn(num_tasks, n, t, *config.image_shape, generator=gen, dtype=dtype)
+    labels = torch.arange(n).view(1, n, 1)
+    return x_s, x_t, labels.expand(num_tasks, n, k).clone(), labels.expand(num_tasks, n, t).clone()
+
+
+def is_inert(name: str) -> bool:
+    """Conv biases (and their LSLR rates) have an exact gradient of zero: the batch norm that
+    follows each conv subtracts them again. Implementations differ there only by rounding noise."""
+    return ".conv.bias" in name or "-conv-bias" in name
+
+
+def assert_tensors_match(actual: dict, expected: dict, what: str, rtol: float = META_STEP_RTOL) -> None:
+    """Each tensor within `rtol` (L2, relative) of the expected one. Inert tensors (see
+    `is_inert`) are compared against a floor of 1e-3 of the norm of all expected tensors."""
+    assert actual.keys() == expected.keys(), f"{what}: keys differ"
+    scale = torch.sqrt(sum(e.double().pow(2).sum() for e in expected.values())).item()
+    for name, e in expected.items():
+        a = actual[name].to(e.device)
+        assert a.shape == e.shape, f"{what} {name}: shape {tuple(a.shape)} vs {tuple(e.shape)}"
+        err = (a - e).norm().item()
+        bound = rtol * (max(e.norm().item(), 1e-3 * scale) if is_inert(name) else e.norm().item())
+        assert err <= bound, f"{what} {name}: |diff| {err:.3e} > {bound:.3e} (|ref| {e.norm().item():.3e})"

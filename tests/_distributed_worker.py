@@ -8,6 +8,7 @@ import warnings
 import torch
 
 from mamlpp_fast import MetaLearner, preset
+from mamlpp_fast.testing import make_task_batch as make_batch
 
 TINY = dict(cnn_num_filters=8, number_of_training_steps_per_iter=3, number_of_evaluation_steps_per_iter=3)
 NUM_TASKS = 4
@@ -16,16 +17,6 @@ ITERS = 2
 
 def config_for(second_order: bool):
     return preset("maml++_omniglot_5w1s", second_order=second_order, **TINY)
-
-
-def make_batch(config, num_tasks: int, seed: int = 0):
-    """As tests/test_meta_learner_equivalence.make_batch."""
-    gen = torch.Generator().manual_seed(seed)
-    n, k, t = config.num_classes_per_set, config.num_samples_per_class, config.num_target_samples
-    x_s = torch.randn(num_tasks, n, k, *config.image_shape, generator=gen, dtype=torch.float64)
-    x_t = torch.randn(num_tasks, n, t, *config.image_shape, generator=gen, dtype=torch.float64)
-    labels = torch.arange(n).view(1, n, 1)
-    return x_s, x_t, labels.expand(num_tasks, n, k).clone(), labels.expand(num_tasks, n, t).clone()
 
 
 def train(learner, config):

@@ -14,13 +14,10 @@ import torch
 
 from mamlpp_fast import MetaLearner
 from mamlpp_fast.distributed import shard_batch
+from mamlpp_fast.testing import META_STEP_RTOL, is_inert
 
-RTOL = 1e-10
-
-
-def inert(name: str) -> bool:
-    """Conv biases (and their LSLR rates) have an exact gradient of zero (as in the equivalence tests)."""
-    return ".conv.bias" in name or "-conv-bias" in name
+RTOL = META_STEP_RTOL
+inert = is_inert
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))

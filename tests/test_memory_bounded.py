@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from mamlpp_fast import MetaLearner, preset
-from tests.test_meta_learner_equivalence import RTOL, assert_tensors_match, inert, make_batch
+from mamlpp_fast.testing import META_STEP_RTOL as RTOL
+from mamlpp_fast.testing import assert_tensors_match
+from mamlpp_fast.testing import is_inert as inert
+from mamlpp_fast.testing import make_task_batch as make_batch
 
 TINY = dict(cnn_num_filters=8, number_of_training_steps_per_iter=3, number_of_evaluation_steps_per_iter=3)
 
