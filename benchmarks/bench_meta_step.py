@@ -6,7 +6,8 @@ reference, in the same run.
     python benchmarks/bench_meta_step.py --providers all --settings all --first-order
     python benchmarks/bench_meta_step.py --providers all --memory   # peak memory, fresh process each
 
-Providers: reference, mamlpp_fast[:backend], and the peers of benchmarks/peers (torchfunc,
+Providers: reference, mamlpp_fast[:backend][+graphs] (+graphs: CUDA-graph replay of the
+meta-step, `MetaLearner(cuda_graphs=True)`), and the peers of benchmarks/peers (torchfunc,
 learn2learn, higher; same MAML++ semantics, differences in their docstrings). `--providers all`
 is the reference, mamlpp_fast and every peer whose library imports.
 
@@ -77,8 +78,9 @@ def make_provider(name: str, config, dtype: torch.dtype, device: str) -> Callabl
         if name == "reference":
             learner = MAMLFewShotClassifier(config, device=device, dtype=dtype)
         elif name.startswith("mamlpp_fast"):
-            backend = name.split(":", 1)[1] if ":" in name else "auto"
-            learner = MetaLearner(config, backend=backend, device=device, dtype=dtype)
+            base, graphs = (name[:-len("+graphs")], True) if name.endswith("+graphs") else (name, False)
+            backend = base.split(":", 1)[1] if ":" in base else "auto"
+            learner = MetaLearner(config, backend=backend, device=device, dtype=dtype, cuda_graphs=graphs)
         elif name in PEERS:
             peer = make_peer(name, config, dtype, device)
 
@@ -99,7 +101,7 @@ def make_provider(name: str, config, dtype: torch.dtype, device: str) -> Callabl
 def run_experiment(config: Config, providers: List[str], reps: int) -> List[Result]:
     settings = preset(config.setting, batch_size=config.batch_size, second_order=config.second_order)
     dtype = getattr(torch, config.dtype)
-    batch = random_batch(settings)
+    batch = tuple(t.to(config.device) for t in random_batch(settings))  # staged once, as a loader would
     steps: Dict[str, Callable] = {p: make_provider(p, settings, dtype, config.device) for p in providers}
     for step in steps.values():  # warm-up (allocator, oneDNN primitive caches)
         step(batch)

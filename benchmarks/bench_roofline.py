@@ -96,7 +96,7 @@ def run(setting: str, second_order: bool, batch_size: int, providers: List[str],
     config = preset(setting, batch_size=batch_size, second_order=second_order)
     counted = {p: ("mamlpp_fast:aten" if p.startswith("mamlpp_fast") else p) for p in providers}
     flops = {p: count_flops(counted[p], config, device) for p in providers}
-    batch = random_batch(config)
+    batch = tuple(t.to(device) for t in random_batch(config))
     steps = {p: make_provider(p, config, torch.float32, device) for p in providers}
     for step in steps.values():
         step(batch)

@@ -6,13 +6,17 @@
 #   dry run of the CPU parts on a CPU machine:   GPU_CHECK_DRY_RUN=1 OUT=/tmp/gpu_check bash benchmarks/gpu_check.sh
 #
 # Budget: under 8 minutes in all. Every step has its own timeout, so one slow step cannot starve
-# the others; every step's full log goes to $OUT/<step>.log and the summary to $OUT/summary.md.
+# the others. Every step's full log and JSON go to $LOG (a scratch folder), which is re-packed into
+# $OUT/gpu_check_logs.tar.gz after each step (the device tool returns at most 8 files, and a run cut
+# short still returns what finished); the summary table goes to $OUT/summary.md.
 # pytest runs as `python -P -m pytest` so the source folder never shadows the installed package.
 # Nothing here needs ../shared or the network: inputs are random tensors with the official shapes.
 set -uo pipefail
 
 OUT="${OUT:-$(mktemp -d /tmp/gpu_check.XXXXXX)}"
 mkdir -p "$OUT"
+LOG="${GPU_CHECK_LOG_DIR:-$(mktemp -d /tmp/gpu_check_logs.XXXXXX)}"
+mkdir -p "$LOG"
 DRY="${GPU_CHECK_DRY_RUN:-0}"
 PY="${PYTHON:-python3}"
 if [[ "$DRY" == 1 ]]; then DEVICE=cpu; else DEVICE=cuda; fi
@@ -20,6 +24,8 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 export PYTHONDONTWRITEBYTECODE=1
 export MAMLPP_FAST_BUILD_CUDA="${MAMLPP_FAST_BUILD_CUDA:-auto}"
+export MAX_JOBS="${MAX_JOBS:-16}"
+export PYTHONUNBUFFERED=1
 ROOT="$(pwd)"
 STEPS=()
 
@@ -29,15 +35,18 @@ run() {
   shift 2
   local start=$SECONDS
   echo "=== $name (limit ${limit}s)"
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  timeout "$limit" "$@" >"$LOG/$name.log" 2>&1
   local rc=$?
   STEPS+=("$name|$rc|$((SECONDS - start))")
-  tail -n 3 "$OUT/$name.log"
+  echo "$name|$rc|$((SECONDS - start))" >>"$LOG/steps.txt"
+  tail -n 3 "$LOG/$name.log"
+  tar czf "$OUT/gpu_check_logs.tar.gz" -C "$LOG" .
 }
 
 # 1. Build and install against the machine's torch (no network there).
 if [[ "$DRY" != 1 ]]; then
-  run build 240 "$PY" -m pip install --no-build-isolation --no-deps -v "$ROOT"
+  run gpu 20 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+  run build 200 "$PY" -m pip install --no-build-isolation --no-deps -v "$ROOT"
 fi
 run backends 60 bash -c "cd /tmp && $PY -c 'import mamlpp_fast, torch; print(mamlpp_fast.describe_backends()); print(torch.__version__, torch.version.cuda)'"
 
@@ -46,21 +55,26 @@ run backends 60 bash -c "cd /tmp && $PY -c 'import mamlpp_fast, torch; print(mam
 if [[ "$DRY" == 1 ]]; then
   run tests 300 "$PY" -P -m pytest -q -p no:cacheprovider -x tests/kernels -k "not cuda"
 else
-  run tests 200 "$PY" -P -m pytest -q -p no:cacheprovider -m "cuda or triton" tests/ops tests/kernels \
-    tests/test_meta_learner_equivalence.py
+  run tests 170 "$PY" -P -m pytest -q -p no:cacheprovider -rfE -m "cuda or triton" tests/ops tests/kernels \
+    tests/test_meta_learner_equivalence.py tests/test_cuda_graphs.py
 fi
 
 # 3. Benchmarks (JSON in $OUT). Small repetition counts keep the whole script inside the lease.
 REPS=10; [[ "$DRY" == 1 ]] && REPS=1
-run bench_lslr_update 60 "$PY" benchmarks/bench_lslr_update.py --device "$DEVICE" --json "$OUT/bench_lslr_update.json"
-run bench_bn_lrelu_pool 90 "$PY" benchmarks/bench_bn_lrelu_pool.py --device "$DEVICE" --quick --json "$OUT/bench_bn_lrelu_pool.json"
-SETTINGS=maml++_omniglot_20w1s
+run bench_lslr_update 45 "$PY" benchmarks/bench_lslr_update.py --device "$DEVICE" --json "$LOG/bench_lslr_update.json"
+run bench_bn_lrelu_pool 60 "$PY" benchmarks/bench_bn_lrelu_pool.py --device "$DEVICE" --quick --json "$LOG/bench_bn_lrelu_pool.json"
+CONV_ARGS=(); [[ "$DRY" == 1 ]] && CONV_ARGS=(--quick --modes fwd)
+run bench_task_conv 60 "$PY" benchmarks/bench_task_conv.py --device "$DEVICE" "${CONV_ARGS[@]}" --json "$LOG/bench_task_conv.json"
+SETTINGS=maml++_omniglot_20w1s,maml++_mini-imagenet_5w1s
+PROVIDERS=reference,mamlpp_fast:aten,mamlpp_fast,mamlpp_fast+graphs,torchfunc
 [[ "$DRY" == 1 ]] && SETTINGS=maml++_omniglot_5w1s
-run bench_meta_step 150 "$PY" benchmarks/bench_meta_step.py --device "$DEVICE" --settings "$SETTINGS" \
-  --providers reference,mamlpp_fast:aten,mamlpp_fast,torchfunc --reps "$REPS" --json "$OUT/bench_meta_step.json"
+run bench_meta_step 120 "$PY" benchmarks/bench_meta_step.py --device "$DEVICE" --settings "$SETTINGS" \
+  --providers "$PROVIDERS" --reps "$REPS" --json "$LOG/bench_meta_step.json"
+run bench_roofline 50 "$PY" benchmarks/bench_roofline.py --device "$DEVICE" --settings maml++_omniglot_20w1s \
+  --providers reference,mamlpp_fast+graphs --reps 3 --json "$LOG/bench_roofline.json"
 
 # 4. The short table, last.
-"$PY" - "$OUT" "${STEPS[@]}" <<'PY' | tee "$OUT/summary.md"
+"$PY" - "$LOG" "${STEPS[@]}" <<'PY' | tee "$OUT/summary.md"
 import json, os, sys
 out, steps = sys.argv[1], sys.argv[2:]
 print("| step | exit | seconds |\n|---|---|---|")
@@ -79,6 +93,23 @@ if rows:
     print("\n| meta-step | provider | s/iter | speed-up vs reference |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['config']['setting']} | {r['provider']} | {r['seconds_median']:.4f} | {r['speedup_vs_reference']:.2f} |")
+roof = os.path.join(out, "bench_roofline.json")
+if os.path.exists(roof):
+    data = json.load(open(roof))["results"][0]
+    print("\npeaks:", "; ".join(f"{p['name']}: {p['gflops']:.0f} GFLOP/s" for p in data["peaks"]))
+    for r in data["results"]:
+        print(f"roofline {r['setting']} {r['provider']}: {r['gflop_per_iter']:.1f} GFLOP/iter, "
+              f"{r['seconds_median'] * 1e3:.2f} ms/iter, useful {r['useful_gflops']:.0f} GFLOP/s")
+conv = load("bench_task_conv.json")
+if conv:
+    print("\n| task conv (B=8) shape, mode | grouped ms | bmm ms | loop ms |\n|---|---|---|---|")
+    by = {}
+    for r in conv:
+        c = r["config"]
+        if c["B"] == 8:
+            by.setdefault((c["dataset"], f"{c['cin']}->{c['cout']}", c["S"], c["mode"]), {})[c["strategy"]] = r["median_ms"]
+    for key, t in list(by.items())[:24]:
+        print(f"| {key} | " + " | ".join(f"{t.get(s, float('nan')):.3f}" for s in ("grouped", "bmm", "loop")) + " |")
 blp = load("bench_bn_lrelu_pool.json")
 if blp:
     by = {}

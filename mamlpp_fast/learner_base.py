@@ -102,6 +102,8 @@ class FewShotLearnerBase(nn.Module):
     # distributed: a `mamlpp_fast.distributed.DistributedContext` sharding tasks over ranks.
     task_chunk_size: Optional[int] = None
     distributed: Any = None
+    # Set while a CUDA graph is captured: the static buffer the MSL weights are read from.
+    _loss_weight_override: Optional[torch.Tensor] = None
 
     def __init__(
         self,
@@ -179,6 +181,8 @@ class FewShotLearnerBase(nn.Module):
         Like the official code, the vector is built in numpy and stored in torch's default
         dtype; it is cached per epoch so a meta-step makes no host-to-device copy.
         """
+        if self._loss_weight_override is not None:
+            return self._loss_weight_override
         key = (self.current_epoch, self.device, torch.get_default_dtype())
         cached = self._loss_weight_cache.get(key)
         if cached is None:
@@ -399,7 +403,11 @@ class FewShotLearnerBase(nn.Module):
             self.current_epoch = epoch
         if not self.training:
             self.train()
-        if self.task_chunk_size is None and self.distributed is None:
+        graphed = self._graphed_train_pass(batch, epoch)
+        if graphed is not None:
+            losses, preds = graphed  # gradients already in .grad
+            self.meta_update(loss=None)
+        elif self.task_chunk_size is None and self.distributed is None:
             losses, preds = self.train_forward_prop(data_batch=batch, epoch=epoch)
             self.meta_update(loss=losses["loss"])
             losses["loss"] = losses["loss"].detach()
@@ -408,6 +416,11 @@ class FewShotLearnerBase(nn.Module):
         losses["learning_rate"] = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad()
         return losses, preds
+
+    def _graphed_train_pass(self, batch: TaskBatch, epoch: int):
+        """Forward pass and outer backward replayed from a CUDA graph, leaving the gradients in
+        .grad and returning (losses, logits); None runs the meta-step eagerly (the default)."""
+        return None
 
     def _scaled_out_train_pass(self, batch: TaskBatch, epoch: int):
         """Meta-step with task chunking and/or task sharding over ranks (see `task_chunk_size`,

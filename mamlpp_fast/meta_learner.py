@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .cuda_graphs import MetaStepGraphs
 from .learner_base import ArrayLike, FewShotLearnerBase, TaskBatch
 from .ops.bn_lrelu_pool import bn_lrelu_pool, bn_lrelu_pool_backend
 from .ops.lslr_update import lslr_update, lslr_update_backend
@@ -58,6 +59,11 @@ class MetaLearner(FewShotLearnerBase):
         checkpoint_inner_steps: recompute each training inner step (support forward, inner
             gradient, LSLR update, target forward) in the backward pass instead of keeping its
             activations (torch.utils.checkpoint, use_reentrant=False; works with second order).
+        cuda_graphs: on CUDA, record the training meta-step (inner loops and outer backward)
+            as a CUDA graph once per batch shape, derivative order and MSL phase, and replay
+            it; Adam runs eagerly after each replay. Same results as eager mode. Elsewhere, or
+            combined with task chunking, sharding or checkpointing, it warns once and runs
+            eagerly. See `mamlpp_fast.cuda_graphs`.
 
     Example:
         >>> from mamlpp_fast import MetaLearner, preset
@@ -74,6 +80,7 @@ class MetaLearner(FewShotLearnerBase):
         backend: str = "auto",
         task_chunk_size: Optional[int] = None,
         checkpoint_inner_steps: bool = False,
+        cuda_graphs: bool = False,
         **kwargs: Any,
     ) -> None:
         if backend not in _BACKENDS:
@@ -83,6 +90,8 @@ class MetaLearner(FewShotLearnerBase):
         self.task_chunk_size = check_task_chunk_size(task_chunk_size)
         self.checkpoint_inner_steps = bool(checkpoint_inner_steps)
         self._deferred_statistics: Optional[Dict[int, List[Any]]] = None
+        self.cuda_graphs = bool(cuda_graphs)
+        self.graphs = MetaStepGraphs(self)
 
     # ------------------------------------------------------------------ backends
     def _op_backend(self) -> Optional[str]:
@@ -251,6 +260,9 @@ class MetaLearner(FewShotLearnerBase):
         stats = [StageStatistics(rest[2 * i], rest[2 * i + 1], counts[i]) for i in range(len(counts))]
         stages = self.config.num_stages
         return support_loss, updated, stats[:stages], target_logits, stats[stages:] if evaluate_target else None
+
+    def _graphed_train_pass(self, batch, epoch: int):
+        return self.graphs.run(batch, epoch) if self.cuda_graphs else None
 
     # ------------------------------------------------------------------ running statistics
     def _begin_deferred_statistics(self) -> None:

@@ -1,0 +1,169 @@
+"""Three ways to run a task-batched 3x3 convolution (per-task weights), timed against each other.
+
+MetaLearner convolves B tasks with B different weight sets at every inner step. The strategies:
+
+- ``grouped``: tasks as channel groups, one ``F.conv2d(..., groups=B)`` (cuDNN / oneDNN);
+  what MetaLearner runs today;
+- ``bmm``: ``F.unfold`` (im2col) then one batched matmul over tasks;
+- ``loop``: one ``F.conv2d`` per task (the per-task reference's pattern).
+
+    python benchmarks/bench_task_conv.py --device cuda --json out.json
+    python benchmarks/bench_task_conv.py --quick          # small CPU run
+
+Modes as in bench_bn_lrelu_pool: ``fwd``, ``fwd+bwd`` (input and weight gradients) and ``2nd``
+(gradients with create_graph, then the backward of their squared norm: the second-order MAML
+pattern, where the grouped weight-gradient is the known slow path). Medians in ms, float32, TF32
+off. All three strategies are checked against each other before timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from utils import env_info, markdown_table, measure, write_json  # noqa: E402
+
+STRATEGIES = ("grouped", "bmm", "loop")
+MODES = ("fwd", "fwd+bwd", "2nd")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    dataset: str
+    B: int      # tasks
+    n: int      # images per task
+    cin: int
+    cout: int
+    S: int      # H = W
+    mode: str
+    strategy: str
+    device: str = "cpu"
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    config: Config
+    median_ms: float
+    runs: int
+    speedup_vs_grouped: float
+
+
+def conv_grouped(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x [B, n, Cin, H, W], w [B, Cout, Cin, 3, 3], b [B, Cout] -> [B, n, Cout, H, W]."""
+    B, n, cin, h, wd = x.shape
+    cout = w.shape[1]
+    grouped = x.transpose(0, 1).reshape(n, B * cin, h, wd)
+    out = F.conv2d(grouped, w.reshape(B * cout, cin, 3, 3), b.reshape(-1), padding=1, groups=B)
+    return out.reshape(n, B, cout, h, wd).transpose(0, 1)
+
+
+def conv_bmm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    B, n, cin, h, wd = x.shape
+    cout = w.shape[1]
+    cols = F.unfold(x.reshape(B * n, cin, h, wd), 3, padding=1)            # [B*n, Cin*9, H*W]
+    cols = cols.reshape(B, n, cin * 9, h * wd).transpose(1, 2).reshape(B, cin * 9, n * h * wd)
+    out = torch.baddbmm(b.unsqueeze(2), w.reshape(B, cout, cin * 9), cols)  # [B, Cout, n*H*W]
+    return out.reshape(B, cout, n, h, wd).transpose(1, 2)
+
+
+def conv_loop(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.stack([F.conv2d(x[t], w[t], b[t], padding=1) for t in range(x.shape[0])])
+
+
+CONVS: Dict[str, Callable] = {"grouped": conv_grouped, "bmm": conv_bmm, "loop": conv_loop}
+
+
+def get_shapes(quick: bool) -> List[tuple]:
+    shapes = []  # (dataset, n, cin, cout, S)
+    for cin, S in ((1, 28), (64, 28), (64, 14), (64, 7)):
+        shapes.append(("omniglot20w1s", 20, cin, 64, S))
+    for cin, S in ((3, 84), (48, 42), (48, 21), (48, 10)):
+        shapes.append(("mini-imagenet5w1s", 5, cin, 48, S))
+    tasks = (1, 8, 32)
+    if quick:
+        shapes = [s for s in shapes if s[4] <= 28][:3]
+        tasks = (1, 8)
+    return [(d, B, n, ci, co, S) for (d, n, ci, co, S) in shapes for B in tasks]
+
+
+def make_step(strategy: str, mode: str, x, w, b) -> Callable[[], object]:
+    conv = CONVS[strategy]
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                return conv(x, w, b)
+        return step
+    cot = torch.randn_like(conv_grouped(x, w, b))
+
+    if mode == "fwd+bwd":
+        def step():
+            return torch.autograd.grad((conv(x, w, b) * cot).sum(), (x, w, b))
+        return step
+
+    def step():
+        gx, gw, gb = torch.autograd.grad((conv(x, w, b) * cot).sum(), (x, w, b), create_graph=True)
+        return torch.autograd.grad(gx.square().sum() + gw.square().sum(), (x, w, b), allow_unused=True)
+    return step
+
+
+def check_agree(x, w, b) -> None:
+    """All strategies give the same output and gradients (float64 copies), or stop."""
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    cot = torch.randn(x.shape[0], x.shape[1], w.shape[1], x.shape[3], x.shape[4],
+                      dtype=torch.float64, device=x.device)
+    results = {}
+    for name, conv in CONVS.items():
+        out = conv(x64, w64, b64)
+        grads = torch.autograd.grad((out * cot).sum(), (x64, w64, b64))
+        results[name] = (out, *grads)
+    for name in ("bmm", "loop"):
+        for a, e in zip(results[name], results["grouped"]):
+            err = ((a - e).norm() / e.norm().clamp_min(1e-300)).item()
+            if not err < 1e-10:
+                raise SystemExit(f"task conv strategy {name} disagrees with grouped: rel err {err:.2e}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="few shapes, B in {1, 8}")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    print(f"# {env_info()}")
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    results: List[Result] = []
+    for dataset, B, n, cin, cout, S in get_shapes(args.quick):
+        x = torch.randn(B, n, cin, S, S, generator=gen).to(args.device).requires_grad_()
+        w = (torch.randn(B, cout, cin, 3, 3, generator=gen) * 0.1).to(args.device).requires_grad_()
+        b = torch.randn(B, cout, generator=gen).to(args.device).requires_grad_()
+        check_agree(x, w, b)
+        for mode in args.modes.split(","):
+            times = {s: measure(make_step(s, mode, x, w, b), args.device) for s in STRATEGIES}
+            base = times["grouped"].p50_ms
+            for strategy, timing in times.items():
+                config = Config(dataset, B, n, cin, cout, S, mode, strategy, args.device)
+                results.append(Result(config, timing.p50_ms, timing.reps, base / timing.p50_ms))
+    rows = [(r.config.dataset, r.config.B, r.config.n, f"{r.config.cin}->{r.config.cout}", r.config.S,
+             r.config.mode, r.config.strategy, f"{r.median_ms:.4f}", f"{r.speedup_vs_grouped:.2f}")
+            for r in results]
+    print(markdown_table(["shape", "B", "n", "channels", "S", "mode", "strategy", "ms (median)",
+                          "speed-up vs grouped"], rows))
+    if args.json:
+        write_json(args.json, "bench_task_conv", results)
+
+
+if __name__ == "__main__":
+    main()

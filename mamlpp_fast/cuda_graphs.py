@@ -1,0 +1,204 @@
+"""CUDA-graph replay of MetaLearner's training meta-step.
+
+A MAML++ meta-step is many small kernels: for Omniglot 20-way with 5 inner steps about a
+thousand launches (4 stages x 5 steps x forward, backward and double backward, plus the LSLR
+updates and the outer backward). On a fast GPU the launches, not the arithmetic, set its time.
+`MetaStepGraphs` captures the forward pass, the inner loop and the outer backward once per
+"shape" of meta-step and replays the recording afterwards:
+
+- a shape is the batch's shapes and dtypes plus the two epoch-dependent switches of MAML++, the
+  derivative order (DA) and whether the multi-step loss is on (MSL); a new shape is captured on
+  first use, so DA switching to second order costs one more capture;
+- the batch is staged into static input tensors, and the MSL weights (which change every epoch)
+  into a static buffer, before each replay;
+- the gradients land in static tensors that are handed to the parameters' `.grad`; the Adam
+  step (and the imagenet +-10 clamp) then runs eagerly, so the cosine-annealed learning rate, the
+  optimizer's state and its state_dict keep their ordinary meaning;
+- the per-step BN running statistics are folded inside the graph, in place, as in eager mode.
+
+Warm-up passes (needed before capture, so that lazy initialisation such as cuDNN handles and
+Triton compilation happens outside the recording) would fold the running statistics too; the
+buffers are saved before them and restored after, so capturing changes no learner state.
+
+Where a graph cannot be used (not on CUDA, task chunking, distributed sharding, inner-step
+checkpointing, tracing) or capture fails, the meta-step runs eagerly and a warning says why,
+once per reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import warnings
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = ["MetaStepGraphs"]
+
+_MAX_GRAPHS = 4  # shapes kept captured at once (DA and MSL give at most 3 per batch shape)
+
+
+@dataclasses.dataclass
+class _CapturedStep:
+    graph: Any  # torch.cuda.CUDAGraph
+    inputs: Tuple[torch.Tensor, ...]
+    importance: torch.Tensor
+    params: List[torch.nn.Parameter]
+    grads: List[Optional[torch.Tensor]]
+    loss: torch.Tensor
+    accuracy: torch.Tensor
+    logits: torch.Tensor
+
+
+class MetaStepGraphs:
+    """Captured meta-steps of one learner, keyed by shape (see the module docstring).
+
+    Args:
+        learner: a `MetaLearner` (anything with its `train_forward_prop` and buffers).
+        warmup_iters: eager passes on a side stream before each capture.
+    """
+
+    def __init__(self, learner: Any, warmup_iters: int = 2) -> None:
+        if warmup_iters < 1:
+            raise ValueError(f"warmup_iters must be >= 1, got {warmup_iters}")
+        self.learner = learner
+        self.warmup_iters = int(warmup_iters)
+        self._graphs: "OrderedDict[Tuple, _CapturedStep]" = OrderedDict()
+        self._failed: set = set()
+        self._warned: set = set()
+        self.captures = 0  # how many graphs were recorded (tests and benchmarks read it)
+        self.replays = 0
+
+    def __deepcopy__(self, memo):
+        # Recordings point at this learner's storage: a copied learner records its own.
+        return MetaStepGraphs(copy.deepcopy(self.learner, memo), self.warmup_iters)
+
+    # ------------------------------------------------------------------ eligibility
+    def unsupported_reason(self) -> Optional[str]:
+        """Why the learner's meta-step cannot be replayed now, or None when it can."""
+        learner = self.learner
+        if learner.device.type != "cuda":
+            return f"CUDA graphs need a CUDA device; the learner is on {learner.device}"
+        if learner.task_chunk_size is not None:
+            return "CUDA graphs do not combine with task_chunk_size"
+        if learner.distributed is not None:
+            return "CUDA graphs do not combine with distributed task sharding"
+        if learner.checkpoint_inner_steps:
+            return "CUDA graphs do not combine with checkpoint_inner_steps"
+        if learner.trace is not None:
+            return "CUDA graphs are off while learner.trace records the inner loop"
+        if learner.active_backends.get("lslr_update") == "triton":
+            # Its launcher copies a table of data pointers from pageable host memory at every
+            # call; a graph cannot record that copy (the CUDA kernel passes the table by value).
+            return "CUDA graphs need the CUDA or ATen lslr_update (the Triton launcher copies from the host)"
+        return None
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(f"mamlpp_fast: {message}; running the meta-step eagerly", stacklevel=4)
+
+    def _key(self, batch: Sequence[torch.Tensor], epoch: int) -> Tuple:
+        learner = self.learner
+        config = learner.config
+        use_msl = bool(config.use_multi_step_loss_optimization and epoch < config.multi_step_loss_num_epochs)
+        # Parameter and buffer addresses: a learner moved with .to() / .double() has new storage,
+        # and a graph recorded on the old storage must not be replayed.
+        storage = tuple(t.data_ptr() for t in (*learner.parameters(), *learner.buffers()))
+        return (
+            tuple((tuple(t.shape), t.dtype) for t in batch),
+            bool(config.uses_second_order(epoch)),
+            use_msl,
+            learner.backend,
+            storage,
+        )
+
+    # ------------------------------------------------------------------ the meta-step
+    def run(self, batch: Sequence[torch.Tensor], epoch: int):
+        """Replay (capturing first if needed) the forward pass and outer backward of `batch`.
+
+        Returns (losses, target_logits) like `train_forward_prop`, with the gradients left in
+        the parameters' `.grad`, or None when the step must run eagerly.
+        """
+        reason = self.unsupported_reason()
+        if reason is not None:
+            self._warn_once(reason)
+            return None
+        key = self._key(batch, epoch)
+        if key in self._failed:
+            return None
+        entry = self._graphs.get(key)
+        if entry is None:
+            try:
+                entry = self._capture(batch, epoch)
+            except Exception as error:  # capture is an optimisation: fall back, say so once
+                self._failed.add(key)
+                self._warn_once(f"capturing the meta-step failed ({type(error).__name__}: {error})")
+                return None
+            self._graphs[key] = entry
+            while len(self._graphs) > _MAX_GRAPHS:
+                self._graphs.popitem(last=False)
+        else:
+            self._graphs.move_to_end(key)
+        return self._replay(entry, batch)
+
+    def _replay(self, entry: _CapturedStep, batch: Sequence[torch.Tensor]):
+        learner = self.learner
+        for static, value in zip(entry.inputs, batch):
+            static.copy_(value, non_blocking=True)
+        importance = learner.get_per_step_loss_importance_vector()
+        entry.importance.copy_(importance, non_blocking=True)
+        entry.graph.replay()
+        self.replays += 1
+        for param, grad in zip(entry.params, entry.grads):
+            param.grad = grad
+        # The static outputs are overwritten by the next replay: hand out copies.
+        losses: Dict[str, Any] = {"loss": entry.loss.clone(), "accuracy": entry.accuracy.clone()}
+        for index, item in enumerate(importance):
+            losses[f"loss_importance_vector_{index}"] = item.detach()
+        return losses, entry.logits.clone()
+
+    def _capture(self, batch: Sequence[torch.Tensor], epoch: int) -> _CapturedStep:
+        learner = self.learner
+        device = learner.device
+        params = list(learner.trainable_parameters())
+        inputs = tuple(t.clone() for t in batch)
+        importance = learner.get_per_step_loss_importance_vector().clone()
+        saved_buffers = [buffer.clone() for buffer in learner.buffers()]
+        saved_grads = [param.grad for param in params]
+        learner._loss_weight_override = importance
+        try:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup_iters):
+                    for param in params:
+                        param.grad = None
+                    losses, _ = learner.train_forward_prop(data_batch=inputs, epoch=epoch)
+                    losses["loss"].backward()
+            torch.cuda.current_stream(device).wait_stream(side)
+            torch.cuda.synchronize(device)
+            with torch.no_grad():
+                for buffer, saved in zip(learner.buffers(), saved_buffers):
+                    buffer.copy_(saved)
+            for param in params:
+                param.grad = None  # backward inside the capture allocates them in the graph's pool
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                losses, logits = learner.train_forward_prop(data_batch=inputs, epoch=epoch)
+                losses["loss"].backward()
+            grads = [param.grad for param in params]
+        except BaseException:
+            with torch.no_grad():
+                for buffer, saved in zip(learner.buffers(), saved_buffers):
+                    buffer.copy_(saved)
+            for param, grad in zip(params, saved_grads):
+                param.grad = grad
+            raise
+        finally:
+            learner._loss_weight_override = None
+        self.captures += 1
+        return _CapturedStep(graph, inputs, importance, params, grads,
+                             losses["loss"].detach(), losses["accuracy"], logits)

@@ -1,0 +1,133 @@
+"""CUDA-graph replay of the meta-step (`MetaLearner(cuda_graphs=True)`): on CUDA, replayed
+meta-steps end with the same parameters, optimizer state, running statistics and metrics as
+eager ones (float64, across MSL and derivative-order switches and a batch-shape change); off
+CUDA, the option warns once and runs eagerly."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from mamlpp_fast import MetaLearner, preset
+from mamlpp_fast.cuda_graphs import MetaStepGraphs
+from mamlpp_fast.testing import assert_tensors_match, make_task_batch
+
+# Small network; second order from epoch 2 on (DA), MSL on for epochs 0-2, so the epochs below
+# cross both switches and the graph keys change twice.
+SMALL = dict(cnn_num_filters=8, number_of_training_steps_per_iter=3, number_of_evaluation_steps_per_iter=3,
+             first_order_to_second_order_epoch=1, multi_step_loss_num_epochs=3)
+EPOCHS = (0, 0, 1, 2, 2, 3, 3)
+
+
+def build(config, device, **options):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return MetaLearner(config, device=device, **options).double()
+
+
+def train(learner, batches, epochs):
+    metrics = []
+    for batch, epoch in zip(batches, epochs):
+        losses, logits = learner.run_train_iter(batch, epoch)
+        metrics.append({"loss": losses["loss"], "accuracy": losses["accuracy"], "logits": logits,
+                        "msl": torch.stack([losses[f"loss_importance_vector_{i}"] for i in range(3)])})
+    return metrics
+
+
+def adam_state(learner):
+    out = {}
+    for index, (param, state) in enumerate(learner.optimizer.state.items()):
+        for key, value in state.items():
+            out[f"{index}.{key}"] = torch.as_tensor(value, dtype=torch.float64)
+    return out
+
+
+def check_same_run(graphed, eager, graphed_metrics, eager_metrics):
+    for step, (g, e) in enumerate(zip(graphed_metrics, eager_metrics)):
+        assert_tensors_match(g, e, f"meta-step {step} metrics")
+    assert_tensors_match(dict(graphed.state_dict()), dict(eager.state_dict()), "parameters and running stats")
+    assert_tensors_match(adam_state(graphed), adam_state(eager), "Adam state")
+
+
+def test_cuda_graphs_off_cuda_warn_once_and_run_eagerly():
+    config = preset("maml++_omniglot_5w1s", **SMALL)
+    batches = [make_task_batch(config, 2, seed=s) for s in range(3)]
+    eager = build(config, "cpu")
+    graphed = build(config, "cpu", cuda_graphs=True)
+    graphed.load_state_dict(eager.state_dict())
+    eager_metrics = train(eager, batches, EPOCHS[:3])
+    with pytest.warns(UserWarning, match="CUDA graphs need a CUDA device") as record:
+        graphed_metrics = train(graphed, batches, EPOCHS[:3])
+    assert sum("CUDA graphs" in str(w.message) for w in record) == 1
+    assert graphed.graphs.captures == 0 and graphed.graphs.replays == 0
+    check_same_run(graphed, eager, graphed_metrics, eager_metrics)
+
+
+@pytest.mark.parametrize("options, reason", [
+    (dict(), None),
+    (dict(task_chunk_size=1), "task_chunk_size"),
+    (dict(checkpoint_inner_steps=True), "checkpoint_inner_steps"),
+])
+def test_cuda_graphs_name_what_they_cannot_combine_with(options, reason):
+    learner = build(preset("maml++_omniglot_5w1s", **SMALL), "cpu", cuda_graphs=True, **options)
+    assert "CUDA device" in learner.graphs.unsupported_reason()
+    on_cuda = MetaStepGraphs(_OnCuda(learner))
+    if reason is None:
+        assert on_cuda.unsupported_reason() is None
+    else:
+        assert reason in on_cuda.unsupported_reason()
+
+
+class _OnCuda:
+    """Forwards to a learner but reports a CUDA device (eligibility checks only)."""
+
+    def __init__(self, learner):
+        self._learner = learner
+
+    def __getattr__(self, name):
+        return getattr(self._learner, name)
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+
+def test_learner_with_cuda_graphs_deep_copies():
+    learner = build(preset("maml++_omniglot_5w1s", **SMALL), "cpu", cuda_graphs=True)
+    clone = copy.deepcopy(learner)
+    assert clone.graphs.learner is clone and learner.graphs.learner is learner
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("setting", ["maml++_omniglot_5w1s", "maml++_mini-imagenet_5w1s"])
+def test_cuda_graph_replay_matches_eager_float64(setting):
+    config = preset(setting, **SMALL)
+    shapes = [2] * 5 + [3] * 2  # the last two meta-steps have another batch shape: a new capture
+    batches = [make_task_batch(config, b, seed=s) for s, b in enumerate(shapes)]
+    eager = build(config, "cuda")
+    graphed = build(config, "cuda", cuda_graphs=True)
+    graphed.load_state_dict(eager.state_dict())
+    eager_metrics = train(eager, batches, EPOCHS)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graphed_metrics = train(graphed, batches, EPOCHS)
+    fallbacks = [str(w.message) for w in caught if "eagerly" in str(w.message)]
+    assert not fallbacks, fallbacks  # a silent fallback to eager would hide a capture failure
+    # Keys: (B=2, first order, MSL), (B=2, second order, MSL), (B=3, second order, no MSL).
+    assert graphed.graphs.captures == 3
+    assert graphed.graphs.replays == len(EPOCHS)
+    check_same_run(graphed, eager, graphed_metrics, eager_metrics)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_recaptures_after_the_learner_moves():
+    config = preset("maml++_omniglot_5w1s", **SMALL)
+    learner = build(config, "cuda", cuda_graphs=True)
+    batch = make_task_batch(config, 2)
+    learner.run_train_iter(batch, 0)
+    learner.float().double()  # new storage for every parameter: the old recording is stale
+    learner.run_train_iter(batch, 0)
+    assert learner.graphs.captures == 2
