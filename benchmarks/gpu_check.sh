@@ -21,7 +21,11 @@ DRY="${GPU_CHECK_DRY_RUN:-0}"
 PY="${PYTHON:-python3}"
 if [[ "$DRY" == 1 ]]; then DEVICE=cpu; else DEVICE=cuda; fi
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
-export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+if [[ -z "${CUDA_HOME:-}" ]]; then  # where nvcc is, as torch.utils.cpp_extension would look
+  if command -v nvcc >/dev/null; then CUDA_HOME="$(dirname "$(dirname "$(command -v nvcc)")")"
+  elif [[ -x /usr/local/cuda/bin/nvcc ]]; then CUDA_HOME=/usr/local/cuda; fi
+fi
+[[ -n "${CUDA_HOME:-}" ]] && export CUDA_HOME && export PATH="$CUDA_HOME/bin:$PATH"
 export PYTHONDONTWRITEBYTECODE=1
 export MAMLPP_FAST_BUILD_CUDA="${MAMLPP_FAST_BUILD_CUDA:-auto}"
 export MAX_JOBS="${MAX_JOBS:-16}"
