@@ -63,19 +63,29 @@ else
     tests/test_meta_learner_equivalence.py tests/test_cuda_graphs.py
 fi
 
-# 3. Benchmarks (JSON in $OUT). Small repetition counts keep the whole script inside the lease.
+# 3. Benchmarks, most important first (JSON and PNG in $LOG). Small repetition counts keep the
+#    whole script inside the lease.
 REPS=10; [[ "$DRY" == 1 ]] && REPS=1
-run bench_lslr_update 45 "$PY" benchmarks/bench_lslr_update.py --device "$DEVICE" --json "$LOG/bench_lslr_update.json"
-run bench_bn_lrelu_pool 60 "$PY" benchmarks/bench_bn_lrelu_pool.py --device "$DEVICE" --quick --json "$LOG/bench_bn_lrelu_pool.json"
-CONV_ARGS=(); [[ "$DRY" == 1 ]] && CONV_ARGS=(--quick --modes fwd)
-run bench_task_conv 60 "$PY" benchmarks/bench_task_conv.py --device "$DEVICE" "${CONV_ARGS[@]}" --json "$LOG/bench_task_conv.json"
 SETTINGS=maml++_omniglot_20w1s,maml++_mini-imagenet_5w1s
 PROVIDERS=reference,mamlpp_fast:aten,mamlpp_fast,mamlpp_fast+graphs,torchfunc
 [[ "$DRY" == 1 ]] && SETTINGS=maml++_omniglot_5w1s
 run bench_meta_step 120 "$PY" benchmarks/bench_meta_step.py --device "$DEVICE" --settings "$SETTINGS" \
   --providers "$PROVIDERS" --reps "$REPS" --json "$LOG/bench_meta_step.json"
-run bench_roofline 50 "$PY" benchmarks/bench_roofline.py --device "$DEVICE" --settings maml++_omniglot_20w1s \
+PROFILE_SETTING=maml++_omniglot_20w1s; [[ "$DRY" == 1 ]] && PROFILE_SETTING=maml++_omniglot_5w1s
+run profile_meta_step 60 "$PY" benchmarks/profile_meta_step.py --device "$DEVICE" --setting "$PROFILE_SETTING"
+run bench_lslr_update 45 "$PY" benchmarks/bench_lslr_update.py --device "$DEVICE" --json "$LOG/bench_lslr_update.json"
+run bench_bn_lrelu_pool 60 "$PY" benchmarks/bench_bn_lrelu_pool.py --device "$DEVICE" --quick --json "$LOG/bench_bn_lrelu_pool.json"
+CONV_ARGS=(); [[ "$DRY" == 1 ]] && CONV_ARGS=(--quick --modes fwd)
+run bench_task_conv 60 "$PY" benchmarks/bench_task_conv.py --device "$DEVICE" "${CONV_ARGS[@]}" --json "$LOG/bench_task_conv.json"
+ROOF_SETTING=maml++_omniglot_20w1s; [[ "$DRY" == 1 ]] && ROOF_SETTING=maml++_omniglot_5w1s
+run bench_roofline 50 "$PY" benchmarks/bench_roofline.py --device "$DEVICE" --settings "$ROOF_SETTING" \
   --providers reference,mamlpp_fast+graphs --reps 3 --json "$LOG/bench_roofline.json"
+if [[ "$DRY" == 1 ]]; then
+  run bench_scaling 120 "$PY" benchmarks/bench_scaling.py --quick --axes tasks --no-reference --out "$LOG"
+else
+  run bench_scaling 90 "$PY" benchmarks/bench_scaling.py --device cuda --provider mamlpp_fast+graphs \
+    --axes tasks,steps --reps 3 --out "$LOG" --json "$LOG/bench_scaling.json"
+fi
 
 # 4. The short table, last.
 "$PY" - "$LOG" "${STEPS[@]}" <<'PY' | tee "$OUT/summary.md"
@@ -85,6 +95,9 @@ print("| step | exit | seconds |\n|---|---|---|")
 for s in steps:
     name, rc, secs = s.split("|")
     print(f"| {name} | {rc} | {secs} |")
+profile = os.path.join(out, "profile_meta_step.log")
+if os.path.exists(profile):
+    print("\n" + "\n".join(l for l in open(profile).read().splitlines() if l.startswith("summary:")))
 tests = os.path.join(out, "tests.log")
 if os.path.exists(tests):
     lines = [l for l in open(tests).read().splitlines() if " passed" in l or " failed" in l or " error" in l]
