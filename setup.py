@@ -106,14 +106,14 @@ def extension_setup_kwargs() -> dict:
 
     debug = os.environ.get("DEBUG") == "1"
     use_cuda = want_cuda(torch, cpp_extension.CUDA_HOME)
-    opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
+    opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]  # gcc flags; nvcc has no -g0
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # The stable-ABI tag only affects the tiny PyInit__C stub: the ops talk to torch, not Python.
     extra = {"cxx": opt + ["-DPy_LIMITED_API=0x030A0000"]}
     ext_cls = cpp_extension.CppExtension
     if use_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        extra["nvcc"] = opt + ["-DPy_LIMITED_API=0x030A0000", "--expt-relaxed-constexpr"]
+        extra["nvcc"] = nvcc_flags(debug)
         ext_cls = cpp_extension.CUDAExtension
     ext = ext_cls(
         "mamlpp_fast._C",
@@ -130,7 +130,16 @@ def extension_setup_kwargs() -> dict:
     }
 
 
+def nvcc_flags(debug: bool) -> list:
+    """nvcc's own flags (CI compiles csrc/cuda/*.cu with exactly these: `setup.py --print-nvcc-flags`)."""
+    opt = ["-O0", "-g", "-lineinfo"] if debug else ["-O3"]
+    return opt + ["-DPy_LIMITED_API=0x030A0000", "--expt-relaxed-constexpr"]
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--print-nvcc-flags"]:
+        print(" ".join(nvcc_flags(os.environ.get("DEBUG") == "1")))
+        sys.exit(0)
     if shutil.which("ninja") is None:
         log("ninja not found: torch will fall back to a slow serial distutils build")
     setup(packages=existing_packages(), package_dir=PACKAGE_DIR, **extension_setup_kwargs())

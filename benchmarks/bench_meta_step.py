@@ -6,8 +6,9 @@ reference, in the same run.
     python benchmarks/bench_meta_step.py --providers all --settings all --first-order
     python benchmarks/bench_meta_step.py --providers all --memory   # peak memory, fresh process each
 
-Providers: reference, mamlpp_fast[:backend][+graphs] (+graphs: CUDA-graph replay of the
-meta-step, `MetaLearner(cuda_graphs=True)`), and the peers of benchmarks/peers (torchfunc,
+Providers: reference, mamlpp_fast[:backend][+graphs][+grouped|+bmm] (+graphs: CUDA-graph replay
+of the meta-step, `MetaLearner(cuda_graphs=True)`; +grouped / +bmm: every convolution with that
+task_conv strategy instead of the per-layer "auto" choice), and the peers of benchmarks/peers (torchfunc,
 learn2learn, higher; same MAML++ semantics, differences in their docstrings). `--providers all`
 is the reference, mamlpp_fast and every peer whose library imports.
 
@@ -78,9 +79,14 @@ def make_provider(name: str, config, dtype: torch.dtype, device: str) -> Callabl
         if name == "reference":
             learner = MAMLFewShotClassifier(config, device=device, dtype=dtype)
         elif name.startswith("mamlpp_fast"):
-            base, graphs = (name[:-len("+graphs")], True) if name.endswith("+graphs") else (name, False)
+            base, *options = name.split("+")
+            unknown = set(options) - {"graphs", "grouped", "bmm"}
+            if unknown:
+                raise ValueError(f"unknown provider option(s) {sorted(unknown)} in {name!r}")
+            conv = next((o for o in options if o in ("grouped", "bmm")), "auto")
             backend = base.split(":", 1)[1] if ":" in base else "auto"
-            learner = MetaLearner(config, backend=backend, device=device, dtype=dtype, cuda_graphs=graphs)
+            learner = MetaLearner(config, backend=backend, device=device, dtype=dtype,
+                                  cuda_graphs="graphs" in options, conv_strategy=conv)
         elif name in PEERS:
             peer = make_peer(name, config, dtype, device)
 

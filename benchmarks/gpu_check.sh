@@ -59,7 +59,7 @@ run backends 60 bash -c "cd /tmp && $PY -c 'import mamlpp_fast, torch; print(mam
 if [[ "$DRY" == 1 ]]; then
   run tests 300 "$PY" -P -m pytest -q -p no:cacheprovider -x tests/kernels -k "not cuda"
 else
-  run tests 170 "$PY" -P -m pytest -q -p no:cacheprovider -rfE -m "cuda or triton" tests/ops tests/kernels \
+  run tests 200 "$PY" -P -m pytest -q -p no:cacheprovider -rfE -m "cuda or triton" tests/ops tests/kernels \
     tests/test_meta_learner_equivalence.py tests/test_cuda_graphs.py
 fi
 
@@ -67,7 +67,7 @@ fi
 #    whole script inside the lease.
 REPS=10; [[ "$DRY" == 1 ]] && REPS=1
 SETTINGS=maml++_omniglot_20w1s,maml++_mini-imagenet_5w1s
-PROVIDERS=reference,mamlpp_fast:aten,mamlpp_fast,mamlpp_fast+graphs,torchfunc
+PROVIDERS=reference,mamlpp_fast:aten+grouped,mamlpp_fast+grouped,mamlpp_fast,mamlpp_fast+graphs+grouped,mamlpp_fast+graphs,torchfunc
 [[ "$DRY" == 1 ]] && SETTINGS=maml++_omniglot_5w1s
 run bench_meta_step 120 "$PY" benchmarks/bench_meta_step.py --device "$DEVICE" --settings "$SETTINGS" \
   --providers "$PROVIDERS" --reps "$REPS" --json "$LOG/bench_meta_step.json"
@@ -83,7 +83,7 @@ run bench_roofline 50 "$PY" benchmarks/bench_roofline.py --device "$DEVICE" --se
 if [[ "$DRY" == 1 ]]; then
   run bench_scaling 120 "$PY" benchmarks/bench_scaling.py --quick --axes tasks --no-reference --out "$LOG"
 else
-  run bench_scaling 90 "$PY" benchmarks/bench_scaling.py --device cuda --provider mamlpp_fast+graphs \
+  run bench_scaling 75 "$PY" benchmarks/bench_scaling.py --device cuda --provider mamlpp_fast+graphs \
     --axes tasks,steps --reps 3 --out "$LOG" --json "$LOG/bench_scaling.json"
 fi
 

@@ -112,6 +112,7 @@ class MetaStepGraphs:
             bool(config.uses_second_order(epoch)),
             use_msl,
             learner.backend,
+            getattr(learner, "conv_strategy", None),
             storage,
         )
 

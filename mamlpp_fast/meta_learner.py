@@ -18,6 +18,8 @@ from .cuda_graphs import MetaStepGraphs
 from .learner_base import ArrayLike, FewShotLearnerBase, TaskBatch
 from .ops.bn_lrelu_pool import bn_lrelu_pool, bn_lrelu_pool_backend
 from .ops.lslr_update import lslr_update, lslr_update_backend
+from .ops.task_conv import STRATEGIES as CONV_STRATEGIES
+from .ops.task_conv import task_conv, task_conv_strategy
 from .parameters import BN_EPS, BN_MOMENTUM, LEAKY_RELU_SLOPE
 from .task_batched import (
     StageStatistics,
@@ -59,6 +61,9 @@ class MetaLearner(FewShotLearnerBase):
         checkpoint_inner_steps: recompute each training inner step (support forward, inner
             gradient, LSLR update, target forward) in the backward pass instead of keeping its
             activations (torch.utils.checkpoint, use_reentrant=False; works with second order).
+        conv_strategy: how the task-batched convolutions run: "auto" (default: per layer, from
+            measurements; see `mamlpp_fast.ops.task_conv`), "grouped" (one grouped conv) or
+            "bmm" (im2col + batched matmul). `conv_strategies` reports the per-layer choice.
         cuda_graphs: on CUDA, record the training meta-step (inner loops and outer backward)
             as a CUDA graph once per batch shape, derivative order and MSL phase, and replay
             it; Adam runs eagerly after each replay. Same results as eager mode. Elsewhere, or
@@ -81,16 +86,20 @@ class MetaLearner(FewShotLearnerBase):
         task_chunk_size: Optional[int] = None,
         checkpoint_inner_steps: bool = False,
         cuda_graphs: bool = False,
+        conv_strategy: str = "auto",
         **kwargs: Any,
     ) -> None:
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        if conv_strategy not in ("auto",) + CONV_STRATEGIES:
+            raise ValueError(f"conv_strategy must be one of {('auto',) + CONV_STRATEGIES}, got {conv_strategy!r}")
         super().__init__(config, **kwargs)
         self.backend = backend
         self.task_chunk_size = check_task_chunk_size(task_chunk_size)
         self.checkpoint_inner_steps = bool(checkpoint_inner_steps)
         self._deferred_statistics: Optional[Dict[int, List[Any]]] = None
         self.cuda_graphs = bool(cuda_graphs)
+        self.conv_strategy = conv_strategy
         self.graphs = MetaStepGraphs(self)
 
     # ------------------------------------------------------------------ backends
@@ -106,6 +115,19 @@ class MetaLearner(FewShotLearnerBase):
             "bn_lrelu_pool": bn_lrelu_pool_backend(probe, backend=self._op_backend()),
             "lslr_update": lslr_update_backend([probe], [probe], rates, backend=self._op_backend()),
         }
+
+    @property
+    def conv_strategies(self) -> List[str]:
+        """The task_conv strategy of each stage, for this learner's device and image size."""
+        channels, height, width = self.config.image_shape
+        strategies = []
+        for _ in range(self.config.num_stages):
+            strategies.append(task_conv_strategy(self.device, channels, height, width, self.conv_strategy))
+            channels, height, width = self.config.cnn_num_filters, height // 2, width // 2
+        return strategies
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return task_conv(x, weight, bias, strategy=self.conv_strategy)
 
     def _stage(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
         return bn_lrelu_pool(x, weight, bias, eps=BN_EPS, negative_slope=LEAKY_RELU_SLOPE,
@@ -131,6 +153,7 @@ class MetaLearner(FewShotLearnerBase):
             [self.bn_row(bias, step) for _, bias in bn],
             self._stage,
             running_stats=running,
+            conv=self._conv,
         )
 
     def _initial_fast_weights(self, num_tasks: int, track_meta_gradients: bool) -> FastWeights:

@@ -20,6 +20,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .ops.task_conv import task_conv
 from .parameters import BN_EPS, LEAKY_RELU_SLOPE
 
 __all__ = [
@@ -61,6 +62,7 @@ def task_batched_logits(
     bn_biases: Sequence[torch.Tensor],
     stage: StageFunction,
     running_stats: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]] = None,
+    conv: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, List[StageStatistics]]:
     """Logits of every task's images with every task's own weights.
 
@@ -73,18 +75,19 @@ def task_batched_logits(
         stage: the fused BN + leaky ReLU + max-pool function.
         running_stats: per stage, (mean [C_out], var [C_out]) to normalise with instead of the
             batch statistics (evaluation with `bn_use_running_stats_in_evaluation`).
+        conv: the task-batched convolution (x, weight, bias) -> out; default
+            `mamlpp_fast.ops.task_conv` with its "auto" strategy.
 
     Returns:
         logits [B, n, N] and, unless `running_stats` is given, each stage's batch statistics.
     """
     num_tasks = linear_weight.shape[0]
+    conv = task_conv if conv is None else conv
     out = images
     statistics: List[StageStatistics] = []
     for index, (weight, bias) in enumerate(zip(conv_weights, conv_biases)):
-        b, c_out, c_in = weight.shape[:3]
-        out = F.conv2d(
-            out, weight.reshape(b * c_out, c_in, 3, 3), bias.reshape(b * c_out), padding=1, groups=b
-        )
+        b, c_out = weight.shape[:2]
+        out = conv(out, weight, bias)
         gamma = bn_weights[index].repeat(num_tasks)
         beta = bn_biases[index].repeat(num_tasks)
         if running_stats is not None:

@@ -27,11 +27,11 @@ make_batch = make_task_batch
 inert = is_inert
 
 
-def make_pair(config, backend: str = "auto", device: str = "cpu"):
+def make_pair(config, backend: str = "auto", device: str = "cpu", conv_strategy: str = "auto"):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reference = MAMLFewShotClassifier(config).double()
-        learner = MetaLearner(config, backend=backend, device=device).double()
+        learner = MetaLearner(config, backend=backend, device=device, conv_strategy=conv_strategy).double()
     learner.load_state_dict(reference.state_dict())
     return reference, learner
 
@@ -69,8 +69,8 @@ def stack_reference_trace(trace: List[dict], num_tasks: int) -> List[dict]:
 
 
 def compare_one_pass(config, num_tasks: int, epoch: int = 0, training: bool = True, backend: str = "auto",
-                     device: str = "cpu"):
-    reference, learner = make_pair(config, backend, device)
+                     device: str = "cpu", conv_strategy: str = "auto"):
+    reference, learner = make_pair(config, backend, device, conv_strategy)
     batch = make_batch(config, num_tasks)
     ref_losses, ref_logits, ref_grads, ref_trace = meta_gradients(reference, batch, epoch, training)
     losses, logits, grads, trace = meta_gradients(learner, batch, epoch, training)
@@ -121,6 +121,18 @@ SMALL = dict(cnn_num_filters=16, number_of_training_steps_per_iter=3, number_of_
 def test_training_pass_matches_reference(name, overrides, num_tasks, second_order):
     config = preset(name, second_order=second_order, **overrides)
     compare_one_pass(config, num_tasks)
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("maml++_omniglot_20w1s", dict(SMALL, num_target_samples=2)),
+    ("maml++_mini-imagenet_5w1s", dict(SMALL, cnn_num_filters=8, num_target_samples=2)),
+])
+@pytest.mark.parametrize("second_order", [True, False])
+def test_bmm_conv_strategy_matches_reference(name, overrides, second_order):
+    """The im2col + batched-matmul convolution (the GPU's choice for large layers) on the CPU."""
+    config = preset(name, second_order=second_order, **overrides)
+    compare_one_pass(config, 2, conv_strategy="bmm")
+    compare_one_pass(config, 2, conv_strategy="bmm", training=False)
 
 
 @pytest.mark.parametrize("use_msl, epoch", [(True, 0), (True, 4), (True, 10), (False, 0)])
@@ -208,9 +220,14 @@ def test_several_train_iterations_end_with_equal_parameters():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("second_order", [True, False])
-@pytest.mark.parametrize("backend", ["auto", "aten"])
-def test_gpu_meta_step_matches_cpu_reference_in_float64(second_order, backend):
+@pytest.mark.parametrize("backend, conv_strategy", [("auto", "auto"), ("aten", "grouped"), ("auto", "bmm")])
+@pytest.mark.parametrize("name, overrides", [
+    ("maml++_omniglot_20w1s", SMALL),
+    ("maml++_mini-imagenet_5w1s", dict(SMALL, cnn_num_filters=8, num_target_samples=2)),
+])
+def test_gpu_meta_step_matches_cpu_reference_in_float64(name, overrides, second_order, backend, conv_strategy):
     """The whole meta-step on the GPU (float64 kernels) against the CPU reference."""
-    config = preset("maml++_omniglot_20w1s", second_order=second_order, **SMALL)
-    compare_one_pass(config, num_tasks=4, backend=backend, device="cuda")
-    compare_one_pass(config, num_tasks=4, backend=backend, device="cuda", training=False)
+    config = preset(name, second_order=second_order, **overrides)
+    for training in (True, False):
+        compare_one_pass(config, num_tasks=4, backend=backend, device="cuda", conv_strategy=conv_strategy,
+                         training=training)

@@ -7,6 +7,7 @@ Every op has a pure-PyTorch path, so all of them work without the compiled exten
 from .._backend import available_backends, describe_backends, has_extension
 from .bn_lrelu_pool import bn_lrelu_pool, bn_lrelu_pool_backend
 from .lslr_update import lslr_update, lslr_update_backend
+from .task_conv import task_conv, task_conv_strategy
 
 __all__ = [
     "available_backends",
@@ -16,4 +17,6 @@ __all__ = [
     "has_extension",
     "lslr_update",
     "lslr_update_backend",
+    "task_conv",
+    "task_conv_strategy",
 ]

@@ -1,0 +1,102 @@
+"""``task_conv``: the task-batched 3x3 convolution of MetaLearner (every task its own weights).
+
+Layout: tasks are channel groups, as everywhere in MetaLearner: x [n, B*C_in, H, W] holds the
+n images of each of B tasks, weight [B, C_out, C_in, 3, 3] and bias [B, C_out] are per task, and
+the result is [n, B*C_out, H, W] (stride 1, zero padding 1).
+
+Two strategies compute the same function:
+
+- ``"grouped"``: one ``F.conv2d(..., groups=B)`` (cuDNN / oneDNN). Its weight gradient, and the
+  convolutions of its double backward, take grouped-convolution paths that are slow for small
+  per-group channel counts;
+- ``"bmm"``: im2col (``F.unfold``) and one batched matmul over tasks. It moves 9x the input
+  through memory but turns every gradient, first and second order, into batched matmuls.
+
+Both are compositions of differentiable ATen ops, so gradients of any order come from autograd.
+``"auto"`` picks per layer from measurements (benchmarks/bench_task_conv.py, H200, 2nd-order
+pattern; see ``task_conv_strategy``): on CUDA, ``bmm`` for layers with C_in*9 >= 27 and
+H*W >= 196, ``grouped`` otherwise; on the CPU always ``grouped`` (oneDNN's grouped conv beat
+unfold+bmm there at every Omniglot/mini-ImageNet shape but the 1-channel first layer's
+second-order pass).
+
+Note on precision: on CUDA, cuDNN convolutions run in TF32 by default
+(``torch.backends.cudnn.allow_tf32``) while matmuls do not (``torch.backends.cuda.matmul.allow_tf32``),
+so in float32 the two strategies round differently; in float64 they agree to rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["task_conv", "task_conv_strategy", "STRATEGIES"]
+
+STRATEGIES = ("grouped", "bmm")
+_REQUESTS = ("auto",) + STRATEGIES
+
+
+def task_conv_strategy(device: torch.device, c_in: int, height: int, width: int,
+                       strategy: str = "auto") -> str:
+    """The strategy ``task_conv`` runs for a layer with ``c_in`` input channels per task at
+    ``height`` x ``width`` on ``device`` when asked for ``strategy``."""
+    if strategy not in _REQUESTS:
+        raise ValueError(f"task_conv: strategy must be one of {_REQUESTS}, got {strategy!r}")
+    if strategy != "auto":
+        return strategy
+    if torch.device(device).type == "cuda" and c_in * 9 >= 27 and height * width >= 196:
+        return "bmm"
+    return "grouped"
+
+
+def _check(x: Tensor, weight: Tensor, bias: Tensor) -> None:
+    if weight.dim() != 5 or tuple(weight.shape[3:]) != (3, 3):
+        raise ValueError(f"task_conv: weight must be [B, C_out, C_in, 3, 3], got {list(weight.shape)}")
+    b, c_out, c_in = weight.shape[:3]
+    if x.dim() != 4 or x.shape[1] != b * c_in:
+        raise ValueError(
+            f"task_conv: x must be [n, B*C_in, H, W] = [n, {b * c_in}, H, W] for weight "
+            f"{list(weight.shape)}, got {list(x.shape)}"
+        )
+    if tuple(bias.shape) != (b, c_out):
+        raise ValueError(f"task_conv: bias must be [B, C_out] = [{b}, {c_out}], got {list(bias.shape)}")
+    if not (x.dtype == weight.dtype == bias.dtype):
+        raise ValueError(f"task_conv: x, weight and bias must share a dtype, got {x.dtype}, "
+                         f"{weight.dtype}, {bias.dtype}")
+    if not (x.device == weight.device == bias.device):
+        raise ValueError(f"task_conv: x, weight and bias must be on one device, got {x.device}, "
+                         f"{weight.device}, {bias.device}")
+
+
+def _task_conv_grouped(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    b, c_out, c_in = weight.shape[:3]
+    return F.conv2d(x, weight.reshape(b * c_out, c_in, 3, 3), bias.reshape(b * c_out), padding=1, groups=b)
+
+
+def _task_conv_bmm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    b, c_out, c_in = weight.shape[:3]
+    n, _, h, w = x.shape
+    # unfold's rows are channel-major (c * 9 + k), so [n, B*C_in*9, HW] splits as [n, B, C_in*9, HW].
+    cols = F.unfold(x, kernel_size=3, padding=1).view(n, b, c_in * 9, h * w)
+    cols = cols.permute(1, 2, 0, 3).reshape(b, c_in * 9, n * h * w)
+    out = torch.baddbmm(bias.unsqueeze(2), weight.reshape(b, c_out, c_in * 9), cols)  # [B, C_out, n*HW]
+    return out.view(b, c_out, n, h, w).permute(2, 0, 1, 3, 4).reshape(n, b * c_out, h, w).contiguous()
+
+
+def task_conv(x: Tensor, weight: Tensor, bias: Tensor, *, strategy: str = "auto") -> Tensor:
+    """Per-task 3x3 convolution (stride 1, padding 1) of task-channel-grouped images.
+
+    Args:
+        x: [n, B*C_in, H, W], task t's channels at [t*C_in, (t+1)*C_in).
+        weight: [B, C_out, C_in, 3, 3], a broadcast (expanded) view is fine.
+        bias: [B, C_out].
+        strategy: "auto" (default; see the module docstring), "grouped" or "bmm".
+
+    Returns:
+        [n, B*C_out, H, W], contiguous. Differentiable to any order in x, weight and bias.
+    """
+    _check(x, weight, bias)
+    name = task_conv_strategy(x.device, weight.shape[2], x.shape[2], x.shape[3], strategy)
+    if name == "bmm":
+        return _task_conv_bmm(x, weight, bias)
+    return _task_conv_grouped(x, weight, bias)

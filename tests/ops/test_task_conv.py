@@ -1,0 +1,121 @@
+"""mamlpp_fast.ops.task_conv: both strategies against a per-task F.conv2d loop, gradients to
+second order (gradcheck / gradgradcheck in float64), float32 against float64, and input checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mamlpp_fast.ops import task_conv, task_conv_strategy
+from mamlpp_fast.ops.task_conv import STRATEGIES
+
+
+def per_task_loop(x, weight, bias):
+    """The reference pattern: task t's channels through task t's own conv."""
+    b, c_out, c_in = weight.shape[:3]
+    outs = [F.conv2d(x[:, t * c_in:(t + 1) * c_in], weight[t], bias[t], padding=1) for t in range(b)]
+    return torch.cat(outs, dim=1)
+
+
+def inputs(n, b, c_in, c_out, h, w, device="cpu", dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, b * c_in, h, w, generator=gen, dtype=dtype)
+    weight = torch.randn(b, c_out, c_in, 3, 3, generator=gen, dtype=dtype) * 0.3
+    bias = torch.randn(b, c_out, generator=gen, dtype=dtype)
+    return [t.to(device).requires_grad_() for t in (x, weight, bias)]
+
+
+# Odd sizes on purpose: n*K not a power of two, H in {28, 7, 5, 3} and non-square.
+SHAPES = [(5, 2, 1, 4, 28, 28), (3, 3, 4, 5, 7, 7), (4, 1, 3, 2, 5, 5), (2, 2, 2, 3, 3, 6)]
+
+
+def relative_error(actual, expected):
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_per_task_loop_with_gradients(device, strategy, shape):
+    x, weight, bias = inputs(*shape, device=device)
+    out = task_conv(x, weight, bias, strategy=strategy)
+    expected = per_task_loop(x, weight, bias)
+    assert out.shape == expected.shape and out.is_contiguous()
+    assert relative_error(out, expected) < 1e-12
+    cotangent = torch.randn_like(expected)
+    grads = torch.autograd.grad((out * cotangent).sum(), (x, weight, bias))
+    expected_grads = torch.autograd.grad((expected * cotangent).sum(), (x, weight, bias))
+    for name, g, e in zip(("x", "weight", "bias"), grads, expected_grads):
+        assert relative_error(g, e) < 1e-12, name
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_second_order_gradients_match_per_task_loop(device, strategy):
+    x, weight, bias = inputs(3, 2, 3, 4, 7, 7, device=device)
+
+    def second_order(conv):
+        out = conv(x, weight, bias)
+        gx, gw = torch.autograd.grad(out.square().sum(), (x, weight), create_graph=True)
+        return torch.autograd.grad(gx.square().sum() + (gw * weight).sum(), (x, weight, bias))
+
+    for g, e in zip(second_order(lambda *a: task_conv(*a, strategy=strategy)), second_order(per_task_loop)):
+        assert relative_error(g, e) < 1e-12
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_gradcheck_and_gradgradcheck(strategy):
+    x, weight, bias = inputs(2, 2, 2, 3, 5, 4)
+    fn = lambda *a: task_conv(*a, strategy=strategy)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, weight, bias))
+    assert torch.autograd.gradgradcheck(fn, (x, weight, bias))
+
+
+def test_broadcast_step_zero_weights():
+    """Step-0 weights are the meta-parameters expanded over tasks (a stride-0 view)."""
+    x, weight, bias = inputs(4, 3, 2, 5, 7, 7)
+    shared_w = weight[0].detach().clone().requires_grad_()
+    shared_b = bias[0].detach().clone().requires_grad_()
+    expanded_w, expanded_b = shared_w.expand(3, *shared_w.shape), shared_b.expand(3, *shared_b.shape)
+    results = []
+    for strategy in STRATEGIES:
+        out = task_conv(x, expanded_w, expanded_b, strategy=strategy)
+        results.append((out, *torch.autograd.grad(out.square().sum(), (shared_w, shared_b))))
+    for a, e in zip(*results):
+        assert relative_error(a, e) < 1e-12
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_float32_within_1e4_of_float64(device, strategy, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # TF32 off, restored after
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    x, weight, bias = inputs(20, 8, 64, 64, 14, 14, device=device, seed=3)
+    expected = task_conv(x, weight, bias, strategy=strategy)
+    with torch.no_grad():
+        out = task_conv(x.float(), weight.float(), bias.float(), strategy=strategy)
+    assert out.dtype == torch.float32
+    assert relative_error(out.double(), expected) < 1e-4
+
+
+def test_auto_strategy_rule():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert task_conv_strategy(cpu, 64, 28, 28) == "grouped"
+    assert task_conv_strategy(cuda, 1, 28, 28) == "grouped"     # Omniglot's first layer
+    assert task_conv_strategy(cuda, 64, 14, 14) == "bmm"
+    assert task_conv_strategy(cuda, 64, 7, 7) == "grouped"
+    assert task_conv_strategy(cuda, 3, 84, 84) == "bmm"        # mini-ImageNet's first layer
+    assert task_conv_strategy(cuda, 48, 10, 10) == "grouped"
+    assert task_conv_strategy(cpu, 64, 14, 14, "bmm") == "bmm"
+
+
+def test_bad_inputs_name_the_argument():
+    x, weight, bias = inputs(2, 2, 3, 4, 5, 5)
+    with pytest.raises(ValueError, match="x must be"):
+        task_conv(x[:, :5], weight, bias)
+    with pytest.raises(ValueError, match="weight must be"):
+        task_conv(x, weight[..., :2], bias)
+    with pytest.raises(ValueError, match="bias must be"):
+        task_conv(x, weight, bias[:, :3])
+    with pytest.raises(ValueError, match="dtype"):
+        task_conv(x.float(), weight, bias)
+    with pytest.raises(ValueError, match="strategy"):
+        task_conv(x, weight, bias, strategy="fft")
