@@ -38,18 +38,23 @@ def train(learner, batches, epochs):
 
 
 def adam_state(learner):
+    """Adam's moments by parameter name (so inert tensors are recognised by name)."""
     out = {}
-    for index, (param, state) in enumerate(learner.optimizer.state.items()):
-        for key, value in state.items():
-            out[f"{index}.{key}"] = torch.as_tensor(value, dtype=torch.float64)
+    for name, param in learner.named_parameters():
+        for key, value in learner.optimizer.state.get(param, {}).items():
+            out[f"{name}.{key}"] = torch.as_tensor(value, dtype=torch.float64)
     return out
 
 
 def check_same_run(graphed, eager, graphed_metrics, eager_metrics):
     for step, (g, e) in enumerate(zip(graphed_metrics, eager_metrics)):
         assert_tensors_match(g, e, f"meta-step {step} metrics")
-    assert_tensors_match(dict(graphed.state_dict()), dict(eager.state_dict()), "parameters and running stats")
-    assert_tensors_match(adam_state(graphed), adam_state(eager), "Adam state")
+    # After Adam, the conv biases (exact gradient zero) hold Adam-normalised rounding noise, and
+    # cuDNN's float64 weight-gradient kernels need not round alike from run to run on the GPU:
+    # compare them against the scale of all parameters (inert_floor=1), the rest at 1e-10.
+    assert_tensors_match(dict(graphed.state_dict()), dict(eager.state_dict()), "parameters and running stats",
+                         inert_floor=1.0)
+    assert_tensors_match(adam_state(graphed), adam_state(eager), "Adam state", inert_floor=1.0)
 
 
 def test_cuda_graphs_off_cuda_warn_once_and_run_eagerly():

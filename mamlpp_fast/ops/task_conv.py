@@ -13,11 +13,13 @@ Two strategies compute the same function:
   through memory but turns every gradient, first and second order, into batched matmuls.
 
 Both are compositions of differentiable ATen ops, so gradients of any order come from autograd.
-``"auto"`` picks per layer from measurements (benchmarks/bench_task_conv.py, H200, 2nd-order
-pattern; see ``task_conv_strategy``): on CUDA, ``bmm`` for layers with C_in*9 >= 27 and
-H*W >= 196, ``grouped`` otherwise; on the CPU always ``grouped`` (oneDNN's grouped conv beat
-unfold+bmm there at every Omniglot/mini-ImageNet shape but the 1-channel first layer's
-second-order pass).
+``"auto"`` is ``grouped`` on every device, by end-to-end measurement (benchmarks/RESULTS.md,
+H200, 2026-11-30): in isolation ``bmm`` wins the second-order pattern for layers with
+C_in*9 >= 27 and H*W >= 196 (up to 3.6x at mini-ImageNet's 84x84 first layer, TF32 off), but
+inside whole meta-steps, where cuDNN runs in TF32 and the im2col buffers are kept for the outer
+backward, a per-layer rule built on that was slower (mini-ImageNet 5w1s 242 vs 106 ms, Omniglot
+20w1s under CUDA graphs 29.9 vs 25.3 ms). On the CPU oneDNN's grouped conv beat unfold+bmm at
+every Omniglot/mini-ImageNet shape but the 1-channel first layer's second-order pass.
 
 Note on precision: on CUDA, cuDNN convolutions run in TF32 by default
 (``torch.backends.cudnn.allow_tf32``) while matmuls do not (``torch.backends.cuda.matmul.allow_tf32``),
@@ -42,11 +44,7 @@ def task_conv_strategy(device: torch.device, c_in: int, height: int, width: int,
     ``height`` x ``width`` on ``device`` when asked for ``strategy``."""
     if strategy not in _REQUESTS:
         raise ValueError(f"task_conv: strategy must be one of {_REQUESTS}, got {strategy!r}")
-    if strategy != "auto":
-        return strategy
-    if torch.device(device).type == "cuda" and c_in * 9 >= 27 and height * width >= 196:
-        return "bmm"
-    return "grouped"
+    return "grouped" if strategy == "auto" else strategy
 
 
 def _check(x: Tensor, weight: Tensor, bias: Tensor) -> None:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from mamlpp_fast import _backend
-from mamlpp_fast.testing import assert_close, lslr_update_inputs
+from mamlpp_fast.testing import assert_close, lslr_update_inputs, triton_interpreter_broken
 
 pytestmark = [
     pytest.mark.triton,
@@ -75,6 +75,7 @@ def test_empty_and_large_tensor_interpreter():
 
 
 @pytest.mark.skipif(_backend.triton_interpret(), reason="this is the driver of the interpreter run")
+@pytest.mark.skipif(bool(triton_interpreter_broken()), reason=triton_interpreter_broken())
 def test_run_interpreted_cases(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning",

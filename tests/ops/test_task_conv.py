@@ -96,15 +96,13 @@ def test_float32_within_1e4_of_float64(device, strategy, monkeypatch):
     assert relative_error(out.double(), expected) < 1e-4
 
 
-def test_auto_strategy_rule():
+def test_strategy_choice():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert task_conv_strategy(cpu, 64, 28, 28) == "grouped"
-    assert task_conv_strategy(cuda, 1, 28, 28) == "grouped"     # Omniglot's first layer
-    assert task_conv_strategy(cuda, 64, 14, 14) == "bmm"
-    assert task_conv_strategy(cuda, 64, 7, 7) == "grouped"
-    assert task_conv_strategy(cuda, 3, 84, 84) == "bmm"        # mini-ImageNet's first layer
-    assert task_conv_strategy(cuda, 48, 10, 10) == "grouped"
+    for device in (cpu, cuda):  # "auto" is grouped everywhere (measured end to end, see RESULTS.md)
+        assert task_conv_strategy(device, 64, 14, 14) == "grouped"
+        assert task_conv_strategy(device, 3, 84, 84) == "grouped"
     assert task_conv_strategy(cpu, 64, 14, 14, "bmm") == "bmm"
+    assert task_conv_strategy(cuda, 1, 28, 28, "grouped") == "grouped"
 
 
 def test_bad_inputs_name_the_argument():
