@@ -18,7 +18,9 @@ updates and the outer backward). On a fast GPU the launches, not the arithmetic,
 
 Warm-up passes (needed before capture, so that lazy initialisation such as cuDNN handles and
 Triton compilation happens outside the recording) would fold the running statistics too; the
-buffers are saved before them and restored after, so capturing changes no learner state.
+whole state_dict is saved before them and restored after, so capturing changes no learner state.
+(The running statistics are parameters with requires_grad=False, as in the official code, not
+buffers: an H200 run on 2026-11-30 caught an earlier version that restored buffers only.)
 
 Where a graph cannot be used (not on CUDA, task chunking, distributed sharding, inner-step
 checkpointing, tracing) or capture fails, the meta-step runs eagerly and a warning says why,
@@ -27,6 +29,7 @@ once per reason.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import warnings
@@ -161,40 +164,55 @@ class MetaStepGraphs:
             losses[f"loss_importance_vector_{index}"] = item.detach()
         return losses, entry.logits.clone()
 
-    def _capture(self, batch: Sequence[torch.Tensor], epoch: int) -> _CapturedStep:
+    def _warm_up(self, inputs: Sequence[torch.Tensor], epoch: int) -> None:
+        """Eager forward + outer backward passes (on a side stream on CUDA) so that lazy
+        initialisation happens before recording, then every tensor of the state_dict (the
+        per-step running statistics are parameters with requires_grad=False, not buffers, as in
+        the official code) and every .grad are put back: warming up changes no learner state."""
         learner = self.learner
-        device = learner.device
         params = list(learner.trainable_parameters())
-        inputs = tuple(t.clone() for t in batch)
-        importance = learner.get_per_step_loss_importance_vector().clone()
-        saved_buffers = [buffer.clone() for buffer in learner.buffers()]
+        state = learner.state_dict(keep_vars=True)
+        saved_state = {name: tensor.detach().clone() for name, tensor in state.items()}
         saved_grads = [param.grad for param in params]
-        learner._loss_weight_override = importance
+        cuda = learner.device.type == "cuda"
         try:
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
+            side = torch.cuda.Stream(learner.device) if cuda else None
+            if cuda:
+                side.wait_stream(torch.cuda.current_stream(learner.device))
+            with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
                 for _ in range(self.warmup_iters):
                     for param in params:
                         param.grad = None
                     losses, _ = learner.train_forward_prop(data_batch=inputs, epoch=epoch)
                     losses["loss"].backward()
-            torch.cuda.current_stream(device).wait_stream(side)
-            torch.cuda.synchronize(device)
+            if cuda:
+                torch.cuda.current_stream(learner.device).wait_stream(side)
+                torch.cuda.synchronize(learner.device)
+        finally:
             with torch.no_grad():
-                for buffer, saved in zip(learner.buffers(), saved_buffers):
-                    buffer.copy_(saved)
+                for name, tensor in state.items():
+                    tensor.detach().copy_(saved_state[name])
+            for param, grad in zip(params, saved_grads):
+                param.grad = grad
+
+    def _capture(self, batch: Sequence[torch.Tensor], epoch: int) -> _CapturedStep:
+        learner = self.learner
+        params = list(learner.trainable_parameters())
+        inputs = tuple(t.clone() for t in batch)
+        importance = learner.get_per_step_loss_importance_vector().clone()
+        saved_grads = [param.grad for param in params]
+        learner._loss_weight_override = importance
+        try:
+            self._warm_up(inputs, epoch)
             for param in params:
                 param.grad = None  # backward inside the capture allocates them in the graph's pool
             graph = torch.cuda.CUDAGraph()
+            # Recording runs no kernels, so the running statistics are untouched until replay.
             with torch.cuda.graph(graph):
                 losses, logits = learner.train_forward_prop(data_batch=inputs, epoch=epoch)
                 losses["loss"].backward()
             grads = [param.grad for param in params]
         except BaseException:
-            with torch.no_grad():
-                for buffer, saved in zip(learner.buffers(), saved_buffers):
-                    buffer.copy_(saved)
             for param, grad in zip(params, saved_grads):
                 param.grad = grad
             raise

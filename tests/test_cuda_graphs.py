@@ -100,6 +100,26 @@ class _OnCuda:
         return torch.device("cuda", 0)
 
 
+@pytest.mark.parametrize("epoch", [0, 30])  # first order with MSL; second order without
+def test_warm_up_before_capture_changes_no_learner_state(epoch):
+    """The eager passes before a capture fold running statistics and fill .grad; all of it
+    (running statistics included: they are requires_grad=False parameters) must be put back."""
+    learner = build(preset("maml++_omniglot_5w1s", **SMALL), "cpu", cuda_graphs=True)
+    with pytest.warns(UserWarning, match="CUDA graphs need a CUDA device"):
+        learner.run_train_iter(make_task_batch(learner.config, 2, seed=1), epoch)  # non-trivial state
+    learner.classifier.layer_dict["conv0"].conv.weight.grad = torch.ones_like(
+        learner.classifier.layer_dict["conv0"].conv.weight)
+    before = {k: v.clone() for k, v in learner.state_dict().items()}
+    grads_before = {n: None if p.grad is None else p.grad.clone() for n, p in learner.named_parameters()}
+    batch = learner.prepare_batch(make_task_batch(learner.config, 2, seed=2))
+    learner.graphs._warm_up(batch, epoch)
+    for name, value in learner.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    for name, param in learner.named_parameters():
+        expected = grads_before[name]
+        assert (param.grad is None) == (expected is None) and (expected is None or torch.equal(param.grad, expected)), name
+
+
 def test_learner_with_cuda_graphs_deep_copies():
     learner = build(preset("maml++_omniglot_5w1s", **SMALL), "cpu", cuda_graphs=True)
     clone = copy.deepcopy(learner)
