@@ -1,0 +1,83 @@
+"""A rank that dies mid-run: the survivor ends with a clear message instead of hanging, the last
+checkpoint is intact, and rerunning the same two-rank command resumes from it and finishes.
+
+Two `python -m mamlpp_fast train` processes are started with torchrun's environment variables
+(RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) on the synthetic tiny preset, over gloo on the CPU.
+Rank 1 is killed with SIGKILL as soon as rank 0 has written its first checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+EPOCHS = 12
+ARGS = ["train", "--preset", "synthetic-tiny", "--set", f"total_epochs={EPOCHS}", "--iters-per-epoch", "2",
+        "--no-test", "--no-progress", "--device", "cpu", "--threads", "1", "--output-dir", "runs"]
+LATEST = os.path.join("runs", "synthetic_tiny_5way_1shot", "saved_models", "train_model_latest")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_ranks(cwd, world_size=2):
+    port = _free_port()
+    procs = []
+    for rank in range(world_size):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                   MAMLPP_DIST_TIMEOUT="120", PYTHONUNBUFFERED="1")
+        procs.append(subprocess.Popen([sys.executable, "-m", "mamlpp_fast", *ARGS], cwd=cwd, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def _finish(procs, timeout=180):
+    outs = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for other in procs:
+                other.kill()
+            pytest.fail("a rank did not exit in time (hung in a collective?)")
+        outs.append((proc.returncode, out, err))
+    return outs
+
+
+def test_dead_rank_ends_the_run_with_a_message_and_a_resumable_checkpoint(tmp_path):
+    procs = _start_ranks(tmp_path)
+    latest = tmp_path / LATEST
+    deadline = time.monotonic() + 180
+    while not latest.exists():
+        if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
+            outs = _finish(procs, timeout=5)
+            pytest.fail(f"no checkpoint before a rank exited or the deadline: {outs}")
+        time.sleep(0.05)
+    procs[1].kill()  # SIGKILL: no cleanup, no goodbye on the socket beyond the OS closing it
+    (code0, out0, err0), (code1, _, _) = _finish(procs, timeout=150)
+    assert code1 != 0
+    assert code0 == 1, (code0, out0[-2000:], err0[-3000:])
+    assert "another rank died" in err0 and "train_model_latest" in err0, err0[-3000:]
+
+    # The checkpoint is whole (atomic writes) and from a finished epoch before the kill.
+    state = torch.load(latest, map_location="cpu", weights_only=False)
+    saved_iter = int(state["current_iter"])
+    assert 2 <= saved_iter < 2 * EPOCHS
+
+    # Rerunning the same two-rank command resumes from it and completes the schedule.
+    outs = _finish(_start_ranks(tmp_path))
+    for code, out, err in outs:
+        assert code == 0, (out[-2000:], err[-3000:])
+    assert "resumed from" in outs[0][1] + outs[0][2]
+    final = torch.load(latest, map_location="cpu", weights_only=False)
+    assert int(final["current_iter"]) == 2 * EPOCHS
