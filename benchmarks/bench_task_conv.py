@@ -5,7 +5,8 @@ MetaLearner convolves B tasks with B different weight sets at every inner step. 
 - ``grouped``: tasks as channel groups, one ``F.conv2d(..., groups=B)`` (cuDNN / oneDNN);
   what MetaLearner runs today;
 - ``bmm``: ``F.unfold`` (im2col) then one batched matmul over tasks;
-- ``loop``: one ``F.conv2d`` per task (the per-task reference's pattern).
+- ``loop``: one ``F.conv2d`` per task (the per-task reference's pattern);
+- ``triton``: the implicit-GEMM Triton kernels of ``mamlpp_fast.kernels.task_conv`` (CUDA only).
 
     python benchmarks/bench_task_conv.py --device cuda --json out.json
     python benchmarks/bench_task_conv.py --quick          # small CPU run
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from utils import env_info, markdown_table, measure, write_json  # noqa: E402
 
-STRATEGIES = ("grouped", "bmm", "loop")
+STRATEGIES = ("grouped", "bmm", "loop", "triton")
 MODES = ("fwd", "fwd+bwd", "2nd")
 
 
@@ -77,7 +78,24 @@ def conv_loop(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor
     return torch.stack([F.conv2d(x[t], w[t], b[t], padding=1) for t in range(x.shape[0])])
 
 
-CONVS: Dict[str, Callable] = {"grouped": conv_grouped, "bmm": conv_bmm, "loop": conv_loop}
+def conv_triton(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    from mamlpp_fast.ops import task_conv
+
+    B, n, cin, h, wd = x.shape
+    grouped = x.transpose(0, 1).reshape(n, B * cin, h, wd)
+    out = task_conv(grouped, w, b, strategy="triton")
+    return out.reshape(n, B, w.shape[1], h, wd).transpose(0, 1)
+
+
+CONVS: Dict[str, Callable] = {"grouped": conv_grouped, "bmm": conv_bmm, "loop": conv_loop,
+                              "triton": conv_triton}
+
+
+def strategies_for(device: str) -> List[str]:
+    from mamlpp_fast import _backend
+
+    usable = torch.device(device).type == "cuda" and _backend.has_triton()
+    return [s for s in STRATEGIES if s != "triton" or usable]
 
 
 def get_shapes(quick: bool) -> List[tuple]:
@@ -119,11 +137,12 @@ def check_agree(x, w, b) -> None:
     cot = torch.randn(x.shape[0], x.shape[1], w.shape[1], x.shape[3], x.shape[4],
                       dtype=torch.float64, device=x.device)
     results = {}
-    for name, conv in CONVS.items():
+    for name in strategies_for(str(x.device)):
+        conv = CONVS[name]
         out = conv(x64, w64, b64)
         grads = torch.autograd.grad((out * cot).sum(), (x64, w64, b64))
         results[name] = (out, *grads)
-    for name in ("bmm", "loop"):
+    for name in [s for s in results if s != "grouped"]:
         for a, e in zip(results[name], results["grouped"]):
             err = ((a - e).norm() / e.norm().clamp_min(1e-300)).item()
             if not err < 1e-10:
@@ -151,7 +170,7 @@ def main(argv=None) -> None:
         b = torch.randn(B, cout, generator=gen).to(args.device).requires_grad_()
         check_agree(x, w, b)
         for mode in args.modes.split(","):
-            times = {s: measure(make_step(s, mode, x, w, b), args.device) for s in STRATEGIES}
+            times = {s: measure(make_step(s, mode, x, w, b), args.device) for s in strategies_for(args.device)}
             base = times["grouped"].p50_ms
             for strategy, timing in times.items():
                 config = Config(dataset, B, n, cin, cout, S, mode, strategy, args.device)

@@ -67,7 +67,7 @@ fi
 #    whole script inside the lease.
 REPS=10; [[ "$DRY" == 1 ]] && REPS=1
 SETTINGS=maml++_omniglot_20w1s,maml++_mini-imagenet_5w1s
-PROVIDERS=reference,mamlpp_fast:aten+grouped,mamlpp_fast+grouped,mamlpp_fast,mamlpp_fast+graphs+grouped,mamlpp_fast+graphs,torchfunc
+PROVIDERS=reference,mamlpp_fast:aten,mamlpp_fast,mamlpp_fast+triton,mamlpp_fast+graphs,mamlpp_fast+graphs+bmm,mamlpp_fast+graphs+triton,torchfunc
 [[ "$DRY" == 1 ]] && SETTINGS=maml++_omniglot_5w1s
 run bench_meta_step 120 "$PY" benchmarks/bench_meta_step.py --device "$DEVICE" --settings "$SETTINGS" \
   --providers "$PROVIDERS" --reps "$REPS" --json "$LOG/bench_meta_step.json"
@@ -119,14 +119,14 @@ if os.path.exists(roof):
               f"{r['seconds_median'] * 1e3:.2f} ms/iter, useful {r['useful_gflops']:.0f} GFLOP/s")
 conv = load("bench_task_conv.json")
 if conv:
-    print("\n| task conv (B=8) shape, mode | grouped ms | bmm ms | loop ms |\n|---|---|---|---|")
+    print("\n| task conv (B=8) shape, mode | grouped ms | bmm ms | loop ms | triton ms |\n|---|---|---|---|---|")
     by = {}
     for r in conv:
         c = r["config"]
         if c["B"] == 8:
             by.setdefault((c["dataset"], f"{c['cin']}->{c['cout']}", c["S"], c["mode"]), {})[c["strategy"]] = r["median_ms"]
     for key, t in list(by.items())[:24]:
-        print(f"| {key} | " + " | ".join(f"{t.get(s, float('nan')):.3f}" for s in ("grouped", "bmm", "loop")) + " |")
+        print(f"| {key} | " + " | ".join(f"{t.get(s, float('nan')):.3f}" for s in ("grouped", "bmm", "loop", "triton")) + " |")
 blp = load("bench_bn_lrelu_pool.json")
 if blp:
     by = {}

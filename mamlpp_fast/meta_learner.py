@@ -61,9 +61,10 @@ class MetaLearner(FewShotLearnerBase):
         checkpoint_inner_steps: recompute each training inner step (support forward, inner
             gradient, LSLR update, target forward) in the backward pass instead of keeping its
             activations (torch.utils.checkpoint, use_reentrant=False; works with second order).
-        conv_strategy: how the task-batched convolutions run: "auto" (default: per layer, from
-            measurements; see `mamlpp_fast.ops.task_conv`), "grouped" (one grouped conv) or
-            "bmm" (im2col + batched matmul). `conv_strategies` reports the per-layer choice.
+        conv_strategy: how the task-batched convolutions run: "auto" (default, the grouped conv;
+            see `mamlpp_fast.ops.task_conv`), "grouped" (one grouped conv), "bmm" (im2col +
+            batched matmul) or "triton" (implicit-GEMM Triton kernels, CUDA).
+            `conv_strategies` reports the per-layer choice.
         cuda_graphs: on CUDA, record the training meta-step (inner loops and outer backward)
             as a CUDA graph once per batch shape, derivative order and MSL phase, and replay
             it; Adam runs eagerly after each replay. Same results as eager mode. Elsewhere, or

@@ -220,7 +220,8 @@ def test_several_train_iterations_end_with_equal_parameters():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("second_order", [True, False])
-@pytest.mark.parametrize("backend, conv_strategy", [("auto", "auto"), ("aten", "grouped"), ("auto", "bmm")])
+@pytest.mark.parametrize("backend, conv_strategy", [("auto", "auto"), ("aten", "grouped"), ("auto", "bmm"),
+                                                    ("auto", "triton")])
 @pytest.mark.parametrize("name, overrides", [
     ("maml++_omniglot_20w1s", SMALL),
     ("maml++_mini-imagenet_5w1s", dict(SMALL, cnn_num_filters=8, num_target_samples=2)),

@@ -10,7 +10,11 @@ Two strategies compute the same function:
   convolutions of its double backward, take grouped-convolution paths that are slow for small
   per-group channel counts;
 - ``"bmm"``: im2col (``F.unfold``) and one batched matmul over tasks. It moves 9x the input
-  through memory but turns every gradient, first and second order, into batched matmuls.
+  through memory but turns every gradient, first and second order, into batched matmuls;
+- ``"triton"``: implicit GEMM with the task index in the grid (``mamlpp_fast.kernels.task_conv``):
+  a forward kernel and a weight-gradient kernel; the input gradient is the forward kernel on the
+  transposed, flipped weights. The two kernels' autograd formulas are written in terms of each
+  other, so every order of derivative runs on them. CUDA, or CPU under ``TRITON_INTERPRET=1``.
 
 Both are compositions of differentiable ATen ops, so gradients of any order come from autograd.
 ``"auto"`` is ``grouped`` on every device, by end-to-end measurement (benchmarks/RESULTS.md,
@@ -32,9 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import _backend
+
 __all__ = ["task_conv", "task_conv_strategy", "STRATEGIES"]
 
-STRATEGIES = ("grouped", "bmm")
+STRATEGIES = ("grouped", "bmm", "triton")
 _REQUESTS = ("auto",) + STRATEGIES
 
 
@@ -44,6 +50,8 @@ def task_conv_strategy(device: torch.device, c_in: int, height: int, width: int,
     ``height`` x ``width`` on ``device`` when asked for ``strategy``."""
     if strategy not in _REQUESTS:
         raise ValueError(f"task_conv: strategy must be one of {_REQUESTS}, got {strategy!r}")
+    if strategy == "triton":
+        _backend.select_backend("task_conv", torch.device(device), "triton")  # raises where it cannot run
     return "grouped" if strategy == "auto" else strategy
 
 
@@ -81,6 +89,55 @@ def _task_conv_bmm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     return out.view(b, c_out, n, h, w).permute(2, 0, 1, 3, 4).reshape(n, b * c_out, h, w).contiguous()
 
 
+def _transpose_flip(weight: Tensor) -> Tensor:
+    """[B, C_out, C_in, 3, 3] -> [B, C_in, C_out, 3, 3] rotated 180 degrees: the weights whose
+    forward convolution is the input gradient (transposed convolution, stride 1, padding 1)."""
+    return weight.transpose(1, 2).flip(-1, -2)
+
+
+class _TritonTaskConv(torch.autograd.Function):
+    """y = conv(x, weight) on the Triton forward kernel (no bias)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
+        from ..kernels.task_conv import task_conv_forward
+
+        ctx.save_for_backward(x, weight)
+        return task_conv_forward(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = _TritonTaskConv.apply(grad_out, _transpose_flip(weight)) if ctx.needs_input_grad[0] else None
+        grad_w = (_TritonTaskConvWeightGrad.apply(x, grad_out, weight.shape[0])
+                  if ctx.needs_input_grad[1] else None)
+        return grad_x, grad_w
+
+
+class _TritonTaskConvWeightGrad(torch.autograd.Function):
+    """gw = weight gradient of conv(x, .) for output gradient gy, on the Triton kernel."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, grad_out: Tensor, num_tasks: int) -> Tensor:
+        from ..kernels.task_conv import task_conv_weight_grad
+
+        ctx.save_for_backward(x, grad_out)
+        return task_conv_weight_grad(x, grad_out, num_tasks)
+
+    @staticmethod
+    def backward(ctx, grad_grad_w: Tensor):
+        x, grad_out = ctx.saved_tensors
+        # gw[co, ci, tap] = sum_p gy[co, p] x[ci, p + tap]: linear in x and in gy.
+        grad_x = _TritonTaskConv.apply(grad_out, _transpose_flip(grad_grad_w)) if ctx.needs_input_grad[0] else None
+        grad_gy = _TritonTaskConv.apply(x, grad_grad_w) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_gy, None
+
+
+def _task_conv_triton(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    b, c_out = weight.shape[:2]
+    return _TritonTaskConv.apply(x, weight) + bias.reshape(1, b * c_out, 1, 1)
+
+
 def task_conv(x: Tensor, weight: Tensor, bias: Tensor, *, strategy: str = "auto") -> Tensor:
     """Per-task 3x3 convolution (stride 1, padding 1) of task-channel-grouped images.
 
@@ -88,7 +145,7 @@ def task_conv(x: Tensor, weight: Tensor, bias: Tensor, *, strategy: str = "auto"
         x: [n, B*C_in, H, W], task t's channels at [t*C_in, (t+1)*C_in).
         weight: [B, C_out, C_in, 3, 3], a broadcast (expanded) view is fine.
         bias: [B, C_out].
-        strategy: "auto" (default; see the module docstring), "grouped" or "bmm".
+        strategy: "auto" (default; see the module docstring), "grouped", "bmm" or "triton".
 
     Returns:
         [n, B*C_out, H, W], contiguous. Differentiable to any order in x, weight and bias.
@@ -97,4 +154,6 @@ def task_conv(x: Tensor, weight: Tensor, bias: Tensor, *, strategy: str = "auto"
     name = task_conv_strategy(x.device, weight.shape[2], x.shape[2], x.shape[3], strategy)
     if name == "bmm":
         return _task_conv_bmm(x, weight, bias)
+    if name == "triton":
+        return _task_conv_triton(x, weight, bias)
     return _task_conv_grouped(x, weight, bias)

@@ -7,8 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mamlpp_fast import _backend
 from mamlpp_fast.ops import task_conv, task_conv_strategy
 from mamlpp_fast.ops.task_conv import STRATEGIES
+
+ATEN_STRATEGIES = ("grouped", "bmm")  # the Triton kernels have their own tests in tests/kernels
+
+
+def skip_unless_runnable(strategy, device):
+    if strategy == "triton" and not (device == "cuda" and _backend.has_triton()):
+        pytest.skip("the triton strategy runs on CUDA here (interpreter cases: tests/kernels)")
 
 
 def per_task_loop(x, weight, bias):
@@ -37,6 +45,7 @@ def relative_error(actual, expected):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_matches_per_task_loop_with_gradients(device, strategy, shape):
+    skip_unless_runnable(strategy, device)
     x, weight, bias = inputs(*shape, device=device)
     out = task_conv(x, weight, bias, strategy=strategy)
     expected = per_task_loop(x, weight, bias)
@@ -51,6 +60,7 @@ def test_matches_per_task_loop_with_gradients(device, strategy, shape):
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_second_order_gradients_match_per_task_loop(device, strategy):
+    skip_unless_runnable(strategy, device)
     x, weight, bias = inputs(3, 2, 3, 4, 7, 7, device=device)
 
     def second_order(conv):
@@ -62,7 +72,7 @@ def test_second_order_gradients_match_per_task_loop(device, strategy):
         assert relative_error(g, e) < 1e-12
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", ATEN_STRATEGIES)
 def test_gradcheck_and_gradgradcheck(strategy):
     x, weight, bias = inputs(2, 2, 2, 3, 5, 4)
     fn = lambda *a: task_conv(*a, strategy=strategy)  # noqa: E731
@@ -77,7 +87,7 @@ def test_broadcast_step_zero_weights():
     shared_b = bias[0].detach().clone().requires_grad_()
     expanded_w, expanded_b = shared_w.expand(3, *shared_w.shape), shared_b.expand(3, *shared_b.shape)
     results = []
-    for strategy in STRATEGIES:
+    for strategy in ATEN_STRATEGIES:
         out = task_conv(x, expanded_w, expanded_b, strategy=strategy)
         results.append((out, *torch.autograd.grad(out.square().sum(), (shared_w, shared_b))))
     for a, e in zip(*results):
@@ -86,6 +96,7 @@ def test_broadcast_step_zero_weights():
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_float32_within_1e4_of_float64(device, strategy, monkeypatch):
+    skip_unless_runnable(strategy, device)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # TF32 off, restored after
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     x, weight, bias = inputs(20, 8, 64, 64, 14, 14, device=device, seed=3)
@@ -117,3 +128,6 @@ def test_bad_inputs_name_the_argument():
         task_conv(x.float(), weight, bias)
     with pytest.raises(ValueError, match="strategy"):
         task_conv(x, weight, bias, strategy="fft")
+    if not _backend.triton_interpret():
+        with pytest.raises(RuntimeError, match="triton"):
+            task_conv(x, weight, bias, strategy="triton")  # CPU tensors, no interpreter

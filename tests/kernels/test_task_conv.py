@@ -1,0 +1,107 @@
+"""The Triton task_conv kernels (implicit GEMM, task index in the grid), compiled on a GPU or in
+Triton's interpreter on the CPU, against the grouped convolution: forward, both gradients, and
+the double backward that second-order MAML needs (gradcheck / gradgradcheck in float64).
+
+As in test_lslr_update.py, the interpreter cases run in a subprocess started with
+``TRITON_INTERPRET=1`` (Triton decides interpreter-or-compiler when a kernel is defined).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mamlpp_fast import _backend
+from mamlpp_fast.testing import triton_interpreter_broken
+
+pytestmark = [
+    pytest.mark.triton,
+    pytest.mark.skipif(not _backend.has_triton(), reason="triton is not importable"),
+]
+interpreted = pytest.mark.skipif(not _backend.triton_interpret(),
+                                 reason="runs inside the TRITON_INTERPRET=1 subprocess")
+
+# (n images, B tasks, C_in, C_out, H, W): odd sizes, a 1-channel first layer, more channels than
+# one 64-wide tile, and H*W not a multiple of the 64-pixel tile.
+SHAPES = [(2, 2, 1, 4, 5, 5), (3, 3, 2, 3, 7, 6), (1, 1, 17, 70, 3, 3), (5, 2, 3, 5, 28, 28)]
+
+
+def inputs(n, b, c_in, c_out, h, w, device="cpu", dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, b * c_in, h, w, generator=gen, dtype=dtype)
+    weight = torch.randn(b, c_out, c_in, 3, 3, generator=gen, dtype=dtype) * 0.3
+    bias = torch.randn(b, c_out, generator=gen, dtype=dtype)
+    return [t.to(device).requires_grad_() for t in (x, weight, bias)]
+
+
+def relative_error(actual, expected):
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-300)).item()
+
+
+def check_against_grouped(device, shape, dtype=torch.float64, rtol=1e-12):
+    from mamlpp_fast.ops import task_conv
+
+    x, weight, bias = inputs(*shape, device=device, dtype=dtype)
+    out = task_conv(x, weight, bias, strategy="triton")
+    ref = task_conv(*(t.double() for t in (x, weight, bias)), strategy="grouped")
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert relative_error(out.double(), ref) < rtol
+    cot = torch.randn(ref.shape, dtype=torch.float64, device=device)
+    grads = torch.autograd.grad((out * cot.to(dtype)).sum(), (x, weight, bias))
+    refs = torch.autograd.grad((ref * cot).sum(), (x, weight, bias))
+    for name, g, r in zip(("x", "weight", "bias"), grads, refs):
+        assert relative_error(g.double(), r) < rtol, name
+
+
+def check_second_order(device, shape=(2, 2, 2, 3, 4, 5), fast_mode=False):
+    from mamlpp_fast.ops import task_conv
+
+    x, weight, bias = inputs(*shape, device=device)
+    fn = lambda *a: task_conv(*a, strategy="triton")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, weight, bias), fast_mode=fast_mode)
+    assert torch.autograd.gradgradcheck(fn, (x, weight, bias), fast_mode=fast_mode)
+
+
+@interpreted
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_matches_grouped_interpreter(shape):
+    check_against_grouped("cpu", shape)
+
+
+@interpreted
+def test_gradcheck_and_gradgradcheck_interpreter():
+    # Every numerical-Jacobian evaluation is an interpreted launch: random-projection checks
+    # (fast_mode) on a small shape keep this to seconds; the GPU runs the full checks.
+    check_second_order("cpu", shape=(1, 2, 1, 2, 3, 4), fast_mode=True)
+
+
+@pytest.mark.skipif(_backend.triton_interpret(), reason="this is the driver of the interpreter run")
+@pytest.mark.skipif(bool(triton_interpreter_broken()), reason=triton_interpreter_broken())
+def test_run_interpreted_cases(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning",
+           os.path.abspath(__file__), "-k", "interpreter"]
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout.strip().splitlines()[-1], run.stdout[-2000:]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_grouped_cuda(shape):
+    check_against_grouped("cuda", shape)
+
+
+@pytest.mark.cuda
+def test_float32_within_1e4_of_float64_cuda(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the kernels then use IEEE fp32
+    check_against_grouped("cuda", (20, 8, 64, 64, 14, 14), dtype=torch.float32, rtol=1e-4)
+
+
+@pytest.mark.cuda
+def test_gradcheck_and_gradgradcheck_cuda():
+    check_second_order("cuda")
