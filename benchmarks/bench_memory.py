@@ -17,6 +17,12 @@ What is measured (per mode, one meta-forward + meta-backward of `MetaLearner`):
 
     python benchmarks/bench_memory.py --quick     # tiny CPU sweep, < 3 minutes
     python benchmarks/bench_memory.py --device cuda --filters 64
+    python benchmarks/bench_memory.py --target [--device cuda]   # the scale issue's target, below
+
+--target: the scale issue's target, mini-ImageNet 5w1s (48 filters), B=32, second order: the
+peak memory of one plain 5-step run_train_iter against one 20-step run_train_iter with task
+chunking (--chunk, default 1 here: 4) and inner-step checkpointing, each in a fresh process
+(CPU: growth of peak RSS, an upper bound of the live peak; CUDA: max_memory_allocated growth).
 
 Writes benchmarks/figures/memory_bounded.png and prints a markdown table.
 """
@@ -91,17 +97,82 @@ def measure(mode, steps, tasks, args, device, dtype) -> int:
     return saved_bytes(learner, batch)
 
 
+TARGET_TASKS, TARGET_PLAIN_STEPS, TARGET_BOUNDED_STEPS = 32, 5, 20
+
+
+def target_child(mode: str, args, device) -> None:
+    """Be one fresh process of --target: build the learner, run one run_train_iter, report."""
+    from memory_probe import MARKER, measure_child
+
+    steps = TARGET_PLAIN_STEPS if mode == "plain" else TARGET_BOUNDED_STEPS
+    config = preset("maml++_mini-imagenet_5w1s", batch_size=TARGET_TASKS, second_order=True,
+                    number_of_training_steps_per_iter=steps, number_of_evaluation_steps_per_iter=steps)
+    options = {} if mode == "plain" else {"task_chunk_size": args.chunk, "checkpoint_inner_steps": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        learner = MetaLearner(config, device=device, **options)
+    batch = make_batch(config, TARGET_TASKS, torch.float32, device)
+    result = measure_child(lambda b: float(learner.run_train_iter(b, 0)[0]["loss"]), batch, 1, str(device))
+    import json
+
+    print(MARKER + json.dumps(result), flush=True)
+
+
+def run_target(args, device) -> int:
+    from memory_probe import run_in_subprocess
+
+    results = {}
+    for mode in ("plain", "bounded"):
+        child = ["--target-child", mode, "--device", str(device), "--threads", str(args.threads),
+                 "--chunk", str(args.chunk)]
+        try:
+            results[mode] = run_in_subprocess(__file__, child)
+        except RuntimeError as error:  # e.g. killed by the kernel's out-of-memory killer (-9)
+            results[mode] = {"failed": str(error).splitlines()[0]}
+        print(f"# {mode}: {results[mode]}", flush=True)
+    what = "peak RSS growth" if device.type == "cpu" else "peak allocated growth"
+    print(f"\nmini-ImageNet 5w1s, B={TARGET_TASKS}, second order, float32, {device.type} ({what}):")
+    print("| run | inner steps | options | MiB | s/iter |\n|---|---|---|---|---|")
+    rows = (("plain", TARGET_PLAIN_STEPS, "-"),
+            ("bounded", TARGET_BOUNDED_STEPS, f"task_chunk_size={args.chunk}, checkpoint_inner_steps"))
+    for mode, steps, options in rows:
+        r = results[mode]
+        cells = ("failed: " + r["failed"], "-") if "failed" in r else (f"{r['peak_mib']:.0f}",
+                                                                      f"{r['seconds_per_iter']:.1f}")
+        print(f"| {mode} | {steps} | {options} | {cells[0]} | {cells[1]} |")
+    plain, bounded = results["plain"], results["bounded"]
+    if "failed" in bounded:
+        verdict = "NOT met (the bounded run failed)"
+    elif "failed" in plain:
+        verdict = "met: the plain 5-step run did not fit in this machine's memory at all, the bounded 20-step run did"
+    else:
+        ratio = bounded["peak_mib"] / plain["peak_mib"]
+        verdict = f"{'met' if ratio <= 1 else 'NOT met'} ({ratio:.2f}x the plain 5-step peak)"
+    print(f"\ntarget (bounded 20-step peak <= plain 5-step peak): {verdict}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--target", action="store_true", help="the scale issue's memory target (see above)")
+    parser.add_argument("--target-child", choices=["plain", "bounded"], help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="tiny sweep for a busy CPU")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--filters", type=int, default=None)
-    parser.add_argument("--chunk", type=int, default=1, help="task_chunk_size of the chunked mode")
+    parser.add_argument("--chunk", type=int, default=None,
+                        help="task_chunk_size of the chunked mode (default 1; --target: 4)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=os.path.join(HERE, "figures", "memory_bounded.png"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.chunk is None:
+        args.chunk = 4 if (args.target or args.target_child) else 1
+    if args.target_child:
+        target_child(args.target_child, args, device)
+        return 0
+    if args.target:
+        return run_target(args, device)
     dtype = torch.float32
     if args.filters is None:
         args.filters = 16 if args.quick else 64

@@ -80,6 +80,9 @@ run bench_task_conv 60 "$PY" benchmarks/bench_task_conv.py --device "$DEVICE" "$
 ROOF_SETTING=maml++_omniglot_20w1s; [[ "$DRY" == 1 ]] && ROOF_SETTING=maml++_omniglot_5w1s
 run bench_roofline 50 "$PY" benchmarks/bench_roofline.py --device "$DEVICE" --settings "$ROOF_SETTING" \
   --providers reference,mamlpp_fast+graphs --reps 3 --json "$LOG/bench_roofline.json"
+if [[ "$DRY" != 1 ]]; then  # the scale issue's memory target (mini-ImageNet, B=32, 20 vs 5 steps)
+  run bench_memory_target 60 "$PY" benchmarks/bench_memory.py --target --device cuda
+fi
 if [[ "$DRY" == 1 ]]; then
   run bench_scaling 120 "$PY" benchmarks/bench_scaling.py --quick --axes tasks --no-reference --out "$LOG"
 else
@@ -95,6 +98,9 @@ print("| step | exit | seconds |\n|---|---|---|")
 for s in steps:
     name, rc, secs = s.split("|")
     print(f"| {name} | {rc} | {secs} |")
+target = os.path.join(out, "bench_memory_target.log")
+if os.path.exists(target):
+    print("\n" + "\n".join(l for l in open(target).read().splitlines() if l.startswith(("|", "target"))))
 profile = os.path.join(out, "profile_meta_step.log")
 if os.path.exists(profile):
     print("\n" + "\n".join(l for l in open(profile).read().splitlines() if l.startswith("summary:")))

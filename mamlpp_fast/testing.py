@@ -163,6 +163,33 @@ def make_task_batch(config, num_tasks: int, seed: int = 0, dtype: torch.dtype = 
     return x_s, x_t, labels.expand(num_tasks, n, k).clone(), labels.expand(num_tasks, n, t).clone()
 
 
+def task_conv_inputs(n, b, c_in, c_out, h, w, device="cpu", dtype=torch.float64, seed=0):
+    """Random (x [n, B*C_in, H, W], weight [B, C_out, C_in, 3, 3], bias [B, C_out]) for
+    ``task_conv``, requiring grad."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, b * c_in, h, w, generator=gen, dtype=dtype)
+    weight = torch.randn(b, c_out, c_in, 3, 3, generator=gen, dtype=dtype) * 0.3
+    bias = torch.randn(b, c_out, generator=gen, dtype=dtype)
+    return [t.to(device).requires_grad_() for t in (x, weight, bias)]
+
+
+def run_interpreted_cases(test_file: str, cwd) -> None:
+    """Re-run the ``-k interpreter`` tests of ``test_file`` in a fresh pytest process with
+    ``TRITON_INTERPRET=1`` (Triton decides interpreter-or-compiler when a kernel is defined, so
+    the variable must be set before the kernel module is imported), and assert they all passed."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning",
+           os.path.abspath(test_file), "-k", "interpreter"]
+    run = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    last = run.stdout.strip().splitlines()[-1]
+    assert " passed" in run.stdout and "skipped" not in last, run.stdout[-2000:]
+
+
 def triton_interpreter_broken() -> str:
     """Why Triton's CPU interpreter cannot run our kernels here, or "" when it can: triton 3.6's
     interpreter fails on `range` loops with numpy >= 2.4 ("only 0-dimensional arrays can be

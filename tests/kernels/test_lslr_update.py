@@ -8,15 +8,12 @@ a process (from a temporary directory, so the installed package is what gets imp
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from mamlpp_fast import _backend
-from mamlpp_fast.testing import assert_close, lslr_update_inputs, triton_interpreter_broken
+from mamlpp_fast.testing import (assert_close, lslr_update_inputs, run_interpreted_cases,
+                                 triton_interpreter_broken)
 
 pytestmark = [
     pytest.mark.triton,
@@ -77,12 +74,7 @@ def test_empty_and_large_tensor_interpreter():
 @pytest.mark.skipif(_backend.triton_interpret(), reason="this is the driver of the interpreter run")
 @pytest.mark.skipif(bool(triton_interpreter_broken()), reason=triton_interpreter_broken())
 def test_run_interpreted_cases(tmp_path):
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning",
-           os.path.abspath(__file__), "-k", "interpreter"]
-    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert " passed" in run.stdout and "skipped" not in run.stdout.strip().splitlines()[-1], run.stdout[-2000:]
+    run_interpreted_cases(__file__, tmp_path)
 
 
 @pytest.mark.cuda

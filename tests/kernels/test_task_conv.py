@@ -8,15 +8,12 @@ As in test_lslr_update.py, the interpreter cases run in a subprocess started wit
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from mamlpp_fast import _backend
-from mamlpp_fast.testing import triton_interpreter_broken
+from mamlpp_fast.testing import run_interpreted_cases, triton_interpreter_broken
+from mamlpp_fast.testing import task_conv_inputs as inputs
 
 pytestmark = [
     pytest.mark.triton,
@@ -29,13 +26,6 @@ interpreted = pytest.mark.skipif(not _backend.triton_interpret(),
 # one 64-wide tile, and H*W not a multiple of the 64-pixel tile.
 SHAPES = [(2, 2, 1, 4, 5, 5), (3, 3, 2, 3, 7, 6), (1, 1, 17, 70, 3, 3), (5, 2, 3, 5, 28, 28)]
 
-
-def inputs(n, b, c_in, c_out, h, w, device="cpu", dtype=torch.float64, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, b * c_in, h, w, generator=gen, dtype=dtype)
-    weight = torch.randn(b, c_out, c_in, 3, 3, generator=gen, dtype=dtype) * 0.3
-    bias = torch.randn(b, c_out, generator=gen, dtype=dtype)
-    return [t.to(device).requires_grad_() for t in (x, weight, bias)]
 
 
 def relative_error(actual, expected):
@@ -82,12 +72,7 @@ def test_gradcheck_and_gradgradcheck_interpreter():
 @pytest.mark.skipif(_backend.triton_interpret(), reason="this is the driver of the interpreter run")
 @pytest.mark.skipif(bool(triton_interpreter_broken()), reason=triton_interpreter_broken())
 def test_run_interpreted_cases(tmp_path):
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning",
-           os.path.abspath(__file__), "-k", "interpreter"]
-    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert " passed" in run.stdout and "skipped" not in run.stdout.strip().splitlines()[-1], run.stdout[-2000:]
+    run_interpreted_cases(__file__, tmp_path)
 
 
 @pytest.mark.cuda

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from mamlpp_fast import _backend
 from mamlpp_fast.ops import task_conv, task_conv_strategy
 from mamlpp_fast.ops.task_conv import STRATEGIES
+from mamlpp_fast.testing import task_conv_inputs as inputs
 
 ATEN_STRATEGIES = ("grouped", "bmm")  # the Triton kernels have their own tests in tests/kernels
 
@@ -25,13 +26,6 @@ def per_task_loop(x, weight, bias):
     outs = [F.conv2d(x[:, t * c_in:(t + 1) * c_in], weight[t], bias[t], padding=1) for t in range(b)]
     return torch.cat(outs, dim=1)
 
-
-def inputs(n, b, c_in, c_out, h, w, device="cpu", dtype=torch.float64, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, b * c_in, h, w, generator=gen, dtype=dtype)
-    weight = torch.randn(b, c_out, c_in, 3, 3, generator=gen, dtype=dtype) * 0.3
-    bias = torch.randn(b, c_out, generator=gen, dtype=dtype)
-    return [t.to(device).requires_grad_() for t in (x, weight, bias)]
 
 
 # Odd sizes on purpose: n*K not a power of two, H in {28, 7, 5, 3} and non-square.
