@@ -92,7 +92,12 @@ class MetaStepGraphs:
             return "CUDA graphs do not combine with checkpoint_inner_steps"
         if learner.trace is not None:
             return "CUDA graphs are off while learner.trace records the inner loop"
-        if learner.active_backends.get("lslr_update") == "triton":
+        return None
+
+    def _uncapturable_reason(self) -> Optional[str]:
+        """Why a new recording would be wrong although capture might not fail (checked once per
+        capture, not per step: it builds probe tensors)."""
+        if self.learner.active_backends.get("lslr_update") == "triton":
             # Its launcher copies a table of data pointers from pageable host memory at every
             # call; a graph cannot record that copy (the CUDA kernel passes the table by value).
             return "CUDA graphs need the CUDA or ATen lslr_update (the Triton launcher copies from the host)"
@@ -135,6 +140,11 @@ class MetaStepGraphs:
             return None
         entry = self._graphs.get(key)
         if entry is None:
+            blocker = self._uncapturable_reason()
+            if blocker is not None:
+                self._failed.add(key)
+                self._warn_once(blocker)
+                return None
             try:
                 entry = self._capture(batch, epoch)
             except Exception as error:  # capture is an optimisation: fall back, say so once

@@ -64,7 +64,7 @@ class MetaLearner(FewShotLearnerBase):
         conv_strategy: how the task-batched convolutions run: "auto" (default, the grouped conv;
             see `mamlpp_fast.ops.task_conv`), "grouped" (one grouped conv), "bmm" (im2col +
             batched matmul) or "triton" (implicit-GEMM Triton kernels, CUDA).
-            `conv_strategies` reports the per-layer choice.
+            `active_backends["task_conv"]` reports the strategy that runs.
         cuda_graphs: on CUDA, record the training meta-step (inner loops and outer backward)
             as a CUDA graph once per batch shape, derivative order and MSL phase, and replay
             it; Adam runs eagerly after each replay. Same results as eager mode. Elsewhere, or
@@ -115,17 +115,8 @@ class MetaLearner(FewShotLearnerBase):
         return {
             "bn_lrelu_pool": bn_lrelu_pool_backend(probe, backend=self._op_backend()),
             "lslr_update": lslr_update_backend([probe], [probe], rates, backend=self._op_backend()),
+            "task_conv": task_conv_strategy(self.device, self.conv_strategy),
         }
-
-    @property
-    def conv_strategies(self) -> List[str]:
-        """The task_conv strategy of each stage, for this learner's device and image size."""
-        channels, height, width = self.config.image_shape
-        strategies = []
-        for _ in range(self.config.num_stages):
-            strategies.append(task_conv_strategy(self.device, channels, height, width, self.conv_strategy))
-            channels, height, width = self.config.cnn_num_filters, height // 2, width // 2
-        return strategies
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         return task_conv(x, weight, bias, strategy=self.conv_strategy)
