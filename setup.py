@@ -109,7 +109,11 @@ def extension_setup_kwargs() -> dict:
     opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]  # gcc flags; nvcc has no -g0
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # The stable-ABI tag only affects the tiny PyInit__C stub: the ops talk to torch, not Python.
-    extra = {"cxx": opt + ["-DPy_LIMITED_API=0x030A0000"]}
+    # at::parallel_for is header code: with torch's OpenMP backend it is a `#pragma omp parallel`
+    # in our own objects, so without -fopenmp every CPU kernel would silently run on one thread.
+    # The DT_NEEDED libgomp.so.1 resolves to the copy torch has already loaded (same soname).
+    openmp = ["-fopenmp"] if torch._C.has_openmp else []
+    extra = {"cxx": opt + openmp + ["-DPy_LIMITED_API=0x030A0000"]}
     ext_cls = cpp_extension.CppExtension
     if use_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
@@ -120,7 +124,7 @@ def extension_setup_kwargs() -> dict:
         sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args=extra,
-        extra_link_args=[] if debug else ["-Wl,--strip-debug"],
+        extra_link_args=openmp + ([] if debug else ["-Wl,--strip-debug"]),
         py_limited_api=True,
     )
     return {

@@ -24,6 +24,7 @@ import torch
 
 __all__ = [
     "available_backends",
+    "cpu_kernel_threads",
     "describe_backends",
     "extension_error",
     "get_default_backend",
@@ -105,12 +106,23 @@ def available_backends() -> list[str]:
     return backends
 
 
+def cpu_kernel_threads() -> int | None:
+    """How many threads the compiled CPU kernels use now (at::parallel_for inside ``_C``), or None
+    without the extension. Below ``torch.get_num_threads()`` means ``_C`` was built without the
+    OpenMP flag its at::parallel_for needs."""
+    if not has_extension() or not hasattr(torch.ops.mamlpp_fast, "parallel_width"):
+        return None
+    return int(torch.ops.mamlpp_fast.parallel_width(1024))
+
+
 def describe_backends() -> str:
     """A one-paragraph, human-readable summary of what this installation can run."""
     parts = [f"mamlpp_fast with torch {torch.__version__}"]
     if has_extension():
         cuda = "with CUDA kernels" if has_cuda_extension() else "CPU kernels only"
-        parts.append(f"compiled extension loaded ({cuda})")
+        width = cpu_kernel_threads()
+        threads = "" if width is None else f", CPU kernels on {width} of {torch.get_num_threads()} threads"
+        parts.append(f"compiled extension loaded ({cuda}{threads})")
     else:
         parts.append(f"compiled extension not loaded ({_C_ERROR})")
     gpu = torch.cuda.is_available()

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import mamlpp_fast
 
@@ -66,6 +67,20 @@ def test_describe_backends():
     assert ("cpp" in backends) == mamlpp_fast._backend.has_extension()
     if mamlpp_fast._backend.has_cuda_extension():
         assert "with CUDA kernels" in text
+
+
+@pytest.mark.skipif(not mamlpp_fast._backend.has_extension(), reason="needs the compiled extension")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_kernels_use_torchs_threads(threads):
+    # at::parallel_for compiles to a serial loop in an extension built without -fopenmp: the CPU
+    # kernels then ignore torch.set_num_threads (a real past bug of this build).
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        assert mamlpp_fast._backend.cpu_kernel_threads() == torch.get_num_threads() == threads
+        assert f"CPU kernels on {threads} of {threads} threads" in mamlpp_fast._backend.describe_backends()
+    finally:
+        torch.set_num_threads(saved)
 
 
 def test_disable_ext_env_var(tmp_path):
