@@ -113,7 +113,11 @@ def extension_setup_kwargs() -> dict:
     # in our own objects, so without -fopenmp every CPU kernel would silently run on one thread.
     # The DT_NEEDED libgomp.so.1 resolves to the copy torch has already loaded (same soname).
     openmp = ["-fopenmp"] if torch._C.has_openmp else []
-    extra = {"cxx": opt + openmp + ["-DPy_LIMITED_API=0x030A0000"]}
+    # `#pragma omp simd` (vectorised reductions, csrc/cpu/simd.h) needs only -fopenmp-simd.
+    # -fno-trapping-math lets gcc turn the kernels' selects (leaky ReLU, argmax) into vector blends:
+    # we never rely on floating-point exceptions, and values (NaN included) are unchanged.
+    vector = ["-fno-trapping-math"] + ([] if openmp else ["-fopenmp-simd"])
+    extra = {"cxx": opt + openmp + vector + ["-DPy_LIMITED_API=0x030A0000"]}
     ext_cls = cpp_extension.CppExtension
     if use_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))

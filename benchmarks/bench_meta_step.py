@@ -6,8 +6,8 @@ reference, in the same run.
     python benchmarks/bench_meta_step.py --providers all --settings all --first-order
     python benchmarks/bench_meta_step.py --providers all --memory   # peak memory, fresh process each
 
-Providers: reference, mamlpp_fast[:backend][+graphs][+grouped|+bmm|+triton] (+graphs: CUDA-graph
-replay of the meta-step, `MetaLearner(cuda_graphs=True)`; +grouped / +bmm / +triton: every
+Providers: reference, mamlpp_fast[:backend][+graphs][+grouped|+explicit|+bmm|+triton] (+graphs: CUDA-graph
+replay of the meta-step, `MetaLearner(cuda_graphs=True)`; +grouped / +explicit / +bmm / +triton: every
 convolution with that task_conv strategy instead of "auto"), and the peers of benchmarks/peers (torchfunc,
 learn2learn, higher; same MAML++ semantics, differences in their docstrings). `--providers all`
 is the reference, mamlpp_fast and every peer whose library imports.
@@ -80,10 +80,10 @@ def make_provider(name: str, config, dtype: torch.dtype, device: str) -> Callabl
             learner = MAMLFewShotClassifier(config, device=device, dtype=dtype)
         elif name.startswith("mamlpp_fast"):
             base, *options = name.split("+")
-            unknown = set(options) - {"graphs", "grouped", "bmm", "triton"}
+            unknown = set(options) - {"graphs", "grouped", "explicit", "bmm", "triton"}
             if unknown:
                 raise ValueError(f"unknown provider option(s) {sorted(unknown)} in {name!r}")
-            conv = next((o for o in options if o in ("grouped", "bmm", "triton")), "auto")
+            conv = next((o for o in options if o in ("grouped", "explicit", "bmm", "triton")), "auto")
             backend = base.split(":", 1)[1] if ":" in base else "auto"
             learner = MetaLearner(config, backend=backend, device=device, dtype=dtype,
                                   cuda_graphs="graphs" in options, conv_strategy=conv)

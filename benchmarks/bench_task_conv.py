@@ -1,9 +1,11 @@
-"""Three ways to run a task-batched 3x3 convolution (per-task weights), timed against each other.
+"""Ways to run a task-batched 3x3 convolution (per-task weights), timed against each other.
 
 MetaLearner convolves B tasks with B different weight sets at every inner step. The strategies:
 
 - ``grouped``: tasks as channel groups, one ``F.conv2d(..., groups=B)`` (cuDNN / oneDNN);
   what MetaLearner runs today;
+- ``explicit``: the same grouped kernels under mamlpp_fast's own autograd formulas (no loop over
+  groups in the double backward);
 - ``bmm``: ``F.unfold`` (im2col) then one batched matmul over tasks;
 - ``loop``: one ``F.conv2d`` per task (the per-task reference's pattern);
 - ``triton``: the implicit-GEMM Triton kernels of ``mamlpp_fast.kernels.task_conv`` (CUDA only).
@@ -14,7 +16,7 @@ MetaLearner convolves B tasks with B different weight sets at every inner step. 
 Modes as in bench_bn_lrelu_pool: ``fwd``, ``fwd+bwd`` (input and weight gradients) and ``2nd``
 (gradients with create_graph, then the backward of their squared norm: the second-order MAML
 pattern, where the grouped weight-gradient is the known slow path). Medians in ms, float32, TF32
-off. All three strategies are checked against each other before timing.
+off. All strategies are checked against each other before timing.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from utils import env_info, markdown_table, measure, write_json  # noqa: E402
 
-STRATEGIES = ("grouped", "bmm", "loop", "triton")
+STRATEGIES = ("grouped", "explicit", "bmm", "loop", "triton")
 MODES = ("fwd", "fwd+bwd", "2nd")
 
 
@@ -87,8 +89,17 @@ def conv_triton(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tens
     return out.reshape(n, B, w.shape[1], h, wd).transpose(0, 1)
 
 
-CONVS: Dict[str, Callable] = {"grouped": conv_grouped, "bmm": conv_bmm, "loop": conv_loop,
-                              "triton": conv_triton}
+def conv_explicit(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    from mamlpp_fast.ops import task_conv
+
+    B, n, cin, h, wd = x.shape
+    grouped = x.transpose(0, 1).reshape(n, B * cin, h, wd)
+    out = task_conv(grouped, w, b, strategy="explicit")
+    return out.reshape(n, B, w.shape[1], h, wd).transpose(0, 1)
+
+
+CONVS: Dict[str, Callable] = {"grouped": conv_grouped, "explicit": conv_explicit, "bmm": conv_bmm,
+                              "loop": conv_loop, "triton": conv_triton}
 
 
 def strategies_for(device: str) -> List[str]:

@@ -62,7 +62,8 @@ class MetaLearner(FewShotLearnerBase):
             gradient, LSLR update, target forward) in the backward pass instead of keeping its
             activations (torch.utils.checkpoint, use_reentrant=False; works with second order).
         conv_strategy: how the task-batched convolutions run: "auto" (default, the grouped conv;
-            see `mamlpp_fast.ops.task_conv`), "grouped" (one grouped conv), "bmm" (im2col +
+            see `mamlpp_fast.ops.task_conv`), "grouped" (one grouped conv), "explicit" (the
+            grouped kernels under mamlpp_fast's own double-backward formulas), "bmm" (im2col +
             batched matmul) or "triton" (implicit-GEMM Triton kernels, CUDA).
             `active_backends["task_conv"]` reports the strategy that runs.
         cuda_graphs: on CUDA, record the training meta-step (inner loops and outer backward)

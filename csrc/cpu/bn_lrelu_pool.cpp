@@ -16,7 +16,15 @@
 // u is non-zero only at the n*G*(H/2)*(W/2) argmax positions, so every "full" quantity above is
 // affine in (x - mu) and hx, plus a sparse correction at the argmax positions. Each kernel is
 // therefore one or two reduction passes and one output pass per channel. Channels are
-// independent and run in parallel; sums accumulate in double.
+// independent and run in parallel (at::parallel_for).
+//
+// Vectorisation: loops are flat, never per row (Omniglot's planes are 28, 14, 7 and 3 wide, so
+// row loops would be mostly remainder). Window loops run over the Ho*Wo windows of a plane and
+// gather their corners through a table of window offsets; the output passes run over the H*W
+// elements and gather their window's gradient and argmax offset. Every select is a blend and
+// every sum a vector reduction, in one copy of each per-plane function per x86-64 ISA level
+// (simd.h): AVX2/AVX-512 gathers where the CPU has them. Sums run in the input dtype within a
+// block of 1024 elements and accumulate in double across blocks.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -25,8 +33,10 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <vector>
 
 #include "bn_lrelu_pool.h"
+#include "simd.h"
 
 namespace mamlpp_fast {
 namespace {
@@ -40,90 +50,223 @@ int64_t channel_grain(int64_t elements_per_channel) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, elements_per_channel));
 }
 
-// Eight independent partial sums: the lanes let gcc vectorise the reduction without -ffast-math.
-constexpr int kLanes = 8;
+// Elements summed in the input dtype before the partial sum moves to double.
+constexpr int64_t kBlock = 1024;
 
-template <typename scalar_t>
-acc_t sum_plane(const scalar_t* __restrict__ p, int64_t n) {
-  acc_t acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += static_cast<acc_t>(p[i + l]);
-  acc_t s = 0;
-  for (; i < n; ++i) s += static_cast<acc_t>(p[i]);
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
-  return s;
+template <typename T>
+MAMLPP_FAST_ALWAYS_INLINE T leaky_relu(T z, T slope) {
+  return z > 0 ? z : z * slope;
 }
 
-template <typename scalar_t>
-acc_t sum_sq_dev_plane(const scalar_t* __restrict__ p, int64_t n, acc_t mean) {
-  acc_t acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) {
-      const acc_t d = static_cast<acc_t>(p[i + l]) - mean;
-      acc[l] += d * d;
+// d leaky_relu / dz: a select, not a branch (the sign of z is unpredictable on real data).
+template <typename T>
+MAMLPP_FAST_ALWAYS_INLINE T leaky_relu_slope(T z, T slope) {
+  return z > 0 ? T(1) : slope;
+}
+
+// ---------------------------------------------------------------------------------------------
+// per-plane building blocks (one image, one channel: H x W, pooled Ho x Wo)
+
+// sum p.
+template <typename T>
+MAMLPP_FAST_SIMD_CLONES acc_t plane_sum(const T* __restrict__ p, int64_t len) {
+  acc_t total = 0;
+  for (int64_t b = 0; b < len; b += kBlock) {
+    const int64_t e = std::min(len, b + kBlock);
+    T s = 0;
+    MAMLPP_FAST_SIMD_REDUCE(s)
+    for (int64_t i = b; i < e; ++i) s += p[i];
+    total += s;
+  }
+  return total;
+}
+
+// sum (p - mean)^2.
+template <typename T>
+MAMLPP_FAST_SIMD_CLONES acc_t plane_sum_sq_dev(const T* __restrict__ p, int64_t len, T mean) {
+  acc_t total = 0;
+  for (int64_t b = 0; b < len; b += kBlock) {
+    const int64_t e = std::min(len, b + kBlock);
+    T s = 0;
+    MAMLPP_FAST_SIMD_REDUCE(s)
+    for (int64_t i = b; i < e; ++i) {
+      const T d = p[i] - mean;
+      s += d * d;
     }
-  acc_t s = 0;
-  for (; i < n; ++i) {
-    const acc_t d = static_cast<acc_t>(p[i]) - mean;
-    s += d * d;
+    total += s;
   }
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
-  return s;
+  return total;
 }
 
-// sum h and sum h * (x - mean).
-template <typename scalar_t>
-void sum_h_hxc_plane(const scalar_t* __restrict__ h, const scalar_t* __restrict__ x, int64_t n,
-                     acc_t mean, acc_t& s_h, acc_t& s_hx) {
-  acc_t a[kLanes] = {}, b[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) {
-      const acc_t hv = static_cast<acc_t>(h[i + l]);
-      a[l] += hv;
-      b[l] += hv * (static_cast<acc_t>(x[i + l]) - mean);
+// sum h and sum h * (x - mean), accumulated into s_h and s_hx.
+template <typename T>
+MAMLPP_FAST_SIMD_CLONES void plane_sum_h(const T* __restrict__ h, const T* __restrict__ x,
+                                         int64_t len, T mean, acc_t& s_h, acc_t& s_hx) {
+  for (int64_t b = 0; b < len; b += kBlock) {
+    const int64_t e = std::min(len, b + kBlock);
+    T a = 0, c = 0;
+    MAMLPP_FAST_SIMD_REDUCE(a, c)
+    for (int64_t i = b; i < e; ++i) {
+      a += h[i];
+      c += h[i] * (x[i] - mean);
     }
-  acc_t sa = 0, sb = 0;
-  for (; i < n; ++i) {
-    const acc_t hv = static_cast<acc_t>(h[i]);
-    sa += hv;
-    sb += hv * (static_cast<acc_t>(x[i]) - mean);
+    s_h += a;
+    s_hx += c;
   }
-  for (int l = 0; l < kLanes; ++l) {
-    sa += a[l];
-    sb += b[l];
-  }
-  s_h += sa;
-  s_hx += sb;
 }
 
-// Walks the 2x2 windows of one channel: f(image, flat pooled offset, flat offset of the argmax in
-// x's plane). Dropped odd trailing rows/columns are never visited.
-struct PooledGeometry {
+// Index tables of one plane geometry (H x W, windows Ho x Wo), shared by every plane of a call.
+// They turn the 2x2 windows into flat loops: over the J = Ho*Wo windows (gathering the four
+// corners) and over the H*W elements (gathering their window's values). Flat loops vectorise
+// whatever the plane width; row loops would be mostly remainder at Omniglot's 14, 7 and 3.
+struct WindowTables {
+  int64_t H, W, J;
+  std::vector<int32_t> corner;  // [J] flat offset of each window's top-left element
+  std::vector<int32_t> window;  // [H*W] window of each element (0 for the uncovered last
+                                // row/column of odd H/W: never that window's argmax)
+
+  WindowTables(int64_t h, int64_t w) : H(h), W(w), J((h / 2) * (w / 2)), corner(J), window(h * w, 0) {
+    TORCH_CHECK(h * w < (int64_t{1} << 31), "bn_lrelu_pool: planes of 2^31 or more elements are not supported");
+    const int64_t wo = w / 2;
+    for (int64_t j = 0; j < J; ++j) {
+      const int64_t o = 2 * (j / wo) * w + 2 * (j % wo);
+      corner[j] = static_cast<int32_t>(o);
+      for (int64_t e : {o, o + 1, o + w, o + w + 1}) window[e] = static_cast<int32_t>(j);
+    }
+  }
+};
+
+// Flat offset of each window's argmax: corner + (k & 1) + (k >> 1) W for the stored index k.
+MAMLPP_FAST_SIMD_CLONES void argmax_offsets(int32_t* __restrict__ out, const int32_t* __restrict__ corner,
+                                            const uint8_t* __restrict__ idx, int64_t J, int64_t W) {
+  const int32_t w = static_cast<int32_t>(W);
+  MAMLPP_FAST_SIMD
+  for (int64_t j = 0; j < J; ++j) {
+    const int32_t k = idx[j];
+    out[j] = corner[j] + (k & 1) + (k >> 1) * w;
+  }
+}
+
+// forward: y = max over each window of leaky_relu(alpha x + shift), idx = the first argmax.
+//
+// Written so that the scalar code gcc emits for small planes (no vector iteration at Omniglot's
+// 3x3 and 1x1 windows grids) has no branches either: the leaky ReLU is max(z, slope z) (exact for
+// 0 < slope <= 1; kMaxForm), the running max a maxss and the argmax a cmov. NaN: in this op a
+// channel is NaN everywhere or nowhere (any non-finite x makes the mean, and hence every z,
+// NaN), and for an all-NaN window !(a <= best) picks the last position, as ATen's max_pool2d.
+template <typename T, bool kMaxForm>
+MAMLPP_FAST_SIMD_CLONES void forward_plane(const T* __restrict__ x, T* __restrict__ y,
+                                           uint8_t* __restrict__ idx, const int32_t* __restrict__ corner,
+                                           int64_t J, int64_t W, T alpha, T shift, T slope) {
+  auto activate = [slope](T z) -> T {
+    if constexpr (kMaxForm) {
+      return std::max(z, z * slope);
+    } else {
+      return leaky_relu(z, slope);
+    }
+  };
+  MAMLPP_FAST_SIMD
+  for (int64_t j = 0; j < J; ++j) {
+    const int64_t o = corner[j];
+    const T a0 = activate(x[o] * alpha + shift);
+    const T a1 = activate(x[o + 1] * alpha + shift);
+    const T a2 = activate(x[o + W] * alpha + shift);
+    const T a3 = activate(x[o + W + 1] * alpha + shift);
+    int32_t arg = 0;
+    T best = a0;
+    arg = !(a1 <= best) ? 1 : arg;
+    best = std::max(best, a1);
+    arg = !(a2 <= best) ? 2 : arg;
+    best = std::max(best, a2);
+    arg = !(a3 <= best) ? 3 : arg;
+    best = std::max(best, a3);
+    y[j] = best;
+    idx[j] = static_cast<uint8_t>(arg);
+  }
+}
+
+// Sums over the argmax positions am[j] of u = D gy (D: the leaky-relu slope there):
+// s_u += sum u, s_ux += sum u (x - mean), and, with h, s_uh += sum u h.
+template <typename T, bool kWithH>
+MAMLPP_FAST_SIMD_CLONES void argmax_sums_plane(const T* __restrict__ x, const T* __restrict__ h,
+                                               const T* __restrict__ gy, const int32_t* __restrict__ am,
+                                               int64_t J, T alpha, T shift, T slope, T mean,
+                                               acc_t& s_u, acc_t& s_ux, acc_t& s_uh) {
+  for (int64_t b = 0; b < J; b += kBlock) {
+    const int64_t e = std::min(J, b + kBlock);
+    T a = 0, c = 0, d = 0;
+    MAMLPP_FAST_SIMD_REDUCE(a, c, d)
+    for (int64_t j = b; j < e; ++j) {
+      const T xv = x[am[j]];
+      const T u = gy[j] * leaky_relu_slope(xv * alpha + shift, slope);
+      a += u;
+      c += u * (xv - mean);
+      if constexpr (kWithH) d += u * h[am[j]];
+    }
+    s_u += a;
+    s_ux += c;
+    s_uh += d;
+  }
+}
+
+// backward output: gx = c1 (x - mean) + c0, plus wr D gy at each window's argmax.
+template <typename T>
+MAMLPP_FAST_SIMD_CLONES void backward_write_plane(T* __restrict__ gx, const T* __restrict__ x,
+                                                  const T* __restrict__ gy, const int32_t* __restrict__ am,
+                                                  const int32_t* __restrict__ window, int64_t HW,
+                                                  T alpha, T shift, T slope, T mean, T c1, T c0, T wr) {
+  MAMLPP_FAST_SIMD
+  for (int64_t p = 0; p < HW; ++p) {
+    const int32_t j = window[p];
+    // Computed unconditionally, then selected: a conditional multiply is control flow to the
+    // vectoriser (floating-point ops may trap).
+    const T s = wr * gy[j] * leaky_relu_slope(x[p] * alpha + shift, slope);
+    gx[p] = c1 * (x[p] - mean) + c0 + (am[j] == p ? s : T(0));
+  }
+}
+
+// Per-channel coefficients of the double backward's output pass (see the header comment).
+template <typename T>
+struct DoubleBackwardCoefficients {
+  T e1, e0, e_h;  // dense: d x = e1 (x - mean) + e0 + e_h hx
+  T su_coef;      // sparse: d x += su_coef u at the argmax
+  T wr, hm, cr;   // d gy = D (wr (hx - hm) + (hw_r - cr) (x - mean) + hb) at the argmax
+  T hw_r, hb;
+};
+
+// double backward outputs: d x (dense + argmax correction) and d gy (one per window).
+template <typename T, bool kWithH>
+MAMLPP_FAST_SIMD_CLONES void double_backward_write_plane(
+    T* __restrict__ dx, T* __restrict__ dgy, const T* __restrict__ x, const T* __restrict__ h,
+    const T* __restrict__ gy, const int32_t* __restrict__ am, const int32_t* __restrict__ window,
+    int64_t J, int64_t HW, T alpha, T shift, T slope, T mean, DoubleBackwardCoefficients<T> q) {
+  MAMLPP_FAST_SIMD
+  for (int64_t p = 0; p < HW; ++p) {
+    const int32_t j = window[p];
+    const T s = q.su_coef * gy[j] * leaky_relu_slope(x[p] * alpha + shift, slope);
+    T v = q.e1 * (x[p] - mean) + q.e0;
+    if constexpr (kWithH) v += q.e_h * h[p];
+    dx[p] = v + (am[j] == p ? s : T(0));
+  }
+  MAMLPP_FAST_SIMD
+  for (int64_t j = 0; j < J; ++j) {
+    const T xv = x[am[j]];
+    T hv = 0;
+    if constexpr (kWithH) hv = h[am[j]];
+    const T d = leaky_relu_slope(xv * alpha + shift, slope);
+    dgy[j] = d * (q.wr * (hv - q.hm) + (q.hw_r - q.cr) * (xv - mean) + q.hb);
+  }
+}
+
+struct Geometry {
   int64_t n, G, H, W, Ho, Wo;
   int64_t plane() const { return H * W; }
   int64_t pooled_plane() const { return Ho * Wo; }
   int64_t x_offset(int64_t i, int64_t g) const { return (i * G + g) * plane(); }
   int64_t y_offset(int64_t i, int64_t g) const { return (i * G + g) * pooled_plane(); }
-  template <typename F>
-  void for_each_argmax(int64_t g, const uint8_t* __restrict__ idx, F&& f) const {
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t yo = y_offset(i, g);
-      const int64_t xo = x_offset(i, g);
-      for (int64_t oh = 0; oh < Ho; ++oh)
-        for (int64_t ow = 0; ow < Wo; ++ow) {
-          const int64_t py = yo + oh * Wo + ow;
-          const int k = idx[py];
-          const int64_t px = xo + (2 * oh + (k >> 1)) * W + 2 * ow + (k & 1);
-          f(py, px);
-        }
-    }
-  }
 };
 
-PooledGeometry geometry(const at::Tensor& x) {
+Geometry geometry(const at::Tensor& x) {
   return {x.size(0), x.size(1), x.size(2), x.size(3), x.size(2) / 2, x.size(3) / 2};
 }
 
@@ -134,8 +277,8 @@ template <typename scalar_t>
 void forward_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                     double eps, double slope_d, at::Tensor& y, at::Tensor& mean_out,
                     at::Tensor& invstd_out, at::Tensor& indices) {
-  const PooledGeometry geo = geometry(x);
-  const int64_t HW = geo.plane(), W = geo.W, Wo = geo.Wo, Ho = geo.Ho;
+  const Geometry geo = geometry(x);
+  const int64_t HW = geo.plane();
   const acc_t M = static_cast<acc_t>(geo.n * HW);
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const scalar_t* wp = weight.data_ptr<scalar_t>();
@@ -145,56 +288,30 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Ten
   scalar_t* rp = invstd_out.data_ptr<scalar_t>();
   uint8_t* ip = indices.data_ptr<uint8_t>();
   const scalar_t slope = static_cast<scalar_t>(slope_d);
-  const bool max_form = slope_d > 0 && slope_d <= 1;
-  const scalar_t factor[2] = {slope, scalar_t(1)};
+  const bool max_form = slope_d > 0 && slope_d <= 1;  // leaky_relu(z) == max(z, slope z)
+  const WindowTables tables(geo.H, geo.W);
 
   at::parallel_for(0, geo.G, channel_grain(geo.n * HW), [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       // Two-pass statistics (mean, then squared deviations): exact enough for float64 too.
       acc_t s = 0;
-      for (int64_t i = 0; i < geo.n; ++i) s += sum_plane(xp + geo.x_offset(i, g), HW);
-      const acc_t mu = s / M;
+      for (int64_t i = 0; i < geo.n; ++i) s += plane_sum(xp + geo.x_offset(i, g), HW);
+      const scalar_t mean = static_cast<scalar_t>(s / M);
       acc_t ss = 0;
-      for (int64_t i = 0; i < geo.n; ++i) ss += sum_sq_dev_plane(xp + geo.x_offset(i, g), HW, mu);
-      const scalar_t mean = static_cast<scalar_t>(mu);
+      for (int64_t i = 0; i < geo.n; ++i) ss += plane_sum_sq_dev(xp + geo.x_offset(i, g), HW, mean);
       const scalar_t invstd = static_cast<scalar_t>(1.0 / std::sqrt(ss / M + eps));
       mp[g] = mean;
       rp[g] = invstd;
       const BnAffine<scalar_t> c = bn_affine(wp[g], bp[g], mean, invstd);
-
-      // Instantiated once per leaky-ReLU form, so the choice is made per channel, not per element.
-      auto pool_channel = [&](auto leaky_relu) {
-        for (int64_t i = 0; i < geo.n; ++i) {
-          const scalar_t* xc = xp + geo.x_offset(i, g);
-          scalar_t* yc = yp + geo.y_offset(i, g);
-          uint8_t* ic = ip + geo.y_offset(i, g);
-          for (int64_t oh = 0; oh < Ho; ++oh) {
-            const scalar_t* r0 = xc + 2 * oh * W;
-            const scalar_t* r1 = r0 + W;
-            for (int64_t ow = 0; ow < Wo; ++ow) {
-              scalar_t a[4] = {r0[2 * ow], r0[2 * ow + 1], r1[2 * ow], r1[2 * ow + 1]};
-              for (int k = 0; k < 4; ++k) a[k] = leaky_relu(a[k] * c.alpha + c.shift);
-              // First max in row-major order; NaN wins (as ATen's max_pool2d). Selects, not
-              // branches: on real data the comparisons are unpredictable (3-4x slower branchy).
-              scalar_t best = a[0];
-              uint8_t arg = 0;
-              for (int k = 1; k < 4; ++k) {
-                const bool take = (a[k] > best) | (a[k] != a[k]);
-                best = take ? a[k] : best;
-                arg = take ? static_cast<uint8_t>(k) : arg;
-              }
-              yc[oh * Wo + ow] = best;
-              ic[oh * Wo + ow] = arg;
-            }
-          }
+      for (int64_t i = 0; i < geo.n; ++i) {
+        const scalar_t* xi = xp + geo.x_offset(i, g);
+        scalar_t* yi = yp + geo.y_offset(i, g);
+        uint8_t* ii = ip + geo.y_offset(i, g);
+        if (max_form) {
+          forward_plane<scalar_t, true>(xi, yi, ii, tables.corner.data(), tables.J, geo.W, c.alpha, c.shift, slope);
+        } else {
+          forward_plane<scalar_t, false>(xi, yi, ii, tables.corner.data(), tables.J, geo.W, c.alpha, c.shift, slope);
         }
-      };
-      // Branch-free leaky ReLU, bit-identical to z > 0 ? z : z * slope: for 0 < slope <= 1 it is
-      // max(z, slope * z) (one instruction); otherwise a multiply by a {slope, 1} table entry.
-      if (max_form) {
-        pool_channel([slope](scalar_t z) { return std::max(z, z * slope); });
-      } else {
-        pool_channel([&factor](scalar_t z) { return z * factor[z > 0]; });
       }
     }
   });
@@ -224,48 +341,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_lrelu_pool_forward
 // ---------------------------------------------------------------------------------------------
 // backward
 
-// Per-channel constants shared by the backward and double-backward kernels.
-template <typename scalar_t>
-struct ChannelState {
-  BnAffine<scalar_t> c;
-  scalar_t slope;
-  acc_t mean, invstd, weight;
-  // D * gy at an argmax position px (flat in x) holding gy value g.
-  // A table lookup instead of a branch on the sign of z: the sign is unpredictable on real data.
-  acc_t u(scalar_t xv, scalar_t gy) const { return static_cast<acc_t>(gy) * d(xv); }
-  acc_t d(scalar_t xv) const {
-    const scalar_t z = xv * c.alpha + c.shift;
-    const acc_t factor[2] = {static_cast<acc_t>(slope), acc_t(1)};
-    return factor[z > 0];
-  }
-  acc_t xhat(scalar_t xv) const { return (static_cast<acc_t>(xv) - mean) * invstd; }
-};
-
-template <typename scalar_t>
-ChannelState<scalar_t> channel_state(int64_t g, const scalar_t* wp, const scalar_t* bp,
-                                     const scalar_t* mp, const scalar_t* rp, double slope) {
-  return {bn_affine(wp[g], bp[g], mp[g], rp[g]), static_cast<scalar_t>(slope),
-          static_cast<acc_t>(mp[g]), static_cast<acc_t>(rp[g]), static_cast<acc_t>(wp[g])};
-}
-
-// out = c1 * (x - mean) + c0 over one plane (+= hcoef * h when h is given).
-template <typename scalar_t>
-void affine_plane(scalar_t* __restrict__ out, const scalar_t* __restrict__ x,
-                  const scalar_t* __restrict__ h, int64_t n, scalar_t mean, scalar_t c1,
-                  scalar_t c0, scalar_t hcoef) {
-  if (h == nullptr) {
-    for (int64_t i = 0; i < n; ++i) out[i] = c1 * (x[i] - mean) + c0;
-  } else {
-    for (int64_t i = 0; i < n; ++i) out[i] = c1 * (x[i] - mean) + c0 + hcoef * h[i];
-  }
-}
-
 template <typename scalar_t>
 void backward_kernel(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& weight,
                      const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& invstd,
-                     const at::Tensor& indices, double slope, at::Tensor& gx, at::Tensor& gw,
+                     const at::Tensor& indices, double slope_d, at::Tensor& gx, at::Tensor& gw,
                      at::Tensor& gb) {
-  const PooledGeometry geo = geometry(x);
+  const Geometry geo = geometry(x);
   const int64_t HW = geo.plane();
   const acc_t M = static_cast<acc_t>(geo.n * HW);
   const scalar_t* gyp = gy.data_ptr<scalar_t>();
@@ -278,29 +359,34 @@ void backward_kernel(const at::Tensor& gy, const at::Tensor& x, const at::Tensor
   scalar_t* gxp = gx.data_ptr<scalar_t>();
   scalar_t* gwp = gw.data_ptr<scalar_t>();
   scalar_t* gbp = gb.data_ptr<scalar_t>();
+  const scalar_t slope = static_cast<scalar_t>(slope_d);
+  const WindowTables tables(geo.H, geo.W);
+  const int64_t J = tables.J;
 
   at::parallel_for(0, geo.G, channel_grain(geo.n * HW), [&](int64_t g0, int64_t g1) {
+    std::vector<int32_t> argmax(geo.n * J);  // per image, the flat offset of each window's argmax
     for (int64_t g = g0; g < g1; ++g) {
-      const auto st = channel_state(g, wp, bp, mp, rp, slope);
-      acc_t su = 0, sux = 0;
-      geo.for_each_argmax(g, ip, [&](int64_t py, int64_t px) {
-        const acc_t u = st.u(xp[px], gyp[py]);
-        su += u;
-        sux += u * st.xhat(xp[px]);
-      });
+      const BnAffine<scalar_t> c = bn_affine(wp[g], bp[g], mp[g], rp[g]);
+      const acc_t r = rp[g];
+      acc_t su = 0, sux = 0, unused = 0;
+      for (int64_t i = 0; i < geo.n; ++i) {
+        int32_t* am = argmax.data() + i * J;
+        argmax_offsets(am, tables.corner.data(), ip + geo.y_offset(i, g), J, geo.W);
+        argmax_sums_plane<scalar_t, false>(xp + geo.x_offset(i, g), nullptr, gyp + geo.y_offset(i, g),
+                                           am, J, c.alpha, c.shift, slope, mp[g], su, sux, unused);
+      }
+      sux *= r;  // sum u xh
       gbp[g] = static_cast<scalar_t>(su);
       gwp[g] = static_cast<scalar_t>(sux);
       // gx = w r (u - A - xh Bu) = c1 (x - mu) + c0, plus w r u at the argmax positions.
-      const acc_t wr = st.weight * st.invstd;
-      const scalar_t c1 = static_cast<scalar_t>(-wr * st.invstd * (sux / M));
+      const acc_t wr = static_cast<acc_t>(wp[g]) * r;
+      const scalar_t c1 = static_cast<scalar_t>(-wr * r * (sux / M));
       const scalar_t c0 = static_cast<scalar_t>(-wr * (su / M));
       for (int64_t i = 0; i < geo.n; ++i) {
-        const int64_t o = geo.x_offset(i, g);
-        affine_plane<scalar_t>(gxp + o, xp + o, nullptr, HW, mp[g], c1, c0, 0);
+        backward_write_plane(gxp + geo.x_offset(i, g), xp + geo.x_offset(i, g),
+                             gyp + geo.y_offset(i, g), argmax.data() + i * J, tables.window.data(),
+                             HW, c.alpha, c.shift, slope, mp[g], c1, c0, static_cast<scalar_t>(wr));
       }
-      geo.for_each_argmax(g, ip, [&](int64_t py, int64_t px) {
-        gxp[px] += static_cast<scalar_t>(wr * st.u(xp[px], gyp[py]));
-      });
     }
   });
 }
@@ -328,6 +414,65 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_lrelu_pool_backward_cpu(
 // ---------------------------------------------------------------------------------------------
 // double backward
 
+template <typename scalar_t, bool kWithH>
+void double_backward_channel(const Geometry& geo, const WindowTables& tables, int32_t* argmax,
+                             int64_t g, const scalar_t* gyp,
+                             const scalar_t* xp, const scalar_t* wp, const scalar_t* bp,
+                             const scalar_t* mp, const scalar_t* rp, const uint8_t* ip,
+                             const scalar_t* hxp, const scalar_t* hwp, const scalar_t* hbp,
+                             scalar_t slope, scalar_t* dgyp, scalar_t* dxp, scalar_t* dwp) {
+  const int64_t HW = geo.plane();
+  const acc_t M = static_cast<acc_t>(geo.n * HW);
+  const BnAffine<scalar_t> c = bn_affine(wp[g], bp[g], mp[g], rp[g]);
+  const acc_t r = rp[g], w = wp[g];
+  const acc_t hw = hwp ? static_cast<acc_t>(hwp[g]) : 0;
+  const acc_t hb = hbp ? static_cast<acc_t>(hbp[g]) : 0;
+  auto plane = [&](const scalar_t* p, int64_t i) { return p + geo.x_offset(i, g); };
+
+  // Sparse reductions over the argmax positions: sum u, sum u xh, sum hx u.
+  acc_t su = 0, sux = 0, shu = 0;
+  const int64_t J = tables.J;
+  for (int64_t i = 0; i < geo.n; ++i) {
+    int32_t* am = argmax + i * J;
+    argmax_offsets(am, tables.corner.data(), ip + geo.y_offset(i, g), J, geo.W);
+    argmax_sums_plane<scalar_t, kWithH>(plane(xp, i), kWithH ? plane(hxp, i) : nullptr,
+                                        gyp + geo.y_offset(i, g), am, J, c.alpha, c.shift, slope,
+                                        mp[g], su, sux, shu);
+  }
+  sux *= r;
+  // Dense reductions over hx: sum hx, sum hx xh.
+  acc_t sh = 0, shx = 0;
+  if constexpr (kWithH) {
+    for (int64_t i = 0; i < geo.n; ++i) plane_sum_h(plane(hxp, i), plane(xp, i), HW, mp[g], sh, shx);
+    shx *= r;
+  }
+  const acc_t A = su / M, Bu = sux / M, Hm = sh / M, C = shx / M;
+  const acc_t S = shu - A * sh - Bu * shx;  // sum hx (u - A - xh Bu)
+  dwp[g] = static_cast<scalar_t>(r * S);
+
+  // d x = r (q - <q> - xh <q xh>) - rho r^2 xh / M with q = -w r (Bu hx + C u) + hw u;
+  // sparse parts: d x += r (hw - w r C) u;  d gy = D (w r (hx - Hm - xh C) + hw xh + hb).
+  const acc_t rho = w * S;
+  const acc_t q_mean = -w * r * (Bu * Hm + C * A) + hw * A;
+  const acc_t qx_mean = -2 * w * r * Bu * C + hw * Bu;
+  DoubleBackwardCoefficients<scalar_t> q;
+  q.e_h = static_cast<scalar_t>(-w * r * r * Bu);
+  q.e0 = static_cast<scalar_t>(-r * q_mean);
+  q.e1 = static_cast<scalar_t>(-r * r * (qx_mean + rho * r / M));  // per (x - mu)
+  q.su_coef = static_cast<scalar_t>(r * (hw - w * r * C));
+  q.wr = static_cast<scalar_t>(w * r);
+  q.hm = static_cast<scalar_t>(Hm);
+  q.cr = static_cast<scalar_t>(w * r * C * r);  // w r xh C = cr (x - mu)
+  q.hw_r = static_cast<scalar_t>(hw * r);       // hw xh = hw_r (x - mu)
+  q.hb = static_cast<scalar_t>(hb);
+  for (int64_t i = 0; i < geo.n; ++i) {
+    double_backward_write_plane<scalar_t, kWithH>(
+        dxp + geo.x_offset(i, g), dgyp + geo.y_offset(i, g), plane(xp, i),
+        kWithH ? plane(hxp, i) : nullptr, gyp + geo.y_offset(i, g), argmax + i * J,
+        tables.window.data(), J, HW, c.alpha, c.shift, slope, mp[g], q);
+  }
+}
+
 template <typename scalar_t>
 void double_backward_kernel(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& weight,
                             const at::Tensor& bias, const at::Tensor& mean,
@@ -335,9 +480,7 @@ void double_backward_kernel(const at::Tensor& gy, const at::Tensor& x, const at:
                             const at::Tensor* hx_t, const at::Tensor* hw_t,
                             const at::Tensor* hb_t, double slope, at::Tensor& d_gy,
                             at::Tensor& d_x, at::Tensor& d_w) {
-  const PooledGeometry geo = geometry(x);
-  const int64_t HW = geo.plane();
-  const acc_t M = static_cast<acc_t>(geo.n * HW);
+  const Geometry geo = geometry(x);
   const scalar_t* gyp = gy.data_ptr<scalar_t>();
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const scalar_t* wp = weight.data_ptr<scalar_t>();
@@ -351,56 +494,19 @@ void double_backward_kernel(const at::Tensor& gy, const at::Tensor& x, const at:
   scalar_t* dgyp = d_gy.data_ptr<scalar_t>();
   scalar_t* dxp = d_x.data_ptr<scalar_t>();
   scalar_t* dwp = d_w.data_ptr<scalar_t>();
+  const scalar_t s = static_cast<scalar_t>(slope);
+  const WindowTables tables(geo.H, geo.W);
 
-  at::parallel_for(0, geo.G, channel_grain(geo.n * HW), [&](int64_t g0, int64_t g1) {
+  at::parallel_for(0, geo.G, channel_grain(geo.n * geo.plane()), [&](int64_t g0, int64_t g1) {
+    std::vector<int32_t> argmax(geo.n * tables.J);
     for (int64_t g = g0; g < g1; ++g) {
-      const auto st = channel_state(g, wp, bp, mp, rp, slope);
-      const acc_t r = st.invstd, w = st.weight;
-      const acc_t hw = hwp ? static_cast<acc_t>(hwp[g]) : 0;
-      const acc_t hb = hbp ? static_cast<acc_t>(hbp[g]) : 0;
-
-      // Sparse reductions over the argmax positions: sum u, sum u xh, sum hx u.
-      acc_t su = 0, sux = 0, shu = 0;
-      geo.for_each_argmax(g, ip, [&](int64_t py, int64_t px) {
-        const acc_t u = st.u(xp[px], gyp[py]);
-        su += u;
-        sux += u * st.xhat(xp[px]);
-        if (hxp) shu += u * static_cast<acc_t>(hxp[px]);
-      });
-      // Dense reductions over hx: sum hx, sum hx xh.
-      acc_t sh = 0, shx = 0;
       if (hxp) {
-        for (int64_t i = 0; i < geo.n; ++i) {
-          const int64_t o = geo.x_offset(i, g);
-          sum_h_hxc_plane(hxp + o, xp + o, HW, st.mean, sh, shx);
-        }
-        shx *= r;
+        double_backward_channel<scalar_t, true>(geo, tables, argmax.data(), g, gyp, xp, wp, bp, mp,
+                                                rp, ip, hxp, hwp, hbp, s, dgyp, dxp, dwp);
+      } else {
+        double_backward_channel<scalar_t, false>(geo, tables, argmax.data(), g, gyp, xp, wp, bp,
+                                                 mp, rp, ip, hxp, hwp, hbp, s, dgyp, dxp, dwp);
       }
-      const acc_t A = su / M, Bu = sux / M, Hm = sh / M, C = shx / M;
-      const acc_t S = shu - A * sh - Bu * shx;  // sum hx (u - A - xh Bu)
-      dwp[g] = static_cast<scalar_t>(r * S);
-
-      // d x = r (q - <q> - xh <q xh>) - rho r^2 xh / M with q = -w r (Bu hx + C u) + hw u.
-      const acc_t rho = w * S;
-      const acc_t q_mean = -w * r * (Bu * Hm + C * A) + hw * A;
-      const acc_t qx_mean = -2 * w * r * Bu * C + hw * Bu;
-      const scalar_t e_h = static_cast<scalar_t>(-w * r * r * Bu);
-      const scalar_t e0 = static_cast<scalar_t>(-r * q_mean);
-      const scalar_t e1 = static_cast<scalar_t>(-r * r * (qx_mean + rho * r / M));  // per (x-mu)
-      for (int64_t i = 0; i < geo.n; ++i) {
-        const int64_t o = geo.x_offset(i, g);
-        affine_plane<scalar_t>(dxp + o, xp + o, hxp ? hxp + o : nullptr, HW, mp[g], e1, e0, e_h);
-      }
-      // Sparse parts: d x += r (hw - w r C) u;  d gy = D (w r (hx - Hm - xh C) + hw xh + hb).
-      const acc_t su_coef = r * (hw - w * r * C);
-      geo.for_each_argmax(g, ip, [&](int64_t py, int64_t px) {
-        const scalar_t xv = xp[px];
-        const acc_t xh = st.xhat(xv);
-        dxp[px] += static_cast<scalar_t>(su_coef * st.u(xv, gyp[py]));
-        const acc_t hxv = hxp ? static_cast<acc_t>(hxp[px]) : 0;
-        const acc_t gu = w * r * (hxv - Hm - xh * C) + hw * xh + hb;
-        dgyp[py] = static_cast<scalar_t>(st.d(xv) * gu);
-      });
     }
   });
 }

@@ -4,33 +4,40 @@ Layout: tasks are channel groups, as everywhere in MetaLearner: x [n, B*C_in, H,
 n images of each of B tasks, weight [B, C_out, C_in, 3, 3] and bias [B, C_out] are per task, and
 the result is [n, B*C_out, H, W] (stride 1, zero padding 1).
 
-Two strategies compute the same function:
+Four strategies compute the same function:
 
-- ``"grouped"``: one ``F.conv2d(..., groups=B)`` (cuDNN / oneDNN). Its weight gradient, and the
-  convolutions of its double backward, take grouped-convolution paths that are slow for small
-  per-group channel counts;
+- ``"grouped"``: one ``F.conv2d(..., groups=B)`` (cuDNN / oneDNN) under ATen's autograd. Its
+  double backward (``_convolution_double_backward``) loops over the B groups for one of its
+  terms: 2B extra small convolutions per layer and inner step;
+- ``"explicit"``: the same grouped kernels under mamlpp_fast's own autograd formulas: a forward
+  convolution, an input-gradient convolution (``conv_transpose2d``) and a weight-gradient
+  convolution (``aten.convolution_backward``), each differentiating into the others, so every
+  order of derivative is one grouped call per term and nothing loops over groups;
 - ``"bmm"``: im2col (``F.unfold``) and one batched matmul over tasks. It moves 9x the input
   through memory but turns every gradient, first and second order, into batched matmuls;
 - ``"triton"``: implicit GEMM with the task index in the grid (``mamlpp_fast.kernels.task_conv``):
   a forward kernel and a weight-gradient kernel; the input gradient is the forward kernel on the
-  transposed, flipped weights. The two kernels' autograd formulas are written in terms of each
-  other, so every order of derivative runs on them. CUDA, or CPU under ``TRITON_INTERPRET=1``.
+  transposed, flipped weights, under the same explicit autograd formulas as ``"explicit"``.
+  CUDA, or CPU under ``TRITON_INTERPRET=1``.
 
-Both are compositions of differentiable ATen ops, so gradients of any order come from autograd.
-``"auto"`` is ``grouped`` on every device, by end-to-end measurement (benchmarks/RESULTS.md,
-H200, 2026-11-30): in isolation ``bmm`` wins the second-order pattern for layers with
-C_in*9 >= 27 and H*W >= 196 (up to 3.6x at mini-ImageNet's 84x84 first layer, TF32 off), but
-inside whole meta-steps, where cuDNN runs in TF32 and the im2col buffers are kept for the outer
-backward, a per-layer rule built on that was slower (mini-ImageNet 5w1s 242 vs 106 ms, Omniglot
-20w1s under CUDA graphs 29.9 vs 25.3 ms). On the CPU oneDNN's grouped conv beat unfold+bmm at
-every Omniglot/mini-ImageNet shape but the 1-channel first layer's second-order pass.
+Gradients of any order come from autograd in all four. ``"auto"`` is ``grouped`` on every device,
+by end-to-end measurement. On the CPU, ``explicit`` is 1.3-1.5x faster than ``grouped`` for an
+isolated second-order pattern (gradients of |dx|^2 + |dw|^2) but equal inside whole meta-steps:
+the group loop it removes costs about what its separate weight-gradient calls add (2026-11-30,
+benchmarks/RESULTS.md). On the H200 (2026-11-30), in isolation ``bmm`` wins the second-order
+pattern for layers with C_in*9 >= 27 and H*W >= 196 (up to 3.6x at mini-ImageNet's 84x84 first
+layer, TF32 off), but inside whole meta-steps, where cuDNN runs in TF32 and the im2col buffers are
+kept for the outer backward, a per-layer rule built on that was slower (mini-ImageNet 5w1s 242 vs 106 ms, Omniglot
+20w1s under CUDA graphs 29.9 vs 25.3 ms); ``explicit`` has not been measured on a GPU yet.
 
 Note on precision: on CUDA, cuDNN convolutions run in TF32 by default
 (``torch.backends.cudnn.allow_tf32``) while matmuls do not (``torch.backends.cuda.matmul.allow_tf32``),
-so in float32 the two strategies round differently; in float64 they agree to rounding.
+so in float32 the strategies round differently; in float64 they agree to rounding.
 """
 
 from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +47,7 @@ from .. import _backend
 
 __all__ = ["task_conv", "task_conv_strategy", "STRATEGIES"]
 
-STRATEGIES = ("grouped", "bmm", "triton")
+STRATEGIES = ("grouped", "explicit", "bmm", "triton")
 _REQUESTS = ("auto",) + STRATEGIES
 
 
@@ -88,53 +95,140 @@ def _task_conv_bmm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     return out.view(b, c_out, n, h, w).permute(2, 0, 1, 3, 4).reshape(n, b * c_out, h, w).contiguous()
 
 
+class _ConvKernels(NamedTuple):
+    """The three convolutions a strategy provides (x [n, B*C_in, H, W], w [B, C_out, C_in, 3, 3],
+    gy [n, B*C_out, H, W], bias [B, C_out] or None); each is linear in x/gy and in w."""
+
+    forward: Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]  # (x, w, bias) -> conv(x, w) + bias
+    input_grad: Callable[[Tensor, Tensor], Tensor]  # (gy, w) -> dy/dx^T gy
+    weight_grad: Callable[[Tensor, Tensor, int], Tensor]  # (x, gy, B) -> dy/dw^T gy, [B, C_out, C_in, 3, 3]
+    # Optional (gy, x, w, needs [x, w, bias]) -> (gx, gw, gbias): every gradient in one call, for a
+    # backward that will not be differentiated again (grad mode off).
+    all_grads: Optional[Callable[..., Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]]] = None
+
+
+def _bias_grad(grad_out: Tensor, num_tasks: int) -> Tensor:
+    return grad_out.sum(dim=(0, 2, 3)).view(num_tasks, -1)
+
+
+def _grouped_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    b, c_out, c_in = weight.shape[:3]
+    flat_bias = None if bias is None else bias.reshape(b * c_out)
+    return F.conv2d(x, weight.reshape(b * c_out, c_in, 3, 3), flat_bias, padding=1, groups=b)
+
+
+def _grouped_input_grad(grad_out: Tensor, weight: Tensor) -> Tensor:
+    b, c_out, c_in = weight.shape[:3]
+    return F.conv_transpose2d(grad_out, weight.reshape(b * c_out, c_in, 3, 3), padding=1, groups=b)
+
+
+def _grouped_weight_grad(x: Tensor, grad_out: Tensor, num_tasks: int) -> Tensor:
+    c_out, c_in = grad_out.shape[1] // num_tasks, x.shape[1] // num_tasks
+    # convolution_backward reads only the weight's shape, dtype and layout.
+    weight_like = x.new_empty(num_tasks * c_out, c_in, 3, 3)
+    _, grad_w, _ = torch.ops.aten.convolution_backward(
+        grad_out, x, weight_like, None, [1, 1], [1, 1], [1, 1], False, [0, 0], num_tasks,
+        [False, True, False])
+    return grad_w.view(num_tasks, c_out, c_in, 3, 3)
+
+
+def _grouped_all_grads(grad_out: Tensor, x: Tensor, weight: Tensor, needs: Tuple[bool, bool, bool]):
+    # ATen's own convolution backward: one oneDNN/cuDNN call for every gradient.
+    b, c_out, c_in = weight.shape[:3]
+    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        grad_out, x, weight.reshape(b * c_out, c_in, 3, 3), [b * c_out] if needs[2] else None,
+        [1, 1], [1, 1], [1, 1], False, [0, 0], b, list(needs))
+    return (grad_x, grad_w.view(b, c_out, c_in, 3, 3) if needs[1] else None,
+            grad_b.view(b, c_out) if needs[2] else None)
+
+
 def _transpose_flip(weight: Tensor) -> Tensor:
     """[B, C_out, C_in, 3, 3] -> [B, C_in, C_out, 3, 3] rotated 180 degrees: the weights whose
     forward convolution is the input gradient (transposed convolution, stride 1, padding 1)."""
     return weight.transpose(1, 2).flip(-1, -2)
 
 
-class _TritonTaskConv(torch.autograd.Function):
-    """y = conv(x, weight) on the Triton forward kernel (no bias)."""
+def _triton_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    from ..kernels.task_conv import task_conv_forward
 
+    out = task_conv_forward(x, weight)
+    return out if bias is None else out + bias.reshape(1, -1, 1, 1)
+
+
+def _triton_input_grad(grad_out: Tensor, weight: Tensor) -> Tensor:
+    return _triton_forward(grad_out, _transpose_flip(weight), None)
+
+
+def _triton_weight_grad(x: Tensor, grad_out: Tensor, num_tasks: int) -> Tensor:
+    from ..kernels.task_conv import task_conv_weight_grad
+
+    return task_conv_weight_grad(x, grad_out, num_tasks)
+
+
+_GROUPED_KERNELS = _ConvKernels(_grouped_forward, _grouped_input_grad, _grouped_weight_grad,
+                                _grouped_all_grads)
+_TRITON_KERNELS = _ConvKernels(_triton_forward, _triton_input_grad, _triton_weight_grad)
+
+# y = conv(x, w) is bilinear, and so are its two gradients. With gy the cotangent of y:
+#   conv:        dx = input_grad(gy, w)        dw = weight_grad(x, gy)
+#   input_grad:  d(gy) = conv(h, w)            dw = weight_grad(h, gy)     for cotangent h of dx
+#   weight_grad: dx = input_grad(gy, h)        d(gy) = conv(x, h)          for cotangent h of dw
+# so the three autograd Functions below are written in terms of each other, and derivatives of
+# every order run on the same three kernels. The bias gradient, sum gy, is an ATen reduction.
+
+
+class _TaskConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
-        from ..kernels.task_conv import task_conv_forward
-
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], kernels: _ConvKernels) -> Tensor:
         ctx.save_for_backward(x, weight)
-        return task_conv_forward(x, weight)
+        ctx.kernels = kernels
+        return kernels.forward(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, weight = ctx.saved_tensors
-        grad_x = _TritonTaskConv.apply(grad_out, _transpose_flip(weight)) if ctx.needs_input_grad[0] else None
-        grad_w = (_TritonTaskConvWeightGrad.apply(x, grad_out, weight.shape[0])
-                  if ctx.needs_input_grad[1] else None)
-        return grad_x, grad_w
+        k = ctx.kernels
+        needs = tuple(ctx.needs_input_grad[:3])
+        if k.all_grads is not None and not torch.is_grad_enabled():
+            # A first-order backward (no create_graph): nothing differentiates these gradients.
+            return (*k.all_grads(grad_out, x, weight, needs), None)
+        num_tasks = weight.shape[0]
+        grad_x = _TaskConvInputGrad.apply(grad_out, weight, k) if needs[0] else None
+        grad_w = _TaskConvWeightGrad.apply(x, grad_out, num_tasks, k) if needs[1] else None
+        grad_b = _bias_grad(grad_out, num_tasks) if needs[2] else None
+        return grad_x, grad_w, grad_b, None
 
 
-class _TritonTaskConvWeightGrad(torch.autograd.Function):
-    """gw = weight gradient of conv(x, .) for output gradient gy, on the Triton kernel."""
+class _TaskConvInputGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, grad_out: Tensor, weight: Tensor, kernels: _ConvKernels) -> Tensor:
+        ctx.save_for_backward(grad_out, weight)
+        ctx.kernels = kernels
+        return kernels.input_grad(grad_out, weight)
 
     @staticmethod
-    def forward(ctx, x: Tensor, grad_out: Tensor, num_tasks: int) -> Tensor:
-        from ..kernels.task_conv import task_conv_weight_grad
+    def backward(ctx, h: Tensor):
+        grad_out, weight = ctx.saved_tensors
+        k = ctx.kernels
+        d_grad_out = _TaskConv.apply(h, weight, None, k) if ctx.needs_input_grad[0] else None
+        d_weight = _TaskConvWeightGrad.apply(h, grad_out, weight.shape[0], k) if ctx.needs_input_grad[1] else None
+        return d_grad_out, d_weight, None
 
+
+class _TaskConvWeightGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, grad_out: Tensor, num_tasks: int, kernels: _ConvKernels) -> Tensor:
         ctx.save_for_backward(x, grad_out)
-        return task_conv_weight_grad(x, grad_out, num_tasks)
+        ctx.kernels = kernels
+        return kernels.weight_grad(x, grad_out, num_tasks)
 
     @staticmethod
-    def backward(ctx, grad_grad_w: Tensor):
+    def backward(ctx, h: Tensor):
         x, grad_out = ctx.saved_tensors
-        # gw[co, ci, tap] = sum_p gy[co, p] x[ci, p + tap]: linear in x and in gy.
-        grad_x = _TritonTaskConv.apply(grad_out, _transpose_flip(grad_grad_w)) if ctx.needs_input_grad[0] else None
-        grad_gy = _TritonTaskConv.apply(x, grad_grad_w) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_gy, None
-
-
-def _task_conv_triton(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    b, c_out = weight.shape[:2]
-    return _TritonTaskConv.apply(x, weight) + bias.reshape(1, b * c_out, 1, 1)
+        k = ctx.kernels
+        d_x = _TaskConvInputGrad.apply(grad_out, h, k) if ctx.needs_input_grad[0] else None
+        d_grad_out = _TaskConv.apply(x, h, None, k) if ctx.needs_input_grad[1] else None
+        return d_x, d_grad_out, None, None
 
 
 def task_conv(x: Tensor, weight: Tensor, bias: Tensor, *, strategy: str = "auto") -> Tensor:
@@ -144,7 +238,8 @@ def task_conv(x: Tensor, weight: Tensor, bias: Tensor, *, strategy: str = "auto"
         x: [n, B*C_in, H, W], task t's channels at [t*C_in, (t+1)*C_in).
         weight: [B, C_out, C_in, 3, 3], a broadcast (expanded) view is fine.
         bias: [B, C_out].
-        strategy: "auto" (default; see the module docstring), "grouped", "bmm" or "triton".
+        strategy: "auto" (default; see the module docstring), "grouped", "explicit", "bmm" or
+            "triton".
 
     Returns:
         [n, B*C_out, H, W], contiguous. Differentiable to any order in x, weight and bias.
@@ -154,5 +249,7 @@ def task_conv(x: Tensor, weight: Tensor, bias: Tensor, *, strategy: str = "auto"
     if name == "bmm":
         return _task_conv_bmm(x, weight, bias)
     if name == "triton":
-        return _task_conv_triton(x, weight, bias)
+        return _TaskConv.apply(x, weight, bias, _TRITON_KERNELS)
+    if name == "explicit":
+        return _TaskConv.apply(x, weight, bias, _GROUPED_KERNELS)
     return _task_conv_grouped(x, weight, bias)

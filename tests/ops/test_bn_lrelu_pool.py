@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mamlpp_fast import _backend
 from mamlpp_fast.ops.bn_lrelu_pool import bn_lrelu_pool, bn_lrelu_pool_backend
@@ -175,6 +176,45 @@ def test_double_backward_matches_reference_at_realistic_shapes(device, shape):
             assert_rel(g, e, 1e-10, f"order {level + 1}, input {k}")
 
 
+def well_separated_inputs(shape, seed):
+    """(x, weight, bias) in float64 whose every pooling and leaky-ReLU decision is far from a tie.
+
+    float32 and float64 runs may only be compared where both take the same argmax and the same
+    leaky-ReLU branch; a near-tie flips one gradient element by O(1). x lies on a grid of 1/8
+    (distinct values differ by 1/8, equal ones tie exactly in both dtypes, and the first max wins
+    in both), and the bias puts z = 0 half-way between grid points, so |z| >= |alpha| / 16.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(-24, 25, shape, generator=gen).double() / 8
+    sign = torch.where(torch.rand(shape[1], generator=gen) < 0.25, -1.0, 1.0).double()
+    weight = (0.5 + torch.rand(shape[1], generator=gen, dtype=torch.float64)) * sign
+    mean = x.mean((0, 2, 3))
+    invstd = (x.var((0, 2, 3), unbiased=False) + EPS).rsqrt()
+    zero_crossing = torch.round(mean * 8) / 8 + 1 / 16
+    bias = weight * invstd * (mean - zero_crossing)  # z = weight * invstd * (x - zero_crossing)
+    return x, weight, bias
+
+
+@needs_op
+@pytest.mark.parametrize("shape", [(20, 2 * 64, 28, 28), (5, 2 * 48, 84, 84), (7, 6, 13, 11)], ids=str)
+def test_float32_within_1e4_of_float64_to_second_order(device, shape):
+    # The op alone in float32 (the kernels sum in float32 within a block, in double across
+    # blocks), first and second order, against the float64 reference on the same inputs.
+    x, w, b = (t.to(device) for t in well_separated_inputs(shape, seed=9))
+    gen = torch.Generator().manual_seed(10)
+    pooled = (*shape[:2], shape[2] // 2, shape[3] // 2)
+    gy, hx = (torch.randn(s, generator=gen, dtype=torch.float64).to(device) for s in (pooled, shape))
+    hw, hb = (torch.randn(shape[1], generator=gen, dtype=torch.float64).to(device) for _ in range(2))
+    backend = "cpp" if device == "cpu" else "cuda"
+    as32 = [t.float() for t in (x, w, b, gy, hx, hw, hb)]
+    fused = _second_order(lambda *a: bn_lrelu_pool(*a, backend=backend)[0], *as32)
+    ref = _second_order(lambda *a: bn_lrelu_pool_reference(*a)[0], x, w, b, gy, hx, hw, hb)
+    for level, (got, expected) in enumerate(zip(fused, ref)):
+        for k, (g, e) in enumerate(zip(got, expected)):
+            assert g.dtype == torch.float32
+            assert_rel(g, e, 1e-4, f"float32, order {level + 1}, output {k}")
+
+
 @needs_op
 @pytest.mark.parametrize("present", ["x", "weight", "bias", "x+bias", "none"])
 def test_double_backward_with_missing_cotangents(device, present):
@@ -235,6 +275,22 @@ def test_ties_match_aten(device, kind):
         # min_scale: with a constant channel x - mean is exactly 0 here but ~1e-16 in ATen, so
         # gradients that are exactly 0 for us (e.g. grad_weight) are roundoff-sized there.
         assert_rel(got, expected, 1e-10, f"{kind}: output {k}", min_scale=1.0)
+
+
+@needs_op
+def test_non_finite_channel_is_nan_everywhere_with_atens_indices(device):
+    # One inf and one NaN poison their channels' batch statistics, so every z there is NaN; the
+    # kernels rely on that (a channel is NaN everywhere or nowhere) for branch-free argmax code.
+    x, w, b = sample_inputs(device, shape=(3, 4, 6, 6), seed=11)
+    x[1, 1, 2, 3] = float("inf")
+    x[0, 2, 5, 0] = float("nan")
+    y, mean, invstd, idx = raw_forward(x, w, b)
+    z = F.leaky_relu(F.batch_norm(x, None, None, w, b, training=True, eps=EPS), SLOPE)
+    y_ref, flat = F.max_pool2d(z, 2, 2, return_indices=True)
+    window_row, window_col = (flat // 6) % 2, flat % 6 % 2
+    assert torch.equal(y.isnan(), y_ref.isnan()) and y[:, 1:3].isnan().all()
+    assert_rel(y[:, [0, 3]], y_ref[:, [0, 3]], 1e-12, "finite channels")
+    assert torch.equal(idx.long(), window_row * 2 + window_col)
 
 
 def test_mean_and_invstd_carry_no_gradient(device):

@@ -1,4 +1,4 @@
-"""mamlpp_fast.ops.task_conv: both strategies against a per-task F.conv2d loop, gradients to
+"""mamlpp_fast.ops.task_conv: every strategy against a per-task F.conv2d loop, gradients to
 second order (gradcheck / gradgradcheck in float64), float32 against float64, and input checks."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from mamlpp_fast.ops import task_conv, task_conv_strategy
 from mamlpp_fast.ops.task_conv import STRATEGIES
 from mamlpp_fast.testing import task_conv_inputs as inputs
 
-ATEN_STRATEGIES = ("grouped", "bmm")  # the Triton kernels have their own tests in tests/kernels
+ATEN_STRATEGIES = ("grouped", "explicit", "bmm")  # the Triton kernels have their own tests in tests/kernels
 
 
 def skip_unless_runnable(strategy, device):
@@ -84,8 +84,9 @@ def test_broadcast_step_zero_weights():
     for strategy in ATEN_STRATEGIES:
         out = task_conv(x, expanded_w, expanded_b, strategy=strategy)
         results.append((out, *torch.autograd.grad(out.square().sum(), (shared_w, shared_b))))
-    for a, e in zip(*results):
-        assert relative_error(a, e) < 1e-12
+    for other in results[1:]:
+        for a, e in zip(other, results[0]):
+            assert relative_error(a, e) < 1e-12
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -101,10 +102,32 @@ def test_float32_within_1e4_of_float64(device, strategy, monkeypatch):
     assert relative_error(out.double(), expected) < 1e-4
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_float32_gradients_within_1e4_of_float64(device, strategy, monkeypatch):
+    # First and second order (the MAML pattern), Omniglot's second layer with 8 tasks.
+    skip_unless_runnable(strategy, device)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    x, weight, bias = inputs(20, 8, 64, 64, 14, 14, device=device, seed=4)
+    cotangent = torch.randn(20, 8 * 64, 14, 14, dtype=torch.float64, device=device)
+
+    def both_orders(x, weight, bias):
+        x, weight, bias = (t.detach().requires_grad_() for t in (x, weight, bias))
+        out = task_conv(x, weight, bias, strategy=strategy)
+        first = torch.autograd.grad((out * cotangent.to(out.dtype)).sum(), (x, weight, bias), create_graph=True)
+        second = torch.autograd.grad(first[0].square().sum() + first[1].square().sum(), (x, weight))
+        return [t.detach() for t in (*first, *second)]
+
+    for got, expected in zip(both_orders(x.float(), weight.float(), bias.float()), both_orders(x, weight, bias)):
+        assert got.dtype == torch.float32
+        assert relative_error(got.double(), expected) < 1e-4
+
+
 def test_strategy_choice():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     for device in (cpu, cuda):  # "auto" is grouped everywhere (measured end to end, see RESULTS.md)
         assert task_conv_strategy(device) == "grouped"
+    assert task_conv_strategy(cpu, "explicit") == "explicit"
     assert task_conv_strategy(cpu, "bmm") == "bmm"
     assert task_conv_strategy(cuda, "grouped") == "grouped"
 
