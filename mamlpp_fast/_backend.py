@@ -119,10 +119,13 @@ def describe_backends() -> str:
     """A one-paragraph, human-readable summary of what this installation can run."""
     parts = [f"mamlpp_fast with torch {torch.__version__}"]
     if has_extension():
-        cuda = "with CUDA kernels" if has_cuda_extension() else "CPU kernels only"
         width = cpu_kernel_threads()
-        threads = "" if width is None else f", CPU kernels on {width} of {torch.get_num_threads()} threads"
-        parts.append(f"compiled extension loaded ({cuda}{threads})")
+        threads = "" if width is None else f"on {width} of {torch.get_num_threads()} threads"
+        if has_cuda_extension():
+            kernels = "with CUDA kernels" + (f"; CPU kernels {threads}" if threads else "")
+        else:
+            kernels = "CPU kernels only" + (f", {threads}" if threads else "")
+        parts.append(f"compiled extension loaded ({kernels})")
     else:
         parts.append(f"compiled extension not loaded ({_C_ERROR})")
     gpu = torch.cuda.is_available()
