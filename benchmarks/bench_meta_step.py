@@ -149,6 +149,9 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--allocator", default="system", choices=("system", "keep"),
+                        help="keep: mamlpp_fast.allocator.keep_freed_memory() first (as mamlpp-train "
+                             "does); system (default): glibc's defaults, as a plain script gets")
     parser.add_argument("--json", default=None, help="write results here")
     parser.add_argument("--memory", action="store_true",
                         help="peak memory instead of timing: each provider in a fresh process")
@@ -156,6 +159,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.allocator == "keep":
+        from mamlpp_fast.allocator import keep_freed_memory
+
+        keep_freed_memory()
     print(f"# {env_info()}")
     providers = [p for p in args.providers.split(",") if p]
     if providers == ["all"]:
@@ -197,6 +204,7 @@ def run_memory(args, providers: List[str], settings_list: List[str], argv) -> No
                      "--batch-size", str(batch_size)]
             child += ["--first-order"] if args.first_order else []
             child += ["--threads", str(args.threads)] if args.threads else []
+            child += ["--allocator", args.allocator]
             out = run_in_subprocess(__file__, child)
             results.append(MemoryResult(setting, not args.first_order, batch_size, args.dtype,
                                         args.device, provider, **out))

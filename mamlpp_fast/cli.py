@@ -134,6 +134,10 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch)")
     group.add_argument("--threads", type=int, default=None, metavar="N",
                        help="CPU threads for torch (default: torch's choice; 1 is much faster on a busy machine)")
+    group.add_argument("--allocator", default="keep", choices=("keep", "system"),
+                       help="keep (default): glibc keeps freed host memory for reuse instead of unmapping it, "
+                            "which makes CPU meta-steps up to 1.5x faster (mamlpp_fast.allocator); "
+                            "system: glibc's defaults")
 
 
 def _resolve_runtime(args: argparse.Namespace):
@@ -156,6 +160,10 @@ def _resolve_runtime(args: argparse.Namespace):
         if args.threads < 1:
             raise CLIError(f"--threads: must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.allocator == "keep":
+        from .allocator import keep_freed_memory
+
+        keep_freed_memory()  # a no-op where it does not apply (not glibc)
     from .meta_learner import _BACKENDS
 
     if args.backend not in _BACKENDS:

@@ -119,6 +119,7 @@ def test_official_json_config(tmp_path):
     (["--max-iters", "0"], "--max-iters: must be >= 1"),
     (["--iters-per-epoch", "0"], "--iters-per-epoch: must be >= 1"),
     (["--threads", "0"], "--threads: must be >= 1"),
+    (["--allocator", "jemalloc"], "argument --allocator: invalid choice: 'jemalloc'"),
     (["--dataset-dir", "/no/such/dir"], "--dataset-dir: '/no/such/dir' is not a folder"),
     (["--max-iters", "two"], "argument --max-iters: invalid int value"),
     (["--task-chunk-size", "0"], "--task-chunk-size: must be >= 1"),
