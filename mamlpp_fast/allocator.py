@@ -8,13 +8,12 @@ kernel a 4 KiB page at a time when it is first written. On our 2-core VM that co
 CPU meta-iteration: mini-ImageNet 5w1s, second order, 2 threads, seconds per iteration
 (benchmarks/RESULTS.md, 2026-11-30):
 
-    ====================  =======  ==============================
-                          default  keep_freed_memory() (the same
-                                   as MALLOC_MMAP_THRESHOLD_=4G)
-    ====================  =======  ==============================
-    per-task reference     12.6     7.1
-    MetaLearner             5.9     4.0
-    ====================  =======  ==============================
+    ====================  =======  ========================  ======================
+                          default  MALLOC_MMAP_THRESHOLD_=4G  keep_freed_memory()
+    ====================  =======  ========================  ======================
+    per-task reference     12.6     7.1                       6.6
+    MetaLearner             5.9     4.0                       4.2
+    ====================  =======  ========================  ======================
 
 ``keep_freed_memory()`` raises the mmap and trim thresholds with ``mallopt``, so such buffers come
 from, and return to, malloc's own heap, where the next step reuses them. The process keeps its peak
