@@ -17,7 +17,8 @@ CPU meta-iteration: mini-ImageNet 5w1s, second order, 2 threads, seconds per ite
 
 ``keep_freed_memory()`` raises the mmap and trim thresholds with ``mallopt``, so such buffers come
 from, and return to, malloc's own heap, where the next step reuses them. The process keeps its peak
-footprint instead of returning it between steps. ``mamlpp-train`` calls it by default
+footprint instead of returning it between steps. (A VM's memory reclaim may still take idle pages
+back now and then; the thresholds only stop glibc from doing it on every free.) ``mamlpp-train`` calls it by default
 (``--allocator system`` opts out); library users may call it themselves, or set the environment
 variable ``MALLOC_MMAP_THRESHOLD_`` before Python starts.
 """
