@@ -128,14 +128,14 @@ if os.path.exists(roof):
               f"{r['seconds_median'] * 1e3:.2f} ms/iter, useful {r['useful_gflops']:.0f} GFLOP/s")
 conv = load("bench_task_conv.json")
 if conv:
-    print("\n| task conv (B=8) shape, mode | grouped ms | bmm ms | loop ms | triton ms |\n|---|---|---|---|---|")
+    print("\n| task conv (B=8) shape, mode | grouped ms | explicit ms | bmm ms | loop ms | triton ms |\n|---|---|---|---|---|---|")
     by = {}
     for r in conv:
         c = r["config"]
         if c["B"] == 8:
             by.setdefault((c["dataset"], f"{c['cin']}->{c['cout']}", c["S"], c["mode"]), {})[c["strategy"]] = r["median_ms"]
     for key, t in list(by.items())[:24]:
-        print(f"| {key} | " + " | ".join(f"{t.get(s, float('nan')):.3f}" for s in ("grouped", "bmm", "loop", "triton")) + " |")
+        print(f"| {key} | " + " | ".join(f"{t.get(s, float('nan')):.3f}" for s in ("grouped", "explicit", "bmm", "loop", "triton")) + " |")
 blp = load("bench_bn_lrelu_pool.json")
 if blp:
     by = {}
