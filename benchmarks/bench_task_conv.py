@@ -80,26 +80,22 @@ def conv_loop(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor
     return torch.stack([F.conv2d(x[t], w[t], b[t], padding=1) for t in range(x.shape[0])])
 
 
-def conv_triton(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    from mamlpp_fast.ops import task_conv
+def library_conv(strategy: str) -> Callable:
+    """mamlpp_fast.ops.task_conv with `strategy`, in this benchmark's [B, n, C, H, W] layout."""
 
-    B, n, cin, h, wd = x.shape
-    grouped = x.transpose(0, 1).reshape(n, B * cin, h, wd)
-    out = task_conv(grouped, w, b, strategy="triton")
-    return out.reshape(n, B, w.shape[1], h, wd).transpose(0, 1)
+    def conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        from mamlpp_fast.ops import task_conv
 
+        B, n, cin, h, wd = x.shape
+        grouped = x.transpose(0, 1).reshape(n, B * cin, h, wd)
+        out = task_conv(grouped, w, b, strategy=strategy)
+        return out.reshape(n, B, w.shape[1], h, wd).transpose(0, 1)
 
-def conv_explicit(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    from mamlpp_fast.ops import task_conv
-
-    B, n, cin, h, wd = x.shape
-    grouped = x.transpose(0, 1).reshape(n, B * cin, h, wd)
-    out = task_conv(grouped, w, b, strategy="explicit")
-    return out.reshape(n, B, w.shape[1], h, wd).transpose(0, 1)
+    return conv
 
 
-CONVS: Dict[str, Callable] = {"grouped": conv_grouped, "explicit": conv_explicit, "bmm": conv_bmm,
-                              "loop": conv_loop, "triton": conv_triton}
+CONVS: Dict[str, Callable] = {"grouped": conv_grouped, "explicit": library_conv("explicit"), "bmm": conv_bmm,
+                              "loop": conv_loop, "triton": library_conv("triton")}
 
 
 def strategies_for(device: str) -> List[str]:

@@ -70,11 +70,10 @@ def test_describe_backends():
 
 
 @pytest.mark.skipif(not mamlpp_fast._backend.has_extension(), reason="needs the compiled extension")
-@pytest.mark.parametrize("threads", [1, 2])
-def test_cpu_kernels_use_torchs_threads(threads):
+def test_cpu_kernels_use_torchs_threads():
     # at::parallel_for compiles to a serial loop in an extension built without -fopenmp: the CPU
     # kernels then ignore torch.set_num_threads (a real past bug of this build).
-    saved = torch.get_num_threads()
+    saved, threads = torch.get_num_threads(), 2
     try:
         torch.set_num_threads(threads)
         assert mamlpp_fast._backend.cpu_kernel_threads() == torch.get_num_threads() == threads

@@ -120,12 +120,12 @@ MAMLPP_FAST_SIMD_CLONES void plane_sum_h(const T* __restrict__ h, const T* __res
 // corners) and over the H*W elements (gathering their window's values). Flat loops vectorise
 // whatever the plane width; row loops would be mostly remainder at Omniglot's 14, 7 and 3.
 struct WindowTables {
-  int64_t H, W, J;
+  int64_t J;
   std::vector<int32_t> corner;  // [J] flat offset of each window's top-left element
   std::vector<int32_t> window;  // [H*W] window of each element (0 for the uncovered last
                                 // row/column of odd H/W: never that window's argmax)
 
-  WindowTables(int64_t h, int64_t w) : H(h), W(w), J((h / 2) * (w / 2)), corner(J), window(h * w, 0) {
+  WindowTables(int64_t h, int64_t w) : J((h / 2) * (w / 2)), corner(J), window(h * w, 0) {
     TORCH_CHECK(h * w < (int64_t{1} << 31), "bn_lrelu_pool: planes of 2^31 or more elements are not supported");
     const int64_t wo = w / 2;
     for (int64_t j = 0; j < J; ++j) {

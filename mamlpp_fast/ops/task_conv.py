@@ -80,11 +80,6 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor) -> None:
                          f"{weight.device}, {bias.device}")
 
 
-def _task_conv_grouped(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    b, c_out, c_in = weight.shape[:3]
-    return F.conv2d(x, weight.reshape(b * c_out, c_in, 3, 3), bias.reshape(b * c_out), padding=1, groups=b)
-
-
 def _task_conv_bmm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     b, c_out, c_in = weight.shape[:3]
     n, _, h, w = x.shape
@@ -125,11 +120,8 @@ def _grouped_input_grad(grad_out: Tensor, weight: Tensor) -> Tensor:
 def _grouped_weight_grad(x: Tensor, grad_out: Tensor, num_tasks: int) -> Tensor:
     c_out, c_in = grad_out.shape[1] // num_tasks, x.shape[1] // num_tasks
     # convolution_backward reads only the weight's shape, dtype and layout.
-    weight_like = x.new_empty(num_tasks * c_out, c_in, 3, 3)
-    _, grad_w, _ = torch.ops.aten.convolution_backward(
-        grad_out, x, weight_like, None, [1, 1], [1, 1], [1, 1], False, [0, 0], num_tasks,
-        [False, True, False])
-    return grad_w.view(num_tasks, c_out, c_in, 3, 3)
+    weight_like = x.new_empty(num_tasks, c_out, c_in, 3, 3)
+    return _grouped_all_grads(grad_out, x, weight_like, (False, True, False))[1]
 
 
 def _grouped_all_grads(grad_out: Tensor, x: Tensor, weight: Tensor, needs: Tuple[bool, bool, bool]):
@@ -252,4 +244,4 @@ def task_conv(x: Tensor, weight: Tensor, bias: Tensor, *, strategy: str = "auto"
         return _TaskConv.apply(x, weight, bias, _TRITON_KERNELS)
     if name == "explicit":
         return _TaskConv.apply(x, weight, bias, _GROUPED_KERNELS)
-    return _task_conv_grouped(x, weight, bias)
+    return _grouped_forward(x, weight, bias)  # ATen's autograd
