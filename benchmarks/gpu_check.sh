@@ -80,6 +80,9 @@ run bench_lslr_update 45 "$PY" benchmarks/bench_lslr_update.py --device "$DEVICE
 run bench_bn_lrelu_pool 60 "$PY" benchmarks/bench_bn_lrelu_pool.py --device "$DEVICE" --quick --json "$LOG/bench_bn_lrelu_pool.json"
 CONV_ARGS=(); [[ "$DRY" == 1 ]] && CONV_ARGS=(--quick --modes fwd)
 run bench_task_conv 60 "$PY" benchmarks/bench_task_conv.py --device "$DEVICE" "${CONV_ARGS[@]}" --json "$LOG/bench_task_conv.json"
+LAYOUT_ARGS=(); [[ "$DRY" == 1 ]] && LAYOUT_ARGS=(--quick)
+run bench_task_conv_layout 45 "$PY" benchmarks/bench_task_conv_layout.py --device "$DEVICE" "${LAYOUT_ARGS[@]}" \
+  --json "$LOG/bench_task_conv_layout.json"
 ROOF_SETTING=maml++_omniglot_20w1s; [[ "$DRY" == 1 ]] && ROOF_SETTING=maml++_omniglot_5w1s
 run bench_roofline 50 "$PY" benchmarks/bench_roofline.py --device "$DEVICE" --settings "$ROOF_SETTING" \
   --providers reference,mamlpp_fast+graphs --reps 3 --json "$LOG/bench_roofline.json"
@@ -136,6 +139,16 @@ if conv:
             by.setdefault((c["dataset"], f"{c['cin']}->{c['cout']}", c["S"], c["mode"]), {})[c["strategy"]] = r["median_ms"]
     for key, t in list(by.items())[:24]:
         print(f"| {key} | " + " | ".join(f"{t.get(s, float('nan')):.3f}" for s in ("grouped", "explicit", "bmm", "loop", "triton")) + " |")
+layout = load("bench_task_conv_layout.json")
+if layout:
+    print("\n| conv layer, 2nd-order pattern | NCHW ms | NHWC ms | NHWC speed-up |\n|---|---|---|---|")
+    by = {}
+    for r in layout:
+        c = r["config"]
+        by.setdefault((c["setting"], f"{c['cin']}->{c['cout']}", c["S"]), {})[c["layout"]] = r
+    for key, t in by.items():
+        if "NCHW" in t and "NHWC" in t:
+            print(f"| {key} | {t['NCHW']['median_ms']:.3f} | {t['NHWC']['median_ms']:.3f} | {t['NHWC']['speedup_vs_nchw']:.2f} |")
 blp = load("bench_bn_lrelu_pool.json")
 if blp:
     by = {}
