@@ -327,7 +327,8 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
             elif os.path.isfile(target):
                 files.append(target)
             else:
-                raise CLIError(f"--checkpoint: {target!r} does not exist")
+                option = "--experiment" if target == args.experiment else "--checkpoint"
+                raise CLIError(f"{option}: {target!r} does not exist")
         if experiment_dir is not None:
             latest = os.path.join(experiment_dir, "saved_models", "train_model_latest")
             if not os.path.isfile(latest):

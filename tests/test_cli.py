@@ -135,6 +135,7 @@ def test_bad_train_arguments_name_the_argument(argv, message, capsys, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     ([], "--experiment or --checkpoint is required"),
     (["--checkpoint", "/no/such/ckpt"], "--checkpoint: '/no/such/ckpt' does not exist"),
+    (["--experiment", "/no/such/run"], "--experiment: '/no/such/run' does not exist"),
     (["--top-n", "0", "--checkpoint", "x"], "--top-n: must be >= 1"),
 ])
 def test_bad_eval_arguments_name_the_argument(argv, message, capsys):
