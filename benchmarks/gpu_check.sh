@@ -3,6 +3,8 @@
 # GPU meta-step equality tests, run the benchmarks, and print a short table last.
 #
 #   on the device (the device tool sets $OUT):   bash benchmarks/gpu_check.sh
+#     with carry [".whl"] when benchmarks/prepare_gpu_payload.sh has built the peer libraries
+#     (learn2learn, higher) there: they are installed offline and timed against MetaLearner.
 #   dry run of the CPU parts on a CPU machine:   GPU_CHECK_DRY_RUN=1 OUT=/tmp/gpu_check bash benchmarks/gpu_check.sh
 #
 # Budget: under 8 minutes in all. Every step has its own timeout, so one slow step cannot starve
@@ -52,6 +54,15 @@ if [[ "$DRY" != 1 ]]; then
   run gpu 20 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
   run build 200 "$PY" -m pip install --no-build-isolation --no-deps -v "$ROOT"
 fi
+# The peer libraries, when carried (.whl/ from benchmarks/prepare_gpu_payload.sh; the image has
+# no network). A dry run uses whatever the local Python has.
+PEERS=0
+if [[ "$DRY" != 1 && -d "$ROOT/.whl" ]]; then
+  run peers_install 60 "$PY" -m pip install --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site "$ROOT"/.whl/*.whl
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+"$PY" -c 'import learn2learn, higher' >/dev/null 2>&1 && PEERS=1
 run backends 60 bash -c "cd /tmp && $PY -c 'import mamlpp_fast, torch; print(mamlpp_fast.describe_backends()); print(torch.__version__, torch.version.cuda)'"
 
 # 2. Tests: CUDA kernels, Triton kernels (compiled on the GPU, interpreted on the CPU), and whole
@@ -74,6 +85,12 @@ if [[ "$DRY" == 1 ]]; then  # no Triton kernels on the CPU
 fi
 run bench_meta_step 120 "$PY" benchmarks/bench_meta_step.py --device "$DEVICE" --settings "$SETTINGS" \
   --providers "$PROVIDERS" --reps "$REPS" --json "$LOG/bench_meta_step.json"
+if [[ "$PEERS" == 1 ]]; then  # learn2learn and higher against the reference and MetaLearner
+  PEER_PROVIDERS=reference,learn2learn,higher,mamlpp_fast,mamlpp_fast+graphs
+  [[ "$DRY" == 1 ]] && PEER_PROVIDERS=reference,learn2learn,higher,mamlpp_fast
+  run bench_meta_step_peers 90 "$PY" benchmarks/bench_meta_step.py --device "$DEVICE" --settings "$SETTINGS" \
+    --providers "$PEER_PROVIDERS" --reps "$(( REPS < 5 ? REPS : 5 ))" --json "$LOG/bench_meta_step_peers.json"
+fi
 PROFILE_SETTING=maml++_omniglot_20w1s; [[ "$DRY" == 1 ]] && PROFILE_SETTING=maml++_omniglot_5w1s
 run profile_meta_step 60 "$PY" benchmarks/profile_meta_step.py --device "$DEVICE" --setting "$PROFILE_SETTING"
 run bench_lslr_update 45 "$PY" benchmarks/bench_lslr_update.py --device "$DEVICE" --json "$LOG/bench_lslr_update.json"
@@ -117,7 +134,7 @@ if os.path.exists(tests):
 def load(name):
     path = os.path.join(out, name)
     return json.load(open(path))["results"] if os.path.exists(path) else []
-rows = load("bench_meta_step.json")
+rows = load("bench_meta_step.json") + load("bench_meta_step_peers.json")
 if rows:
     print("\n| meta-step | provider | s/iter | speed-up vs reference |\n|---|---|---|---|")
     for r in rows:
