@@ -62,7 +62,8 @@ if [[ "$DRY" != 1 && -d "$ROOT/.whl" ]]; then
     --target /tmp/site "$ROOT"/.whl/*.whl
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-"$PY" -c 'import learn2learn, higher' >/dev/null 2>&1 && PEERS=1
+"$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); import peers; \
+assert {'learn2learn', 'higher'} <= set(peers.available_peers())" >/dev/null 2>&1 && PEERS=1
 run backends 60 bash -c "cd /tmp && $PY -c 'import mamlpp_fast, torch; print(mamlpp_fast.describe_backends()); print(torch.__version__, torch.version.cuda)'"
 
 # 2. Tests: CUDA kernels, Triton kernels (compiled on the GPU, interpreted on the CPU), and whole
