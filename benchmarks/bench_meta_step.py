@@ -6,9 +6,10 @@ reference, in the same run.
     python benchmarks/bench_meta_step.py --providers all --settings all --first-order
     python benchmarks/bench_meta_step.py --providers all --memory   # peak memory, fresh process each
 
-Providers: reference, mamlpp_fast[:backend][+graphs][+grouped|+explicit|+bmm|+triton] (+graphs: CUDA-graph
-replay of the meta-step, `MetaLearner(cuda_graphs=True)`; +grouped / +explicit / +bmm / +triton: every
-convolution with that task_conv strategy instead of "auto"), and the peers of benchmarks/peers (torchfunc,
+Providers: reference, mamlpp_fast[:backend][+graphs][+grouped|+explicit|+bmm|+triton][+cudnnbench] (+graphs:
+CUDA-graph replay of the meta-step, `MetaLearner(cuda_graphs=True)`; +grouped / +explicit / +bmm / +triton:
+every convolution with that task_conv strategy instead of "auto"; +cudnnbench: with
+torch.backends.cudnn.benchmark on, for that provider only), and the peers of benchmarks/peers (torchfunc,
 learn2learn, higher; same MAML++ semantics, differences in their docstrings). `--providers all`
 is the reference, mamlpp_fast and every peer whose library imports.
 
@@ -80,7 +81,7 @@ def make_provider(name: str, config, dtype: torch.dtype, device: str) -> Callabl
             learner = MAMLFewShotClassifier(config, device=device, dtype=dtype)
         elif name.startswith("mamlpp_fast"):
             base, *options = name.split("+")
-            unknown = set(options) - {"graphs", "grouped", "explicit", "bmm", "triton"}
+            unknown = set(options) - {"graphs", "grouped", "explicit", "bmm", "triton", "cudnnbench"}
             if unknown:
                 raise ValueError(f"unknown provider option(s) {sorted(unknown)} in {name!r}")
             conv = next((o for o in options if o in ("grouped", "explicit", "bmm", "triton")), "auto")
@@ -101,7 +102,23 @@ def make_provider(name: str, config, dtype: torch.dtype, device: str) -> Callabl
         losses, _ = learner.run_train_iter(batch, epoch=0)
         float(losses["loss"])  # wait for the work (a sync on GPU) so the timing is complete
 
-    return step
+    return with_cudnn_benchmark(step) if "cudnnbench" in options else step
+
+
+def with_cudnn_benchmark(step: Callable[[tuple], None]) -> Callable[[tuple], None]:
+    """`step` with torch.backends.cudnn.benchmark on (cuDNN times its algorithms for each new conv
+    shape and keeps the fastest; the warm-up pass pays for it), restored afterwards so that the
+    other providers of the run keep PyTorch's default."""
+
+    def wrapped(batch):
+        previous = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        try:
+            step(batch)
+        finally:
+            torch.backends.cudnn.benchmark = previous
+
+    return wrapped
 
 
 def run_experiment(config: Config, providers: List[str], reps: int) -> List[Result]:
