@@ -194,6 +194,15 @@ def _resolve_dataset_path(config: MAMLConfig, dataset_dir: Optional[str]) -> Opt
 
 
 # ---------------------------------------------------------------------- the trainer
+def _time_left(epoch_seconds: float, epochs_left: int) -> str:
+    """Text such as ', about 3h20m left' at the last epoch's pace; empty when no epoch is left."""
+    if epochs_left <= 0:
+        return ""
+    minutes = int(round(epoch_seconds * epochs_left / 60.0))
+    hours, minutes = divmod(minutes, 60)
+    return f", about {hours}h{minutes:02d}m left" if hours else f", about {minutes}m left"
+
+
 class Trainer:
     """Train, validate, checkpoint, resume and test one MAML++ experiment.
 
@@ -649,6 +658,7 @@ class Trainer:
                     f"acc {record['train_accuracy_mean']:.4f} | val loss {val['val_loss_mean']:.4f} "
                     f"acc {val['val_accuracy_mean']:.4f} (best {self.state['best_val_acc']:.4f} "
                     f"@ epoch {self.state['best_epoch']}) | {record['epoch_seconds']:.1f}s"
+                    + _time_left(record["epoch_seconds"], cfg.total_epochs - epoch)
                 )
                 if bar is not None:
                     bar.write(message, file=sys.stderr)

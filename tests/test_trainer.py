@@ -190,6 +190,25 @@ def test_max_iters_stops_at_the_epoch_end(tmp_path):
     assert outcome["current_iter"] == 3  # the epoch was finished
 
 
+def test_epoch_lines_estimate_the_time_left(tmp_path):
+    messages = []
+    trainer = Trainer(tiny_config(total_epochs=2, total_iter_per_epoch=1, num_evaluation_tasks=2), tmp_path,
+                      progress=False, log=messages.append)
+    trainer.train()
+    epoch_lines = [m for m in messages if m.startswith("epoch ")]
+    assert len(epoch_lines) == 2
+    assert epoch_lines[0].endswith("m left")  # one epoch to go
+    assert "left" not in epoch_lines[1]  # the last epoch
+
+
+def test_time_left_format():
+    from mamlpp_fast.trainer import _time_left
+
+    assert _time_left(600.0, 20) == ", about 3h20m left"
+    assert _time_left(30.0, 3) == ", about 2m left"
+    assert _time_left(100.0, 0) == ""
+
+
 def test_leftover_temp_file_is_ignored_and_a_failed_write_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     trainer = make_trainer(tmp_path, total_epochs=2, total_epochs_before_pause=1)
     trainer.train()
