@@ -199,6 +199,8 @@ def _time_left(epoch_seconds: float, epochs_left: int) -> str:
     if epochs_left <= 0:
         return ""
     minutes = int(round(epoch_seconds * epochs_left / 60.0))
+    if minutes < 1:
+        return ", under a minute left"
     hours, minutes = divmod(minutes, 60)
     return f", about {hours}h{minutes:02d}m left" if hours else f", about {minutes}m left"
 

@@ -197,7 +197,7 @@ def test_epoch_lines_estimate_the_time_left(tmp_path):
     trainer.train()
     epoch_lines = [m for m in messages if m.startswith("epoch ")]
     assert len(epoch_lines) == 2
-    assert epoch_lines[0].endswith("m left")  # one epoch to go
+    assert epoch_lines[0].endswith(" left")  # one epoch to go
     assert "left" not in epoch_lines[1]  # the last epoch
 
 
@@ -207,6 +207,7 @@ def test_time_left_format():
     assert _time_left(600.0, 20) == ", about 3h20m left"
     assert _time_left(30.0, 3) == ", about 2m left"
     assert _time_left(100.0, 0) == ""
+    assert _time_left(5.0, 4) == ", under a minute left"
 
 
 def test_leftover_temp_file_is_ignored_and_a_failed_write_keeps_the_old_checkpoint(tmp_path, monkeypatch):
