@@ -75,6 +75,7 @@ def random_batch(config, seed: int = 0):
 
 def make_provider(name: str, config, dtype: torch.dtype, device: str) -> Callable[[tuple], None]:
     """A function that runs one full meta-iteration of provider `name` on a batch."""
+    options: List[str] = []  # "+" options of a mamlpp_fast provider
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if name == "reference":

@@ -45,8 +45,8 @@ class Config:
     cin: int
     cout: int
     S: int          # H = W
-    layout: str
-    device: str
+    layout: str = "NCHW"
+    device: str = "cpu"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,15 +57,15 @@ class Result:
     speedup_vs_nchw: float
 
 
-def layers(quick: bool) -> List[tuple]:
-    """(setting, B, n_support, n_target, C_in, C_out, S) of each conv layer of two official configs."""
-    rows = [("omniglot20w1s", 8, 20, 20, cin, 64, s) for cin, s in ((1, 28), (64, 14), (64, 7), (64, 3))]
-    rows += [("mini-imagenet5w1s", 2, 5, 75, cin, 48, s) for cin, s in ((3, 84), (48, 42), (48, 21), (48, 10))]
-    return [r for r in rows if r[6] in (7, 10)] if quick else rows  # quick: one small layer each
+def layers(quick: bool) -> List[Config]:
+    """Each conv layer of two official configs (quick: one small layer of each)."""
+    rows = [Config("omniglot20w1s", 8, 20, 20, cin, 64, s) for cin, s in ((1, 28), (64, 14), (64, 7), (64, 3))]
+    rows += [Config("mini-imagenet5w1s", 2, 5, 75, cin, 48, s) for cin, s in ((3, 84), (48, 42), (48, 21), (48, 10))]
+    return [r for r in rows if r.S in (7, 10)] if quick else rows
 
 
-def make_tensors(row: tuple, layout: str, device: str, dtype: torch.dtype, seed: int = 0):
-    _, B, n_s, n_t, cin, cout, S = row
+def make_tensors(row: Config, layout: str, device: str, dtype: torch.dtype, seed: int = 0):
+    B, n_s, n_t, cin, cout, S = row.B, row.n_support, row.n_target, row.cin, row.cout, row.S
     gen = torch.Generator(device="cpu").manual_seed(seed)
     fmt = LAYOUTS[layout]
 
@@ -97,7 +97,7 @@ def second_order_step(tensors) -> Callable[[], tuple]:
     return step
 
 
-def check_layouts_agree(row: tuple, device: str) -> None:
+def check_layouts_agree(row: Config, device: str) -> None:
     results = [second_order_step(make_tensors(row, layout, device, torch.float64))() for layout in LAYOUTS]
     for a, e in zip(*results):
         err = ((a - e).norm() / e.norm().clamp_min(1e-300)).item()
@@ -130,12 +130,10 @@ def main(argv=None) -> None:
                  for layout in LAYOUTS}
         base = times["NCHW"].p50_ms
         for layout, timing in times.items():
-            setting, B, n_s, n_t, cin, cout, S = row
-            config = Config(setting, B, n_s, n_t, cin, cout, S, layout, args.device)
+            config = dataclasses.replace(row, layout=layout, device=args.device)
             results.append(Result(config, timing.p50_ms, timing.reps, base / timing.p50_ms))
-    rows = [(r.config.setting, r.config.B, f"{r.config.n_support}+{r.config.n_target}",
-             f"{r.config.cin}->{r.config.cout}", r.config.S, r.config.layout, f"{r.median_ms:.3f}",
-             f"{r.speedup_vs_nchw:.2f}") for r in results]
+    rows = [(c.setting, c.B, f"{c.n_support}+{c.n_target}", f"{c.cin}->{c.cout}", c.S, c.layout,
+             f"{r.median_ms:.3f}", f"{r.speedup_vs_nchw:.2f}") for r in results for c in (r.config,)]
     print(markdown_table(["setting", "B", "images", "channels", "S", "layout", "ms (median)",
                           "speed-up vs NCHW"], rows))
     if args.json:

@@ -87,10 +87,9 @@ fi
 run bench_meta_step 120 "$PY" benchmarks/bench_meta_step.py --device "$DEVICE" --settings "$SETTINGS" \
   --providers "$PROVIDERS" --reps "$REPS" --json "$LOG/bench_meta_step.json"
 if [[ "$PEERS" == 1 ]]; then  # learn2learn and higher against the reference and MetaLearner
-  PEER_PROVIDERS=reference,learn2learn,higher,mamlpp_fast,mamlpp_fast+graphs
-  [[ "$DRY" == 1 ]] && PEER_PROVIDERS=reference,learn2learn,higher,mamlpp_fast
+  # (+graphs runs eagerly, with a warning, in a CPU dry run)
   run bench_meta_step_peers 90 "$PY" benchmarks/bench_meta_step.py --device "$DEVICE" --settings "$SETTINGS" \
-    --providers "$PEER_PROVIDERS" --reps "$(( REPS < 5 ? REPS : 5 ))" --json "$LOG/bench_meta_step_peers.json"
+    --providers reference,learn2learn,higher,mamlpp_fast+graphs --reps "$(( REPS < 5 ? REPS : 5 ))" --json "$LOG/bench_meta_step_peers.json"
 fi
 PROFILE_SETTING=maml++_omniglot_20w1s; [[ "$DRY" == 1 ]] && PROFILE_SETTING=maml++_omniglot_5w1s
 run profile_meta_step 60 "$PY" benchmarks/profile_meta_step.py --device "$DEVICE" --setting "$PROFILE_SETTING"
@@ -147,33 +146,25 @@ if os.path.exists(roof):
     for r in data["results"]:
         print(f"roofline {r['setting']} {r['provider']}: {r['gflop_per_iter']:.1f} GFLOP/iter, "
               f"{r['seconds_median'] * 1e3:.2f} ms/iter, useful {r['useful_gflops']:.0f} GFLOP/s")
-conv = load("bench_task_conv.json")
+def pivot(title, rows, key, column, columns=None, limit=24):
+    """One markdown row per key(config), one column per column(config): the rows' median ms."""
+    table = {}
+    for r in rows:
+        table.setdefault(key(r["config"]), {})[column(r["config"])] = r["median_ms"]
+    columns = columns or sorted({c for t in table.values() for c in t})
+    print(f"\n| {title} | " + " | ".join(f"{c} ms" for c in columns) + " |\n" + "|---" * (len(columns) + 1) + "|")
+    for k, t in list(table.items())[:limit]:
+        print(f"| {k} | " + " | ".join(f"{t.get(c, float('nan')):.3f}" for c in columns) + " |")
+conv = [r for r in load("bench_task_conv.json") if r["config"]["B"] == 8]
 if conv:
-    print("\n| task conv (B=8) shape, mode | grouped ms | explicit ms | bmm ms | loop ms | triton ms |\n|---|---|---|---|---|---|")
-    by = {}
-    for r in conv:
-        c = r["config"]
-        if c["B"] == 8:
-            by.setdefault((c["dataset"], f"{c['cin']}->{c['cout']}", c["S"], c["mode"]), {})[c["strategy"]] = r["median_ms"]
-    for key, t in list(by.items())[:24]:
-        print(f"| {key} | " + " | ".join(f"{t.get(s, float('nan')):.3f}" for s in ("grouped", "explicit", "bmm", "loop", "triton")) + " |")
+    pivot("task conv (B=8) shape, mode", conv, lambda c: (c["dataset"], f"{c['cin']}->{c['cout']}", c["S"], c["mode"]),
+          lambda c: c["strategy"], ["grouped", "explicit", "bmm", "loop", "triton"])
 layout = load("bench_task_conv_layout.json")
 if layout:
-    print("\n| conv layer, 2nd-order pattern | NCHW ms | NHWC ms | NHWC speed-up |\n|---|---|---|---|")
-    by = {}
-    for r in layout:
-        c = r["config"]
-        by.setdefault((c["setting"], f"{c['cin']}->{c['cout']}", c["S"]), {})[c["layout"]] = r
-    for key, t in by.items():
-        if "NCHW" in t and "NHWC" in t:
-            print(f"| {key} | {t['NCHW']['median_ms']:.3f} | {t['NHWC']['median_ms']:.3f} | {t['NHWC']['speedup_vs_nchw']:.2f} |")
+    pivot("conv layer, 2nd-order pattern", layout, lambda c: (c["setting"], f"{c['cin']}->{c['cout']}", c["S"]),
+          lambda c: c["layout"], ["NCHW", "NHWC"])
 blp = load("bench_bn_lrelu_pool.json")
 if blp:
-    by = {}
-    for r in blp:
-        c = r["config"]
-        by.setdefault((c["n"], c["B"], c["C"], c["S"], c["mode"]), {})[c["provider"]] = r["median_ms"]
-    print("\n| bn_lrelu_pool n,B,C,S,mode | " + " | ".join(sorted({p for v in by.values() for p in v})) + " |")
-    for key, t in list(by.items())[:12]:
-        print(f"| {key} | " + " | ".join(f"{t[p]:.3f}" for p in sorted(t)) + " |")
+    pivot("bn_lrelu_pool n,B,C,S,mode", blp, lambda c: (c["n"], c["B"], c["C"], c["S"], c["mode"]),
+          lambda c: c["provider"], limit=12)
 PY

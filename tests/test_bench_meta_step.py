@@ -1,0 +1,33 @@
+"""benchmarks/bench_meta_step.py builds and runs every kind of provider (a broken provider would
+cost a whole GPU lease's benchmark step)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from mamlpp_fast import preset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_meta_step import make_provider, random_batch  # noqa: E402
+
+
+@pytest.mark.parametrize("name", ["reference", "mamlpp_fast", "mamlpp_fast:aten+explicit+cudnnbench", "torchfunc"])
+def test_every_provider_kind_runs_a_meta_step(name):
+    import torch
+
+    config = preset("maml++_omniglot_5w1s", batch_size=2, number_of_training_steps_per_iter=1,
+                    number_of_evaluation_steps_per_iter=1, cnn_num_filters=4)
+    before = torch.backends.cudnn.benchmark
+    make_provider(name, config, torch.float32, "cpu")(random_batch(config))
+    assert torch.backends.cudnn.benchmark == before  # +cudnnbench restores the global flag
+
+
+def test_unknown_provider_options_are_refused():
+    import torch
+
+    config = preset("maml++_omniglot_5w1s", batch_size=1)
+    with pytest.raises(ValueError, match="unknown provider option"):
+        make_provider("mamlpp_fast+fast", config, torch.float32, "cpu")
