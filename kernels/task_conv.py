@@ -7,7 +7,9 @@ out [n, B*C_out, H, W], stride 1, zero padding 1.
   over n*H*W output pixels, k = (ci, kh, kw) over C_in*9 taps, and A gathered from x on the fly
   (no im2col buffer). Grid (M tiles, C_out tiles, B).
 - ``task_conv_weight_grad``: gw[b, co, (ci, kh, kw)] = sum_m gy[m, co] A[m, (ci, kh, kw)], the
-  reduction over all n*H*W pixels of the task; grid (C_out tiles, C_in*9 tiles, B).
+  reduction over all n*H*W pixels of the task, split into chunks summed in parallel (a grid of
+  C_out tiles x C_in*9 tiles x B alone has too few programs to fill a GPU); grid (C_out tiles,
+  C_in*9 tiles, B x chunks), then one sum over the chunks' partial results.
 - The input gradient needs no kernel of its own: it is the forward convolution of gy with each
   task's weights transposed (C_in <-> C_out) and flipped (kh, kw -> 2-kh, 2-kw).
 
@@ -17,6 +19,8 @@ the kernels and their launchers only. float32 products use TF32 only when
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -28,6 +32,7 @@ from ._utils import cdiv
 BLOCK_M = 64
 BLOCK_N = 64
 BLOCK_K = 16
+_MIN_TILES_PER_CHUNK = 8  # pixel tiles per weight-gradient chunk, at least
 
 
 @triton.jit
@@ -81,33 +86,39 @@ def _task_conv_fwd_kernel(x_ptr, w_ptr, out_ptr, N_IMG, H, W, C_IN, C_OUT, G_IN,
 
 
 @triton.jit
-def _task_conv_wgrad_kernel(x_ptr, gy_ptr, gw_ptr, N_IMG, H, W, C_IN, C_OUT, G_IN, G_OUT,
+def _task_conv_wgrad_kernel(x_ptr, gy_ptr, gw_ptr, N_IMG, H, W, C_IN, C_OUT, G_IN, G_OUT, SPLIT, CHUNK,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    # Output tile: gw[b, co (BLOCK_M), k = (ci, kh, kw) (BLOCK_N)]; reduction over pixels p.
+    # Output tile: gw[s, b, co (BLOCK_M), k = (ci, kh, kw) (BLOCK_N)], the partial sum over the
+    # pixels p of chunk s (p in [s * CHUNK, (s + 1) * CHUNK)); the launcher adds the chunks.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    b = tl.program_id(2)
+    pid_z = tl.program_id(2)
+    b = pid_z // SPLIT
+    s = pid_z % SPLIT
     P = N_IMG * H * W
     K = C_IN * 9
     hw = H * W
+    num_tasks = G_OUT // C_OUT
     co = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    p_start = s * CHUNK
+    p_end = tl.minimum(p_start + CHUNK, P)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for p0 in range(0, P, BLOCK_K):
+    for p0 in range(p_start, p_end, BLOCK_K):
         p = p0 + tl.arange(0, BLOCK_K)
         image = p // hw
         pixel = p % hw
         # gy^T tile [BLOCK_M (co), BLOCK_K (p)]
         gy_offsets = (image[None, :] * G_OUT + b * C_OUT + co[:, None]) * hw + pixel[None, :]
-        gy_mask = (co[:, None] < C_OUT) & (p[None, :] < P)
+        gy_mask = (co[:, None] < C_OUT) & (p[None, :] < p_end)
         gyt = tl.load(gy_ptr + gy_offsets, mask=gy_mask, other=0.0)
         # A tile [BLOCK_K (p), BLOCK_N (k)]
         offsets, inside = _tap_offsets(p, k, H, W, C_IN, G_IN, b)
-        a_mask = inside & (p[:, None] < P) & (k[None, :] < K)
+        a_mask = inside & (p[:, None] < p_end) & (k[None, :] < K)
         a = tl.load(x_ptr + offsets, mask=a_mask, other=0.0)
         acc += tl.dot(gyt, a, input_precision=INPUT_PRECISION)
-    gw_offsets = (b * C_OUT + co[:, None]) * K + k[None, :]
+    gw_offsets = ((s * num_tasks + b) * C_OUT + co[:, None]) * K + k[None, :]
     gw_mask = (co[:, None] < C_OUT) & (k[None, :] < K)
     tl.store(gw_ptr + gw_offsets, acc.to(gw_ptr.dtype.element_ty), mask=gw_mask)
 
@@ -148,21 +159,63 @@ def task_conv_forward(x: Tensor, weight: Tensor) -> Tensor:
     return out
 
 
-def task_conv_weight_grad(x: Tensor, grad_out: Tensor, num_tasks: int) -> Tensor:
-    """x [n, B*C_in, H, W], grad_out [n, B*C_out, H, W] -> grad weight [B, C_out, C_in, 3, 3]."""
+def weight_grad_split(programs: int, pixels: int, multiprocessors: int) -> tuple[int, int]:
+    """(chunks, pixels per chunk) for the weight gradient's reduction over a task's ``pixels``.
+
+    Without a split the grid has only ``programs`` = C_out tiles x (C_in*9) tiles x B programs
+    (72 for Omniglot's 64->64 layers at B=8, 8 for its 1-channel first layer), each summing
+    thousands of pixels in series: far fewer than a GPU has multiprocessors. Chunks raise that to
+    about two programs per multiprocessor, but each chunk keeps at least ``_MIN_TILES_PER_CHUNK``
+    pixel tiles, so the partial sums stay a small fraction of the work. Chunk lengths are whole
+    tiles; the last chunk may be shorter.
+    """
+    if programs < 1 or pixels < 1 or multiprocessors < 1:
+        raise ValueError(f"programs, pixels and multiprocessors must be >= 1, got {programs}, {pixels}, {multiprocessors}")
+    tiles = cdiv(pixels, BLOCK_K)
+    wanted = cdiv(2 * multiprocessors, programs)
+    chunks = max(1, min(wanted, tiles // _MIN_TILES_PER_CHUNK))
+    chunk = cdiv(tiles, chunks) * BLOCK_K
+    return cdiv(pixels, chunk), chunk
+
+
+def _multiprocessors(device: torch.device) -> int:
+    # The interpreter runs programs one after another on the CPU: no split pays there.
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def task_conv_weight_grad(x: Tensor, grad_out: Tensor, num_tasks: int, split: Optional[int] = None) -> Tensor:
+    """x [n, B*C_in, H, W], grad_out [n, B*C_out, H, W] -> grad weight [B, C_out, C_in, 3, 3].
+
+    ``split`` forces the number of pixel chunks summed in parallel (tests); by default
+    `weight_grad_split` picks it from the device's multiprocessor count.
+    """
     x = x.contiguous()
     grad_out = grad_out.contiguous()
     n, g_in, h, w = x.shape
     c_in, c_out = g_in // num_tasks, grad_out.shape[1] // num_tasks
-    gw = torch.empty((num_tasks, c_out, c_in, 3, 3), dtype=x.dtype, device=x.device)
-    if gw.numel() == 0:
-        return gw
-    if n * h * w == 0:
-        return gw.zero_()
+    shape = (num_tasks, c_out, c_in, 3, 3)
+    if num_tasks * c_out * c_in == 0:
+        return torch.empty(shape, dtype=x.dtype, device=x.device)
+    pixels = n * h * w
+    if pixels == 0:
+        return torch.zeros(shape, dtype=x.dtype, device=x.device)
     _check_int32(x, grad_out)
-    grid = (cdiv(c_out, BLOCK_M), cdiv(c_in * 9, BLOCK_N), num_tasks)
-    _task_conv_wgrad_kernel[grid](x, grad_out, gw, n, h, w, c_in, c_out, g_in, num_tasks * c_out,
-                                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+    block_n = 16 if c_in * 9 <= 16 else BLOCK_N  # a 1-channel first layer has only 9 taps
+    tiles = (cdiv(c_out, BLOCK_M), cdiv(c_in * 9, block_n))
+    if split is None:
+        chunks, chunk = weight_grad_split(tiles[0] * tiles[1] * num_tasks, pixels, _multiprocessors(x.device))
+    else:
+        if split < 1:
+            raise ValueError(f"split must be >= 1, got {split}")
+        chunk = cdiv(cdiv(pixels, split), BLOCK_K) * BLOCK_K
+        chunks = cdiv(pixels, chunk)
+    partial = torch.empty((chunks, *shape), dtype=x.dtype, device=x.device)
+    grid = (*tiles, num_tasks * chunks)
+    _task_conv_wgrad_kernel[grid](x, grad_out, partial, n, h, w, c_in, c_out, g_in, num_tasks * c_out,
+                                  chunks, chunk,
+                                  BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=BLOCK_K,
                                   INPUT_PRECISION=_precision(x.dtype), ACC_DTYPE=_accumulator(x.dtype),
                                   num_warps=4)
-    return gw
+    return partial[0] if chunks == 1 else partial.sum(0)

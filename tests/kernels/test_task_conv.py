@@ -62,6 +62,66 @@ def test_matches_grouped_interpreter(shape):
     check_against_grouped("cpu", shape)
 
 
+def check_weight_grad_splits(device, shape, splits, dtype=torch.float64, rtol=1e-12):
+    """The chunked pixel reduction of the weight gradient, forced to each of `splits` chunks,
+    against the grouped convolution's weight gradient."""
+    from mamlpp_fast.kernels.task_conv import task_conv_weight_grad
+    from mamlpp_fast.ops import task_conv
+
+    n, num_tasks, _, c_out, h, w = shape
+    x, weight, bias = inputs(*shape, device=device, dtype=dtype)
+    grad_out = torch.randn(n, num_tasks * c_out, h, w, dtype=dtype, device=device)
+    expected = torch.autograd.grad((task_conv(x, weight, bias, strategy="grouped") * grad_out).sum(), weight)[0]
+    for split in splits:
+        actual = task_conv_weight_grad(x.detach(), grad_out, num_tasks, split=split)
+        assert actual.shape == expected.shape
+        assert relative_error(actual, expected) < rtol, split
+
+
+@interpreted
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1]])
+def test_weight_grad_split_interpreter(shape):
+    # 1 chunk, uneven chunks, and more chunks requested than there are pixel tiles.
+    check_weight_grad_splits("cpu", shape, splits=(1, 2, 3, 1000))
+
+
+@pytest.mark.parametrize("programs,pixels,multiprocessors", [
+    (8, 15680, 132),   # Omniglot's 1-channel first layer, B=8, on an H200
+    (72, 3920, 132),   # Omniglot 64->64 at 14x14
+    (72, 980, 132),    # ... at 7x7
+    (1000, 100, 132),  # already enough programs
+    (1, 1, 1), (3, 17, 1), (1, 10**6, 200),
+])
+def test_weight_grad_split_covers_every_pixel_once(programs, pixels, multiprocessors):
+    from mamlpp_fast.kernels.task_conv import _MIN_TILES_PER_CHUNK, BLOCK_K, weight_grad_split
+
+    chunks, chunk = weight_grad_split(programs, pixels, multiprocessors)
+    assert chunks >= 1 and chunk % BLOCK_K == 0
+    assert (chunks - 1) * chunk < pixels <= chunks * chunk  # every chunk non-empty, all pixels covered
+    if chunks > 1:
+        assert chunk >= _MIN_TILES_PER_CHUNK * BLOCK_K
+        assert programs * (chunks - 1) < 2 * multiprocessors  # no more chunks than filling the GPU needs
+    elif pixels >= 2 * _MIN_TILES_PER_CHUNK * BLOCK_K:
+        assert programs >= 2 * multiprocessors  # left unsplit only when the grid is already full
+
+
+def test_weight_grad_split_fills_an_h200_for_the_first_layer():
+    from mamlpp_fast.kernels.task_conv import weight_grad_split
+
+    chunks, _ = weight_grad_split(8, 20 * 28 * 28, 132)
+    assert 8 * chunks >= 2 * 132
+
+
+def test_weight_grad_split_rejects_bad_arguments():
+    from mamlpp_fast.kernels.task_conv import task_conv_weight_grad, weight_grad_split
+
+    with pytest.raises(ValueError, match="programs, pixels and multiprocessors"):
+        weight_grad_split(0, 10, 1)
+    x, _, _ = inputs(*SHAPES[0], device="cpu")
+    with pytest.raises(ValueError, match="split must be >= 1"):
+        task_conv_weight_grad(x.detach(), torch.zeros(2, 8, 5, 5, dtype=x.dtype), 2, split=0)
+
+
 @interpreted
 def test_gradcheck_and_gradgradcheck_interpreter():
     # Every numerical-Jacobian evaluation is an interpreted launch: random-projection checks
@@ -85,6 +145,12 @@ def test_matches_grouped_cuda(shape):
 def test_float32_within_1e4_of_float64_cuda(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the kernels then use IEEE fp32
     check_against_grouped("cuda", (20, 8, 64, 64, 14, 14), dtype=torch.float32, rtol=1e-4)
+
+
+@pytest.mark.cuda
+def test_weight_grad_split_cuda():
+    # The automatic split at an Omniglot first layer (many chunks on any GPU), and forced splits.
+    check_weight_grad_splits("cuda", (20, 8, 1, 64, 28, 28), splits=(None, 1, 5))
 
 
 @pytest.mark.cuda
