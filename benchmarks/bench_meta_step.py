@@ -194,6 +194,9 @@ def main(argv=None) -> None:
         batch_size = args.batch_size or preset(setting).batch_size
         config = Config(setting, not args.first_order, batch_size, args.dtype, args.device)
         results += run_experiment(config, providers, args.reps)
+        if len(settings_list) > 1:  # long sweeps: each setting's rows as soon as it is done
+            print_results(results[-len(providers):])
+            print(flush=True)
     print_results(results)
     if args.json:
         write_json(args.json, "bench_meta_step", results)

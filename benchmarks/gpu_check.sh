@@ -109,8 +109,8 @@ fi
 if [[ "$DRY" == 1 ]]; then
   run bench_scaling 120 "$PY" benchmarks/bench_scaling.py --quick --axes tasks --no-reference --out "$LOG"
 else
-  run bench_scaling 75 "$PY" benchmarks/bench_scaling.py --device cuda --provider mamlpp_fast+graphs \
-    --axes tasks,steps --reps 3 --out "$LOG" --json "$LOG/bench_scaling.json"
+  run bench_scaling 90 "$PY" benchmarks/bench_scaling.py --device cuda --provider mamlpp_fast+graphs \
+    --axes tasks,steps,image --reps 3 --out "$LOG" --json "$LOG/bench_scaling.json"
 fi
 
 # 4. The short table, last.
