@@ -8,7 +8,8 @@ reference, in the same run.
 
 Providers: reference, mamlpp_fast[:backend][+graphs][+grouped|+explicit|+bmm|+triton][+cudnnbench] (+graphs:
 CUDA-graph replay of the meta-step, `MetaLearner(cuda_graphs=True)`; +grouped / +explicit / +bmm / +triton:
-every convolution with that task_conv strategy instead of "auto"; +cudnnbench: with
+every convolution with that task_conv strategy instead of "auto"; +S1/S2/S3/S4: one strategy per conv
+layer, e.g. +triton/auto/auto/auto; +cudnnbench: with
 torch.backends.cudnn.benchmark on, for that provider only), and the peers of benchmarks/peers (torchfunc,
 learn2learn, higher; same MAML++ semantics, differences in their docstrings). `--providers all`
 is the reference, mamlpp_fast and every peer whose library imports.
@@ -82,10 +83,14 @@ def make_provider(name: str, config, dtype: torch.dtype, device: str) -> Callabl
             learner = MAMLFewShotClassifier(config, device=device, dtype=dtype)
         elif name.startswith("mamlpp_fast"):
             base, *options = name.split("+")
-            unknown = set(options) - {"graphs", "grouped", "explicit", "bmm", "triton", "cudnnbench"}
+            # A conv strategy is one name, or one per layer joined by "/" (triton/auto/auto/auto).
+            per_layer = [tuple(o.split("/")) for o in options if "/" in o]
+            unknown = set(options) - {"graphs", "grouped", "explicit", "bmm", "triton", "cudnnbench"} - {
+                "/".join(p) for p in per_layer}
             if unknown:
                 raise ValueError(f"unknown provider option(s) {sorted(unknown)} in {name!r}")
             conv = next((o for o in options if o in ("grouped", "explicit", "bmm", "triton")), "auto")
+            conv = per_layer[0] if per_layer else conv
             backend = base.split(":", 1)[1] if ":" in base else "auto"
             learner = MetaLearner(config, backend=backend, device=device, dtype=dtype,
                                   cuda_graphs="graphs" in options, conv_strategy=conv)

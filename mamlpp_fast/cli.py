@@ -206,7 +206,23 @@ def _train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="on CUDA, record the meta-step as a CUDA graph and replay it (same result, "
                              "far fewer kernel launches); elsewhere it warns and runs eagerly")
+    parser.add_argument("--conv-strategy", default="auto", metavar="S",
+                        help="how the task-batched convolutions run: auto (default), grouped, explicit, "
+                             "bmm or triton (CUDA), or one per conv layer, comma-separated "
+                             "(e.g. triton,auto,auto,auto); all give the same results to rounding")
     return parser
+
+
+def _conv_strategy(value: str, num_layers: int):
+    """--conv-strategy as MetaLearner's conv_strategy: one name, or a tuple of one per layer."""
+    from .ops.task_conv import per_layer_requests
+
+    strategy = tuple(item.strip() for item in value.split(",")) if "," in value else value
+    try:
+        per_layer_requests(strategy, num_layers)
+    except ValueError as error:
+        raise CLIError(f"--conv-strategy: {str(error).removeprefix('task_conv: ')}") from None
+    return strategy
 
 
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -225,6 +241,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
         config = build_config(args.config, args.preset, sets, args.seed)
         if args.task_chunk_size is not None and args.task_chunk_size < 1:
             raise CLIError(f"--task-chunk-size: must be >= 1, got {args.task_chunk_size}")
+        conv_strategy = _conv_strategy(args.conv_strategy, config.num_stages)
         device, dtype = _resolve_runtime(args)
     except CLIError as error:
         parser.error(str(error))
@@ -244,7 +261,8 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
                       max_minutes=args.max_minutes, max_iters=args.max_iters,
                       learner_options={"task_chunk_size": args.task_chunk_size,
                                        "checkpoint_inner_steps": args.checkpoint_inner_steps,
-                                       "cuda_graphs": args.cuda_graphs},
+                                       "cuda_graphs": args.cuda_graphs,
+                                       "conv_strategy": conv_strategy},
                       distributed=distributed)
     if distributed is None or distributed.is_main:
         print(f"experiment: {trainer.experiment_dir} ({config.num_classes_per_set}-way "

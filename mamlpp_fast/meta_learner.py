@@ -9,7 +9,8 @@ Python loop over tasks. It matches `mamlpp_fast.reference.MAMLFewShotClassifier`
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import functools
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -19,7 +20,7 @@ from .learner_base import ArrayLike, FewShotLearnerBase, TaskBatch
 from .ops.bn_lrelu_pool import bn_lrelu_pool, bn_lrelu_pool_backend
 from .ops.lslr_update import lslr_update, lslr_update_backend
 from .ops.task_conv import STRATEGIES as CONV_STRATEGIES
-from .ops.task_conv import task_conv, task_conv_strategy
+from .ops.task_conv import per_layer_requests, task_conv, task_conv_strategies
 from .parameters import BN_EPS, BN_MOMENTUM, LEAKY_RELU_SLOPE
 from .task_batched import (
     StageStatistics,
@@ -64,8 +65,10 @@ class MetaLearner(FewShotLearnerBase):
         conv_strategy: how the task-batched convolutions run: "auto" (default, the grouped conv;
             see `mamlpp_fast.ops.task_conv`), "grouped" (one grouped conv), "explicit" (the
             grouped kernels under mamlpp_fast's own double-backward formulas), "bmm" (im2col +
-            batched matmul) or "triton" (implicit-GEMM Triton kernels, CUDA).
-            `active_backends["task_conv"]` reports the strategy that runs.
+            batched matmul) or "triton" (implicit-GEMM Triton kernels, CUDA); or one of these
+            per conv layer, e.g. ("triton", "auto", "auto", "auto") for a Triton first layer.
+            `active_backends["task_conv"]` reports the strategy that runs (per layer, comma-
+            separated, when they differ).
         cuda_graphs: on CUDA, record the training meta-step (inner loops and outer backward)
             as a CUDA graph once per batch shape, derivative order and MSL phase, and replay
             it; Adam runs eagerly after each replay. Same results as eager mode. Elsewhere, or
@@ -88,20 +91,25 @@ class MetaLearner(FewShotLearnerBase):
         task_chunk_size: Optional[int] = None,
         checkpoint_inner_steps: bool = False,
         cuda_graphs: bool = False,
-        conv_strategy: str = "auto",
+        conv_strategy: Union[str, Sequence[str]] = "auto",
         **kwargs: Any,
     ) -> None:
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-        if conv_strategy not in ("auto",) + CONV_STRATEGIES:
+        if isinstance(conv_strategy, str) and conv_strategy not in ("auto",) + CONV_STRATEGIES:
             raise ValueError(f"conv_strategy must be one of {('auto',) + CONV_STRATEGIES}, got {conv_strategy!r}")
         super().__init__(config, **kwargs)
+        try:
+            self._conv_requests = per_layer_requests(conv_strategy, self.config.num_stages)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"conv_strategy: {str(error).removeprefix('task_conv: ')}") from None
         self.backend = backend
         self.task_chunk_size = check_task_chunk_size(task_chunk_size)
         self.checkpoint_inner_steps = bool(checkpoint_inner_steps)
         self._deferred_statistics: Optional[Dict[int, List[Any]]] = None
         self.cuda_graphs = bool(cuda_graphs)
-        self.conv_strategy = conv_strategy
+        # A tuple when per layer: hashable, so it can key the recorded CUDA graphs.
+        self.conv_strategy = conv_strategy if isinstance(conv_strategy, str) else tuple(conv_strategy)
         self.graphs = MetaStepGraphs(self)
 
     # ------------------------------------------------------------------ backends
@@ -116,11 +124,16 @@ class MetaLearner(FewShotLearnerBase):
         return {
             "bn_lrelu_pool": bn_lrelu_pool_backend(probe, backend=self._op_backend()),
             "lslr_update": lslr_update_backend([probe], [probe], rates, backend=self._op_backend()),
-            "task_conv": task_conv_strategy(self.device, self.conv_strategy),
+            "task_conv": self._describe_conv_strategies(),
         }
 
-    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        return task_conv(x, weight, bias, strategy=self.conv_strategy)
+    def _describe_conv_strategies(self) -> str:
+        strategies = task_conv_strategies(self.device, self._conv_requests, len(self._conv_requests))
+        return strategies[0] if len(set(strategies)) == 1 else ",".join(strategies)
+
+    def _convs(self) -> List[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:
+        """The task-batched convolution of each conv layer, with that layer's strategy."""
+        return [functools.partial(task_conv, strategy=request) for request in self._conv_requests]
 
     def _stage(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
         return bn_lrelu_pool(x, weight, bias, eps=BN_EPS, negative_slope=LEAKY_RELU_SLOPE,
@@ -146,7 +159,7 @@ class MetaLearner(FewShotLearnerBase):
             [self.bn_row(bias, step) for _, bias in bn],
             self._stage,
             running_stats=running,
-            conv=self._conv,
+            conv=self._convs(),
         )
 
     def _initial_fast_weights(self, num_tasks: int, track_meta_gradients: bool) -> FastWeights:

@@ -15,7 +15,7 @@ One launch per layer per step serves the whole meta-batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,7 @@ __all__ = [
 ]
 
 # (x [n, G, H, W], weight [G], bias [G]) -> (y [n, G, H//2, W//2], mean [G], invstd [G])
+ConvFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 StageFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
@@ -62,7 +63,7 @@ def task_batched_logits(
     bn_biases: Sequence[torch.Tensor],
     stage: StageFunction,
     running_stats: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]] = None,
-    conv: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+    conv: Optional[Union[ConvFunction, Sequence[ConvFunction]]] = None,
 ) -> Tuple[torch.Tensor, List[StageStatistics]]:
     """Logits of every task's images with every task's own weights.
 
@@ -75,19 +76,24 @@ def task_batched_logits(
         stage: the fused BN + leaky ReLU + max-pool function.
         running_stats: per stage, (mean [C_out], var [C_out]) to normalise with instead of the
             batch statistics (evaluation with `bn_use_running_stats_in_evaluation`).
-        conv: the task-batched convolution (x, weight, bias) -> out; default
+        conv: the task-batched convolution (x, weight, bias) -> out, or one per stage; default
             `mamlpp_fast.ops.task_conv` with its "auto" strategy.
 
     Returns:
         logits [B, n, N] and, unless `running_stats` is given, each stage's batch statistics.
     """
     num_tasks = linear_weight.shape[0]
-    conv = task_conv if conv is None else conv
+    if conv is None or callable(conv):
+        convs = [conv or task_conv] * len(conv_weights)
+    else:
+        convs = list(conv)
+    if len(convs) != len(conv_weights):
+        raise ValueError(f"conv: expected one convolution per stage ({len(conv_weights)}), got {len(convs)}")
     out = images
     statistics: List[StageStatistics] = []
     for index, (weight, bias) in enumerate(zip(conv_weights, conv_biases)):
         b, c_out = weight.shape[:2]
-        out = conv(out, weight, bias)
+        out = convs[index](out, weight, bias)
         gamma = bn_weights[index].repeat(num_tasks)
         beta = bn_biases[index].repeat(num_tasks)
         if running_stats is not None:

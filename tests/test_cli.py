@@ -51,22 +51,32 @@ def test_train_then_eval_end_to_end(tmp_path, capsys):
     assert "ensemble of 1 model(s)" in out
 
 
-def test_memory_bounded_training_matches_the_plain_run(tmp_path):
-    """--task-chunk-size and --checkpoint-inner-steps change memory use, not the result."""
-    runs = {}
-    for name, extra in (("plain", []), ("bounded", ["--task-chunk-size", "1", "--checkpoint-inner-steps"])):
-        out = tmp_path / name
-        assert train_main(TINY + ["--dtype", "float64", "--no-test", "--output-dir", str(out)] + extra) == 0
-        state = torch.load(out / EXPERIMENT / "saved_models" / "train_model_latest", weights_only=False)
-        runs[name] = state["network"]
-    for key, expected in runs["plain"].items():
-        actual = runs["bounded"][key]
+def _trained_network(tmp_path, name, extra):
+    """The network state after TINY's float64 training run with the extra arguments."""
+    out = tmp_path / name
+    assert train_main(TINY + ["--dtype", "float64", "--no-test", "--output-dir", str(out)] + extra) == 0
+    return torch.load(out / EXPERIMENT / "saved_models" / "train_model_latest", weights_only=False)["network"]
+
+
+def assert_same_training(actual_state, expected_state):
+    for key, expected in expected_state.items():
+        actual = actual_state[key]
         if ".conv.bias" in key or "-conv-bias" in key or key.endswith("running_mean"):
             # Conv biases have an exactly-zero gradient (BN removes them); Adam turns the rounding
             # noise into steps of ~lr * noise / eps, and running means include the bias.
             assert (actual - expected).abs().max().item() < 1e-8, key
         else:
             assert (actual - expected).norm().item() <= 1e-10 * expected.norm().item(), key
+
+
+@pytest.mark.parametrize("name, extra", [
+    # --task-chunk-size and --checkpoint-inner-steps change memory use, not the result.
+    ("bounded", ["--task-chunk-size", "1", "--checkpoint-inner-steps"]),
+    # and --conv-strategy (here one per layer) changes kernels, not the result.
+    ("conv", ["--conv-strategy", "bmm, explicit,auto,grouped"]),
+])
+def test_speed_and_memory_options_match_the_plain_run(tmp_path, name, extra):
+    assert_same_training(_trained_network(tmp_path, name, extra), _trained_network(tmp_path, "plain", []))
 
 
 def test_python_dash_m_entry_point(tmp_path):
@@ -123,6 +133,8 @@ def test_official_json_config(tmp_path):
     (["--dataset-dir", "/no/such/dir"], "--dataset-dir: '/no/such/dir' is not a folder"),
     (["--max-iters", "two"], "argument --max-iters: invalid int value"),
     (["--task-chunk-size", "0"], "--task-chunk-size: must be >= 1"),
+    (["--conv-strategy", "fastest"], "--conv-strategy: strategy must be one of"),
+    (["--conv-strategy", "bmm,auto"], "--conv-strategy: a per-layer strategy needs 4 entries"),
 ])
 def test_bad_train_arguments_name_the_argument(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:

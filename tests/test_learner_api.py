@@ -151,6 +151,44 @@ def test_bad_input_raises_and_changes_nothing(config):
         MetaLearner(config, backend="fast")
 
 
+@pytest.mark.parametrize("strategy, message", [
+    ("fastest", "conv_strategy must be one of"),
+    (("grouped", "bmm"), "conv_strategy: a per-layer strategy needs 4 entries, one per conv layer, got 2"),
+    (("grouped", "bmm", "fastest", "auto"), "conv_strategy: strategy must be one of .* got 'fastest'"),
+    (4, "conv_strategy: "),
+])
+def test_bad_conv_strategy_names_the_argument(config, strategy, message):
+    with pytest.raises(ValueError, match=message):
+        MetaLearner(config, conv_strategy=strategy)
+
+
+def test_per_layer_conv_strategy_is_reported(config):
+    mixed = MetaLearner(config, conv_strategy=["bmm", "auto", "auto", "explicit"])
+    assert mixed.conv_strategy == ("bmm", "auto", "auto", "explicit")  # a tuple: hashable
+    assert mixed.active_backends["task_conv"] == "bmm,grouped,grouped,explicit"
+    uniform = MetaLearner(config, conv_strategy=("auto",) * 4)
+    assert uniform.active_backends["task_conv"] == "grouped"
+
+
+def test_per_layer_conv_strategy_reaches_each_layer(config, monkeypatch):
+    import mamlpp_fast.meta_learner as meta_learner_module
+
+    calls = []
+    real_task_conv = meta_learner_module.task_conv
+
+    def recording_task_conv(x, weight, bias, strategy):
+        calls.append((weight.shape[2], strategy))  # (C_in, strategy): C_in tells the layers apart
+        return real_task_conv(x, weight, bias, strategy=strategy)
+
+    monkeypatch.setattr(meta_learner_module, "task_conv", recording_task_conv)
+    learner = MetaLearner(config, conv_strategy=("bmm", "explicit", "auto", "grouped"))
+    learner.run_validation_iter(numpy_batch(config))
+    filters = config.cnn_num_filters
+    layer_calls = [(1, "bmm"), (filters, "explicit"), (filters, "auto"), (filters, "grouped")]
+    assert calls and len(calls) % 4 == 0
+    assert calls == layer_calls * (len(calls) // 4)
+
+
 def test_learner_computes_in_its_own_dtype(config):
     learner = MetaLearner(config).double()
     losses, logits = learner.run_train_iter(numpy_batch(config), epoch=0)

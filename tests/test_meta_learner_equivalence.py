@@ -135,6 +135,15 @@ def test_bmm_conv_strategy_matches_reference(name, overrides, second_order):
     compare_one_pass(config, 2, conv_strategy="bmm", training=False)
 
 
+@pytest.mark.parametrize("second_order", [True, False])
+def test_per_layer_conv_strategies_match_reference(second_order):
+    """A different strategy for each conv layer (as a GPU may want for the 1-channel first layer)."""
+    config = preset("maml++_omniglot_20w1s", second_order=second_order, **dict(SMALL, num_target_samples=2))
+    mix = ("bmm", "explicit", "grouped", "auto")
+    compare_one_pass(config, 2, conv_strategy=mix)
+    compare_one_pass(config, 2, conv_strategy=mix, training=False)
+
+
 @pytest.mark.parametrize("use_msl, epoch", [(True, 0), (True, 4), (True, 10), (False, 0)])
 def test_multi_step_loss_gate_matches_reference(use_msl, epoch):
     config = preset("maml++_omniglot_5w1s", use_multi_step_loss_optimization=use_msl, **SMALL)
@@ -227,7 +236,7 @@ def test_several_train_iterations_end_with_equal_parameters():
 @pytest.mark.cuda
 @pytest.mark.parametrize("second_order", [True, False])
 @pytest.mark.parametrize("backend, conv_strategy", [("auto", "auto"), ("aten", "grouped"), ("auto", "bmm"),
-                                                    ("auto", "triton")])
+                                                    ("auto", "triton"), ("auto", ("triton", "auto", "auto", "auto"))])
 @pytest.mark.parametrize("name, overrides", [
     ("maml++_omniglot_20w1s", SMALL),
     ("maml++_mini-imagenet_5w1s", dict(SMALL, cnn_num_filters=8, num_target_samples=2)),

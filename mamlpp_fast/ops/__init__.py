@@ -7,7 +7,7 @@ Every op has a pure-PyTorch path, so all of them work without the compiled exten
 from .._backend import available_backends, describe_backends, has_extension
 from .bn_lrelu_pool import bn_lrelu_pool, bn_lrelu_pool_backend
 from .lslr_update import lslr_update, lslr_update_backend
-from .task_conv import task_conv, task_conv_strategy
+from .task_conv import task_conv, task_conv_strategies, task_conv_strategy
 
 __all__ = [
     "available_backends",
@@ -19,4 +19,5 @@ __all__ = [
     "lslr_update_backend",
     "task_conv",
     "task_conv_strategy",
+    "task_conv_strategies",
 ]

@@ -37,7 +37,7 @@ so in float32 the strategies round differently; in float64 they agree to roundin
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +45,7 @@ from torch import Tensor
 
 from .. import _backend
 
-__all__ = ["task_conv", "task_conv_strategy", "STRATEGIES"]
+__all__ = ["task_conv", "task_conv_strategy", "task_conv_strategies", "STRATEGIES"]
 
 STRATEGIES = ("grouped", "explicit", "bmm", "triton")
 _REQUESTS = ("auto",) + STRATEGIES
@@ -59,6 +59,29 @@ def task_conv_strategy(device: torch.device, strategy: str = "auto") -> str:
     if strategy == "triton":
         _backend.select_backend("task_conv", torch.device(device), "triton")  # raises where it cannot run
     return "grouped" if strategy == "auto" else strategy
+
+
+def task_conv_strategies(device: torch.device, strategy: Union[str, Sequence[str]], num_layers: int) -> Tuple[str, ...]:
+    """The strategy each of ``num_layers`` conv layers runs on ``device``: ``strategy`` is one
+    request for every layer, or one per layer, e.g. ``("triton", "grouped", "grouped", "grouped")``
+    (layers differ: a 1-channel first layer and the 64-channel ones favour different kernels)."""
+    requested = per_layer_requests(strategy, num_layers)
+    return tuple(task_conv_strategy(device, item) for item in requested)
+
+
+def per_layer_requests(strategy: Union[str, Sequence[str]], num_layers: int) -> Tuple[str, ...]:
+    """``strategy`` as one validated request per layer (names checked, devices not)."""
+    if isinstance(strategy, str):
+        requested: Tuple = (strategy,) * num_layers
+    else:
+        requested = tuple(strategy)
+        if len(requested) != num_layers:
+            raise ValueError(f"task_conv: a per-layer strategy needs {num_layers} entries, one per conv "
+                             f"layer, got {len(requested)}: {requested!r}")
+    for item in requested:
+        if item not in _REQUESTS:
+            raise ValueError(f"task_conv: strategy must be one of {_REQUESTS}, got {item!r}")
+    return requested
 
 
 def _check(x: Tensor, weight: Tensor, bias: Tensor) -> None:
