@@ -8,7 +8,9 @@ Run from the repository root (after `pip install --no-build-isolation .`):
 
 Modes: ``fwd`` (forward only, no autograd), ``fwd+bwd`` (forward + first-order backward) and
 ``2nd`` (forward, create_graph backward, then the backward of those gradients: the second-order
-MAML pattern). Times are medians in milliseconds on float32.
+MAML pattern). Times are medians in milliseconds on float32. ``--graphed`` (CUDA) times each step
+replayed from a CUDA graph, as the ops run inside ``MetaLearner(cuda_graphs=True)``: GPU time only,
+without the launch and Python overhead that eager timing of these sub-millisecond ops includes.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Config:
     mode: str
     provider: str
     device: str = "cpu"
+    graphed: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +51,7 @@ class Result:
     runs: int
 
 
-def get_configs(providers: list[str], quick: bool = False, device: str = "cpu") -> list[Config]:
+def get_configs(providers: list[str], quick: bool = False, device: str = "cpu", graphed: bool = False) -> list[Config]:
     shapes = []  # (dataset, n, C, S, tasks)
     for S in (28, 14, 7, 3):
         shapes += [("omniglot", 20, 64, S, B) for B in ((1, 8) if S == 28 else (1, 8, 32))]
@@ -58,7 +61,7 @@ def get_configs(providers: list[str], quick: bool = False, device: str = "cpu") 
     if quick:
         shapes = [s for s in shapes if s[4] <= 8 and s[3] <= 42]
     return [
-        Config(ds, n, C, B, S, mode, p, device)
+        Config(ds, n, C, B, S, mode, p, device, graphed)
         for (ds, n, C, S, B), mode, p in itertools.product(shapes, MODES, providers)
     ]
 
@@ -92,7 +95,7 @@ def run_experiment(cfg: Config) -> Result:
                 loss = (gx * hx).sum() + gw.square().sum()
                 torch.autograd.grad(loss, (gyr, x, w))
 
-    timing = measure(step, cfg.device)
+    timing = measure(step, cfg.device, graphed=cfg.graphed)
     return Result(cfg, timing.p50_ms, timing.reps)
 
 
@@ -120,11 +123,15 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--quick", action="store_true", help="small shapes only")
+    parser.add_argument("--graphed", action="store_true",
+                        help="CUDA: time each step replayed from a CUDA graph (GPU time, no launch overhead)")
     args = parser.parse_args()
+    if args.graphed and torch.device(args.device).type != "cuda":
+        parser.error(f"--graphed needs --device cuda, got {args.device}")
     default = "aten,cuda" if torch.device(args.device).type == "cuda" else "aten,cpp"
     providers = (args.providers or default).split(",")
-    results = [run_experiment(c) for c in get_configs(providers, args.quick, args.device)]
-    print(f"# {env_info()}\n")
+    results = [run_experiment(c) for c in get_configs(providers, args.quick, args.device, args.graphed)]
+    print(f"# {env_info()}" + (" (CUDA-graph replay)" if args.graphed else "") + "\n")
     print_results(results, providers)
     if args.json:
         write_json(args.json, "bench_bn_lrelu_pool", results)

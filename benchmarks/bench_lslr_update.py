@@ -75,9 +75,9 @@ def _step(config: Config, provider: str):
     return run, moved
 
 
-def run_experiment(config: Config, provider: str) -> Result:
+def run_experiment(config: Config, provider: str, graphed: bool = False) -> Result:
     run, moved = _step(config, provider)
-    timing = measure(run, config.device)
+    timing = measure(run, config.device, graphed=graphed)
     gbps = moved / (timing.p50_ms * 1e-3) / 1e9 if config.mode == "fwd" else 0.0
     return Result(config, provider, timing, gbps)
 
@@ -110,12 +110,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--providers", default=None, help="comma-separated lslr_update backends")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write results as JSON")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--graphed", action="store_true",
+                        help="CUDA: time each call replayed from a CUDA graph (GPU time, no launch overhead); "
+                             "the triton provider is left out (its launcher copies from the host, which a "
+                             "graph cannot record)")
     args = parser.parse_args(argv)
+    if args.graphed and torch.device(args.device).type != "cuda":
+        parser.error(f"--graphed needs --device cuda, got {args.device}")
     if args.threads:
         torch.set_num_threads(args.threads)
     providers = args.providers.split(",") if args.providers else default_providers(args.device)
-    print(f"# lslr_update, Omniglot 20-way shapes, {args.device}: {_backend.describe_backends()}\n")
-    results = [run_experiment(c, p) for c in get_configs(args.device) for p in providers]
+    if args.graphed:
+        providers = [p for p in providers if p != "triton"]
+    print(f"# lslr_update, Omniglot 20-way shapes, {args.device}"
+          + (" (CUDA-graph replay)" if args.graphed else "") + f": {_backend.describe_backends()}\n")
+    results = [run_experiment(c, p, args.graphed) for c in get_configs(args.device) for p in providers]
     print_results(results)
     if args.json:
         write_json(args.json, "lslr_update", results)

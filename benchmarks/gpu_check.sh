@@ -95,6 +95,12 @@ PROFILE_SETTING=maml++_omniglot_20w1s; [[ "$DRY" == 1 ]] && PROFILE_SETTING=maml
 run profile_meta_step 60 "$PY" benchmarks/profile_meta_step.py --device "$DEVICE" --setting "$PROFILE_SETTING"
 run bench_lslr_update 45 "$PY" benchmarks/bench_lslr_update.py --device "$DEVICE" --json "$LOG/bench_lslr_update.json"
 run bench_bn_lrelu_pool 60 "$PY" benchmarks/bench_bn_lrelu_pool.py --device "$DEVICE" --quick --json "$LOG/bench_bn_lrelu_pool.json"
+if [[ "$DRY" != 1 ]]; then  # the same ops replayed from CUDA graphs: GPU time, as inside cuda_graphs=True
+  run bench_lslr_update_graphed 45 "$PY" benchmarks/bench_lslr_update.py --device cuda --graphed \
+    --json "$LOG/bench_lslr_update_graphed.json"
+  run bench_bn_lrelu_pool_graphed 60 "$PY" benchmarks/bench_bn_lrelu_pool.py --device cuda --quick --graphed \
+    --json "$LOG/bench_bn_lrelu_pool_graphed.json"
+fi
 CONV_ARGS=(); [[ "$DRY" == 1 ]] && CONV_ARGS=(--quick --modes fwd)
 run bench_task_conv 60 "$PY" benchmarks/bench_task_conv.py --device "$DEVICE" "${CONV_ARGS[@]}" --json "$LOG/bench_task_conv.json"
 LAYOUT_ARGS=(); [[ "$DRY" == 1 ]] && LAYOUT_ARGS=(--quick)

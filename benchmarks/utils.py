@@ -71,7 +71,23 @@ def time_cuda(fn: Callable[[], Any], *, warmup_ms: float = 25, rep_ms: float = 1
     return Timing(*_quantiles(samples), reps=len(samples))
 
 
-def measure(fn: Callable[[], Any], device: str | torch.device) -> Timing:
+def time_cuda_graph(fn: Callable[[], Any], *, rep_ms: float = 50) -> Timing:
+    """GPU time of ``fn()`` replayed from a CUDA graph (triton.testing.do_bench_cudagraph: many
+    calls recorded in one graph, no L2 flush): the op's cost inside `MetaLearner(cuda_graphs=True)`,
+    free of the launch and Python overhead that dominates small ops in eager timing. Raises when
+    ``fn`` cannot be captured."""
+    from triton.testing import do_bench_cudagraph
+
+    p20, p50, p80 = do_bench_cudagraph(fn, rep=rep_ms, quantiles=[0.2, 0.5, 0.8])
+    return Timing(p20, p50, p80, reps=-1)
+
+
+def measure(fn: Callable[[], Any], device: str | torch.device, graphed: bool = False) -> Timing:
+    """``fn()``'s time on ``device``; ``graphed``: replayed from a CUDA graph (CUDA only)."""
+    if graphed:
+        if torch.device(device).type != "cuda":
+            raise ValueError(f"graphed timing needs a CUDA device, got {device}")
+        return time_cuda_graph(fn)
     return time_cuda(fn) if torch.device(device).type == "cuda" else time_cpu(fn)
 
 
