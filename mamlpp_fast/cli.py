@@ -213,6 +213,16 @@ def _train_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _describe_kernels(learner) -> str:
+    """What the learner's ops run on, e.g. "bn_lrelu_pool=cpp, lslr_update=cpp, task_conv=grouped"."""
+    from . import _backend
+
+    active = ", ".join(f"{op}={name}" for op, name in learner.active_backends.items())
+    if not _backend.has_extension():
+        active += f" (compiled extension not loaded: {_backend._C_ERROR})"
+    return active
+
+
 def _conv_strategy(value: str, num_layers: int):
     """--conv-strategy as MetaLearner's conv_strategy: one name, or a tuple of one per layer."""
     from .ops.task_conv import per_layer_requests
@@ -269,6 +279,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
               f"{config.num_samples_per_class}-shot, {config.dataset_name}, {config.total_epochs} epochs x "
               f"{config.total_iter_per_epoch} iterations, batch {config.batch_size}, device {device}"
               + (f", {distributed.world_size} ranks" if distributed is not None else "") + ")", flush=True)
+        print(f"kernels: {_describe_kernels(trainer.learner)}", flush=True)
     try:
         outcome = trainer.train()
         if outcome["finished"] and not args.no_test:

@@ -28,6 +28,7 @@ def test_train_then_eval_end_to_end(tmp_path, capsys):
     assert train_main(TINY + ["--output-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "test accuracy:" in out and "epoch 2/2" in out
+    assert "kernels: bn_lrelu_pool=" in out and "task_conv=grouped" in out  # which backend is active
     folder = tmp_path / EXPERIMENT
     for name in ("config.json", "saved_models/train_model_1", "saved_models/train_model_2",
                  "saved_models/train_model_latest", "logs/summary.csv", "logs/summary.json",
