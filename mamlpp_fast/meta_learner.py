@@ -99,17 +99,12 @@ class MetaLearner(FewShotLearnerBase):
         if isinstance(conv_strategy, str) and conv_strategy not in ("auto",) + CONV_STRATEGIES:
             raise ValueError(f"conv_strategy must be one of {('auto',) + CONV_STRATEGIES}, got {conv_strategy!r}")
         super().__init__(config, **kwargs)
-        try:
-            self._conv_requests = per_layer_requests(conv_strategy, self.config.num_stages)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"conv_strategy: {str(error).removeprefix('task_conv: ')}") from None
+        self.conv_strategy = conv_strategy
         self.backend = backend
         self.task_chunk_size = check_task_chunk_size(task_chunk_size)
         self.checkpoint_inner_steps = bool(checkpoint_inner_steps)
         self._deferred_statistics: Optional[Dict[int, List[Any]]] = None
         self.cuda_graphs = bool(cuda_graphs)
-        # A tuple when per layer: hashable, so it can key the recorded CUDA graphs.
-        self.conv_strategy = conv_strategy if isinstance(conv_strategy, str) else tuple(conv_strategy)
         self.graphs = MetaStepGraphs(self)
 
     # ------------------------------------------------------------------ backends
@@ -126,6 +121,20 @@ class MetaLearner(FewShotLearnerBase):
             "lslr_update": lslr_update_backend([probe], [probe], rates, backend=self._op_backend()),
             "task_conv": self._describe_conv_strategies(),
         }
+
+    @property
+    def conv_strategy(self) -> Union[str, Tuple[str, ...]]:
+        """The requested task_conv strategy: one name, or a tuple of one per conv layer."""
+        return self._conv_strategy
+
+    @conv_strategy.setter
+    def conv_strategy(self, value: Union[str, Sequence[str]]) -> None:
+        try:
+            self._conv_requests = per_layer_requests(value, self.config.num_stages)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"conv_strategy: {str(error).removeprefix('task_conv: ')}") from None
+        # A tuple when per layer: hashable, so it can key the recorded CUDA graphs.
+        self._conv_strategy = value if isinstance(value, str) else tuple(value)
 
     def _describe_conv_strategies(self) -> str:
         strategies = task_conv_strategies(self.device, self._conv_requests, len(self._conv_requests))

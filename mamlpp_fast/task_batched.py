@@ -32,8 +32,9 @@ __all__ = [
     "fold_running_statistics",
 ]
 
-# (x [n, G, H, W], weight [G], bias [G]) -> (y [n, G, H//2, W//2], mean [G], invstd [G])
+# (x [n, B*C_in, H, W], weight [B, C_out, C_in, 3, 3], bias [B, C_out]) -> out [n, B*C_out, H, W]
 ConvFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (x [n, G, H, W], weight [G], bias [G]) -> (y [n, G, H//2, W//2], mean [G], invstd [G])
 StageFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 

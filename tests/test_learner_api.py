@@ -168,6 +168,11 @@ def test_per_layer_conv_strategy_is_reported(config):
     assert mixed.active_backends["task_conv"] == "bmm,grouped,grouped,explicit"
     uniform = MetaLearner(config, conv_strategy=("auto",) * 4)
     assert uniform.active_backends["task_conv"] == "grouped"
+    uniform.conv_strategy = "bmm"  # changing it later takes effect, and is checked
+    assert uniform.active_backends["task_conv"] == "bmm"
+    with pytest.raises(ValueError, match="conv_strategy: a per-layer strategy needs 4 entries"):
+        uniform.conv_strategy = ("bmm",)
+    assert uniform.conv_strategy == "bmm"
 
 
 def test_per_layer_conv_strategy_reaches_each_layer(config, monkeypatch):
