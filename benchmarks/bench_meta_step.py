@@ -85,11 +85,11 @@ def make_provider(name: str, config, dtype: torch.dtype, device: str) -> Callabl
             base, *options = name.split("+")
             # A conv strategy is one name, or one per layer joined by "/" (triton/auto/auto/auto).
             per_layer = [tuple(o.split("/")) for o in options if "/" in o]
-            unknown = set(options) - {"graphs", "grouped", "explicit", "bmm", "triton", "cudnnbench"} - {
+            unknown = set(options) - {"graphs", "grouped", "explicit", "bmm", "triton", "blockdiag", "cudnnbench"} - {
                 "/".join(p) for p in per_layer}
             if unknown:
                 raise ValueError(f"unknown provider option(s) {sorted(unknown)} in {name!r}")
-            conv = next((o for o in options if o in ("grouped", "explicit", "bmm", "triton")), "auto")
+            conv = next((o for o in options if o in ("grouped", "explicit", "bmm", "triton", "blockdiag")), "auto")
             conv = per_layer[0] if per_layer else conv
             backend = base.split(":", 1)[1] if ":" in base else "auto"
             learner = MetaLearner(config, backend=backend, device=device, dtype=dtype,

@@ -8,7 +8,9 @@ MetaLearner convolves B tasks with B different weight sets at every inner step. 
   groups in the double backward);
 - ``bmm``: ``F.unfold`` (im2col) then one batched matmul over tasks;
 - ``loop``: one ``F.conv2d`` per task (the per-task reference's pattern);
-- ``triton``: the implicit-GEMM Triton kernels of ``mamlpp_fast.kernels.task_conv`` (CUDA only).
+- ``triton``: the implicit-GEMM Triton kernels of ``mamlpp_fast.kernels.task_conv`` (CUDA only);
+- ``blockdiag``: one dense conv with a block-diagonal weight (B times the work; timed for
+  few-channel first layers only).
 
     python benchmarks/bench_task_conv.py --device cuda --json out.json
     python benchmarks/bench_task_conv.py --quick          # small CPU run
@@ -33,7 +35,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from utils import env_info, markdown_table, measure, write_json  # noqa: E402
 
-STRATEGIES = ("grouped", "explicit", "bmm", "loop", "triton")
+STRATEGIES = ("grouped", "explicit", "bmm", "loop", "triton", "blockdiag")
+BLOCKDIAG_MAX_CIN = 3  # blockdiag does B times the work: timed on few-channel first layers only
 MODES = ("fwd", "fwd+bwd", "2nd")
 
 
@@ -95,14 +98,16 @@ def library_conv(strategy: str) -> Callable:
 
 
 CONVS: Dict[str, Callable] = {"grouped": conv_grouped, "explicit": library_conv("explicit"), "bmm": conv_bmm,
-                              "loop": conv_loop, "triton": library_conv("triton")}
+                              "loop": conv_loop, "triton": library_conv("triton"),
+                              "blockdiag": library_conv("blockdiag")}
 
 
-def strategies_for(device: str) -> List[str]:
+def strategies_for(device: str, cin: int) -> List[str]:
     from mamlpp_fast import _backend
 
     usable = torch.device(device).type == "cuda" and _backend.has_triton()
-    return [s for s in STRATEGIES if s != "triton" or usable]
+    return [s for s in STRATEGIES
+            if (s != "triton" or usable) and (s != "blockdiag" or cin <= BLOCKDIAG_MAX_CIN)]
 
 
 def get_shapes(quick: bool) -> List[tuple]:
@@ -144,7 +149,7 @@ def check_agree(x, w, b) -> None:
     cot = torch.randn(x.shape[0], x.shape[1], w.shape[1], x.shape[3], x.shape[4],
                       dtype=torch.float64, device=x.device)
     results = {}
-    for name in strategies_for(str(x.device)):
+    for name in strategies_for(str(x.device), x.shape[2]):
         conv = CONVS[name]
         out = conv(x64, w64, b64)
         grads = torch.autograd.grad((out * cot).sum(), (x64, w64, b64))
@@ -177,7 +182,7 @@ def main(argv=None) -> None:
         b = torch.randn(B, cout, generator=gen).to(args.device).requires_grad_()
         check_agree(x, w, b)
         for mode in args.modes.split(","):
-            times = {s: measure(make_step(s, mode, x, w, b), args.device) for s in strategies_for(args.device)}
+            times = {s: measure(make_step(s, mode, x, w, b), args.device) for s in strategies_for(args.device, cin)}
             base = times["grouped"].p50_ms
             for strategy, timing in times.items():
                 config = Config(dataset, B, n, cin, cout, S, mode, strategy, args.device)

@@ -208,7 +208,7 @@ def _train_parser() -> argparse.ArgumentParser:
                              "far fewer kernel launches); elsewhere it warns and runs eagerly")
     parser.add_argument("--conv-strategy", default="auto", metavar="S",
                         help="how the task-batched convolutions run: auto (default), grouped, explicit, "
-                             "bmm or triton (CUDA), or one per conv layer, comma-separated "
+                             "bmm, triton (CUDA) or blockdiag, or one per conv layer, comma-separated "
                              "(e.g. triton,auto,auto,auto); all give the same results to rounding")
     return parser
 

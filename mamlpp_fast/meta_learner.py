@@ -65,8 +65,9 @@ class MetaLearner(FewShotLearnerBase):
         conv_strategy: how the task-batched convolutions run: "auto" (default, the grouped conv;
             see `mamlpp_fast.ops.task_conv`), "grouped" (one grouped conv), "explicit" (the
             grouped kernels under mamlpp_fast's own double-backward formulas), "bmm" (im2col +
-            batched matmul) or "triton" (implicit-GEMM Triton kernels, CUDA); or one of these
-            per conv layer, e.g. ("triton", "auto", "auto", "auto") for a Triton first layer.
+            batched matmul), "triton" (implicit-GEMM Triton kernels, CUDA) or "blockdiag" (one
+            dense conv with a block-diagonal weight, for few-channel layers); or one of these per
+            conv layer, e.g. ("triton", "auto", "auto", "auto") for a Triton first layer.
             `active_backends["task_conv"]` reports the strategy that runs (per layer, comma-
             separated, when they differ).
         cuda_graphs: on CUDA, record the training meta-step (inner loops and outer backward)

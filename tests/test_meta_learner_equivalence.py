@@ -139,7 +139,7 @@ def test_bmm_conv_strategy_matches_reference(name, overrides, second_order):
 def test_per_layer_conv_strategies_match_reference(second_order):
     """A different strategy for each conv layer (as a GPU may want for the 1-channel first layer)."""
     config = preset("maml++_omniglot_20w1s", second_order=second_order, **dict(SMALL, num_target_samples=2))
-    mix = ("bmm", "explicit", "grouped", "auto")
+    mix = ("blockdiag", "explicit", "bmm", "auto")
     compare_one_pass(config, 2, conv_strategy=mix)
     compare_one_pass(config, 2, conv_strategy=mix, training=False)
 

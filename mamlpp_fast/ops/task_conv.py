@@ -4,7 +4,7 @@ Layout: tasks are channel groups, as everywhere in MetaLearner: x [n, B*C_in, H,
 n images of each of B tasks, weight [B, C_out, C_in, 3, 3] and bias [B, C_out] are per task, and
 the result is [n, B*C_out, H, W] (stride 1, zero padding 1).
 
-Four strategies compute the same function:
+Five strategies compute the same function:
 
 - ``"grouped"``: one ``F.conv2d(..., groups=B)`` (cuDNN / oneDNN) under ATen's autograd. Its
   double backward (``_convolution_double_backward``) loops over the B groups for one of its
@@ -18,9 +18,13 @@ Four strategies compute the same function:
 - ``"triton"``: implicit GEMM with the task index in the grid (``mamlpp_fast.kernels.task_conv``):
   a forward kernel and a weight-gradient kernel; the input gradient is the forward kernel on the
   transposed, flipped weights, under the same explicit autograd formulas as ``"explicit"``.
-  CUDA, or CPU under ``TRITON_INTERPRET=1``.
+  CUDA, or CPU under ``TRITON_INTERPRET=1``;
+- ``"blockdiag"``: one dense ``F.conv2d`` whose weight [B*C_out, B*C_in, 3, 3] is zero between
+  tasks: B times the FLOPs, but a dense kernel. Meant for the few-channel first layer (C_in = 1),
+  which the grouped form sends to ATen's depthwise kernel (3.1 of 25 ms of an Omniglot 20w1s
+  meta-step on the H200); pick it per layer, e.g. ``("blockdiag", "auto", "auto", "auto")``.
 
-Gradients of any order come from autograd in all four. ``"auto"`` is ``grouped`` on every device,
+Gradients of any order come from autograd in all five. ``"auto"`` is ``grouped`` on every device,
 by end-to-end measurement. On the CPU, ``explicit`` is 1.3-1.5x faster than ``grouped`` for an
 isolated second-order pattern (gradients of |dx|^2 + |dw|^2) but equal inside whole meta-steps:
 the group loop it removes costs about what its separate weight-gradient calls add (2026-11-30,
@@ -47,7 +51,7 @@ from .. import _backend
 
 __all__ = ["task_conv", "task_conv_strategy", "task_conv_strategies", "STRATEGIES"]
 
-STRATEGIES = ("grouped", "explicit", "bmm", "triton")
+STRATEGIES = ("grouped", "explicit", "bmm", "triton", "blockdiag")
 _REQUESTS = ("auto",) + STRATEGIES
 
 
@@ -111,6 +115,15 @@ def _task_conv_bmm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     cols = cols.permute(1, 2, 0, 3).reshape(b, c_in * 9, n * h * w)
     out = torch.baddbmm(bias.unsqueeze(2), weight.reshape(b, c_out, c_in * 9), cols)  # [B, C_out, n*HW]
     return out.view(b, c_out, n, h, w).permute(2, 0, 1, 3, 4).reshape(n, b * c_out, h, w).contiguous()
+
+
+def _task_conv_blockdiag(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    b, c_out, c_in = weight.shape[:3]
+    # dense[t, o, u, c] = weight[t, o, c] if u == t else 0, as [B*C_out, B*C_in, 3, 3]. Autograd
+    # takes the dense weight gradient (B times the work) and keeps its diagonal blocks.
+    same_task = torch.eye(b, dtype=weight.dtype, device=weight.device).view(b, 1, b, 1, 1, 1)
+    dense = (weight.unsqueeze(2) * same_task).reshape(b * c_out, b * c_in, 3, 3)
+    return F.conv2d(x, dense, bias.reshape(-1), padding=1)
 
 
 class _ConvKernels(NamedTuple):
@@ -253,8 +266,8 @@ def task_conv(x: Tensor, weight: Tensor, bias: Tensor, *, strategy: str = "auto"
         x: [n, B*C_in, H, W], task t's channels at [t*C_in, (t+1)*C_in).
         weight: [B, C_out, C_in, 3, 3], a broadcast (expanded) view is fine.
         bias: [B, C_out].
-        strategy: "auto" (default; see the module docstring), "grouped", "explicit", "bmm" or
-            "triton".
+        strategy: "auto" (default; see the module docstring), "grouped", "explicit", "bmm",
+            "triton" or "blockdiag".
 
     Returns:
         [n, B*C_out, H, W], contiguous. Differentiable to any order in x, weight and bias.
@@ -263,6 +276,8 @@ def task_conv(x: Tensor, weight: Tensor, bias: Tensor, *, strategy: str = "auto"
     name = task_conv_strategy(x.device, strategy)
     if name == "bmm":
         return _task_conv_bmm(x, weight, bias)
+    if name == "blockdiag":
+        return _task_conv_blockdiag(x, weight, bias)
     if name == "triton":
         return _TaskConv.apply(x, weight, bias, _TRITON_KERNELS)
     if name == "explicit":

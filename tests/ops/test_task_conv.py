@@ -12,7 +12,7 @@ from mamlpp_fast.ops import task_conv, task_conv_strategy
 from mamlpp_fast.ops.task_conv import STRATEGIES
 from mamlpp_fast.testing import task_conv_inputs as inputs
 
-ATEN_STRATEGIES = ("grouped", "explicit", "bmm")  # the Triton kernels have their own tests in tests/kernels
+ATEN_STRATEGIES = ("grouped", "explicit", "bmm", "blockdiag")  # the Triton kernels have their own tests in tests/kernels
 
 
 def skip_unless_runnable(strategy, device):
@@ -129,6 +129,7 @@ def test_strategy_choice():
         assert task_conv_strategy(device) == "grouped"
     assert task_conv_strategy(cpu, "explicit") == "explicit"
     assert task_conv_strategy(cpu, "bmm") == "bmm"
+    assert task_conv_strategy(cpu, "blockdiag") == "blockdiag"
     assert task_conv_strategy(cuda, "grouped") == "grouped"
 
 
