@@ -152,25 +152,35 @@ if os.path.exists(roof):
     for r in data["results"]:
         print(f"roofline {r['setting']} {r['provider']}: {r['gflop_per_iter']:.1f} GFLOP/iter, "
               f"{r['seconds_median'] * 1e3:.2f} ms/iter, useful {r['useful_gflops']:.0f} GFLOP/s")
-def pivot(title, rows, key, column, columns=None, limit=24):
-    """One markdown row per key(config), one column per column(config): the rows' median ms."""
+def pivot(title, rows, key, column, columns=None, limit=24, value=lambda r: r["median_ms"]):
+    """One markdown row per key(row), one column per column(row): value(row), in ms."""
     table = {}
     for r in rows:
-        table.setdefault(key(r["config"]), {})[column(r["config"])] = r["median_ms"]
+        table.setdefault(key(r), {})[column(r)] = value(r)
     columns = columns or sorted({c for t in table.values() for c in t})
     print(f"\n| {title} | " + " | ".join(f"{c} ms" for c in columns) + " |\n" + "|---" * (len(columns) + 1) + "|")
     for k, t in list(table.items())[:limit]:
         print(f"| {k} | " + " | ".join(f"{t.get(c, float('nan')):.3f}" for c in columns) + " |")
 conv = [r for r in load("bench_task_conv.json") if r["config"]["B"] == 8]
 if conv:
-    pivot("task conv (B=8) shape, mode", conv, lambda c: (c["dataset"], f"{c['cin']}->{c['cout']}", c["S"], c["mode"]),
-          lambda c: c["strategy"], ["grouped", "explicit", "bmm", "loop", "triton"])
+    pivot("task conv (B=8) shape, mode", conv,
+          lambda r: (r["config"]["dataset"], f"{r['config']['cin']}->{r['config']['cout']}", r["config"]["S"], r["config"]["mode"]),
+          lambda r: r["config"]["strategy"], ["grouped", "explicit", "bmm", "loop", "triton", "blockdiag"])
 layout = load("bench_task_conv_layout.json")
 if layout:
-    pivot("conv layer, 2nd-order pattern", layout, lambda c: (c["setting"], f"{c['cin']}->{c['cout']}", c["S"]),
-          lambda c: c["layout"], ["NCHW", "NHWC"])
-blp = load("bench_bn_lrelu_pool.json")
-if blp:
-    pivot("bn_lrelu_pool n,B,C,S,mode", blp, lambda c: (c["n"], c["B"], c["C"], c["S"], c["mode"]),
-          lambda c: c["provider"], limit=12)
+    pivot("conv layer, 2nd-order pattern", layout,
+          lambda r: (r["config"]["setting"], f"{r['config']['cin']}->{r['config']['cout']}", r["config"]["S"]),
+          lambda r: r["config"]["layout"], ["NCHW", "NHWC"])
+bn_key = lambda r: (r["config"]["n"], r["config"]["B"], r["config"]["C"], r["config"]["S"], r["config"]["mode"])  # noqa: E731
+for name, title in (("bench_bn_lrelu_pool.json", "bn_lrelu_pool n,B,C,S,mode"),
+                    ("bench_bn_lrelu_pool_graphed.json", "bn_lrelu_pool graphed n,B,C,S,mode")):
+    rows = load(name)
+    if rows:
+        pivot(title, rows, bn_key, lambda r: r["config"]["provider"], limit=12)
+for name, title in (("bench_lslr_update.json", "lslr_update B,theta,mode"),
+                    ("bench_lslr_update_graphed.json", "lslr_update graphed B,theta,mode")):
+    rows = [r for r in load(name) if r["config"]["batch"] == 8]
+    if rows:
+        pivot(title, rows, lambda r: (r["config"]["batch"], "shared" if r["config"]["shared"] else "batched", r["config"]["mode"]),
+              lambda r: r["provider"], value=lambda r: r["timing"]["p50_ms"])
 PY
