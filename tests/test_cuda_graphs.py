@@ -129,13 +129,17 @@ def test_learner_with_cuda_graphs_deep_copies():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("setting", ["maml++_omniglot_5w1s", "maml++_mini-imagenet_5w1s"])
-def test_cuda_graph_replay_matches_eager_float64(setting):
+@pytest.mark.parametrize("setting, conv_strategy", [
+    ("maml++_omniglot_5w1s", "auto"),
+    ("maml++_mini-imagenet_5w1s", "auto"),
+    ("maml++_omniglot_5w1s", ("triton", "auto", "auto", "auto")),  # Triton kernels inside the graph
+])
+def test_cuda_graph_replay_matches_eager_float64(setting, conv_strategy):
     config = preset(setting, **SMALL)
     shapes = [2] * 5 + [3] * 2  # the last two meta-steps have another batch shape: a new capture
     batches = [make_task_batch(config, b, seed=s) for s, b in enumerate(shapes)]
-    eager = build(config, "cuda")
-    graphed = build(config, "cuda", cuda_graphs=True)
+    eager = build(config, "cuda", conv_strategy=conv_strategy)
+    graphed = build(config, "cuda", cuda_graphs=True, conv_strategy=conv_strategy)
     graphed.load_state_dict(eager.state_dict())
     eager_metrics = train(eager, batches, EPOCHS)
     with warnings.catch_warnings(record=True) as caught:
