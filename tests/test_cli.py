@@ -70,14 +70,16 @@ def assert_same_training(actual_state, expected_state):
             assert (actual - expected).norm().item() <= 1e-10 * expected.norm().item(), key
 
 
-@pytest.mark.parametrize("name, extra", [
+@pytest.mark.parametrize("name, extra, kernels", [
     # --task-chunk-size and --checkpoint-inner-steps change memory use, not the result.
-    ("bounded", ["--task-chunk-size", "1", "--checkpoint-inner-steps"]),
+    ("bounded", ["--task-chunk-size", "1", "--checkpoint-inner-steps"], "task_conv=grouped"),
     # and --conv-strategy (here one per layer) changes kernels, not the result.
-    ("conv", ["--conv-strategy", "bmm, explicit,auto,grouped"]),
+    ("conv", ["--conv-strategy", "bmm, explicit,auto,blockdiag"], "task_conv=bmm,explicit,grouped,blockdiag"),
 ])
-def test_speed_and_memory_options_match_the_plain_run(tmp_path, name, extra):
-    assert_same_training(_trained_network(tmp_path, name, extra), _trained_network(tmp_path, "plain", []))
+def test_speed_and_memory_options_match_the_plain_run(tmp_path, capsys, name, extra, kernels):
+    optioned = _trained_network(tmp_path, name, extra)
+    assert kernels in capsys.readouterr().out  # the option reached the learner
+    assert_same_training(optioned, _trained_network(tmp_path, "plain", []))
 
 
 def test_python_dash_m_entry_point(tmp_path):
