@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from utils import env_info, markdown_table, write_json  # noqa: E402
 
 from mamlpp_fast import MetaLearner, preset  # noqa: E402
+from mamlpp_fast.ops.task_conv import STRATEGIES as CONV_STRATEGIES  # noqa: E402
 from mamlpp_fast.reference import MAMLFewShotClassifier  # noqa: E402
 from peers import PEERS, available_peers, make_peer  # noqa: E402
 
@@ -74,6 +75,9 @@ def random_batch(config, seed: int = 0):
             labels.expand(b, n, k).clone(), labels.expand(b, n, t).clone())
 
 
+PROVIDER_FLAGS = ("graphs", "cudnnbench")  # the "+" options of a mamlpp_fast provider that are not a conv strategy
+
+
 def make_provider(name: str, config, dtype: torch.dtype, device: str) -> Callable[[tuple], None]:
     """A function that runs one full meta-iteration of provider `name` on a batch."""
     options: List[str] = []  # "+" options of a mamlpp_fast provider
@@ -83,14 +87,15 @@ def make_provider(name: str, config, dtype: torch.dtype, device: str) -> Callabl
             learner = MAMLFewShotClassifier(config, device=device, dtype=dtype)
         elif name.startswith("mamlpp_fast"):
             base, *options = name.split("+")
-            # A conv strategy is one name, or one per layer joined by "/" (triton/auto/auto/auto).
-            per_layer = [tuple(o.split("/")) for o in options if "/" in o]
-            unknown = set(options) - {"graphs", "grouped", "explicit", "bmm", "triton", "blockdiag", "cudnnbench"} - {
-                "/".join(p) for p in per_layer}
-            if unknown:
-                raise ValueError(f"unknown provider option(s) {sorted(unknown)} in {name!r}")
-            conv = next((o for o in options if o in ("grouped", "explicit", "bmm", "triton", "blockdiag")), "auto")
-            conv = per_layer[0] if per_layer else conv
+            # Besides the flags, at most one conv strategy: a name, or one per layer joined by "/".
+            conv_options = [o for o in options if o not in PROVIDER_FLAGS]
+            unknown = [o for o in conv_options if not set(o.split("/")) <= set(CONV_STRATEGIES) | {"auto"}]
+            if unknown or len(conv_options) > 1:
+                raise ValueError(f"unknown or conflicting provider option(s) {sorted(unknown or conv_options)} in "
+                                 f"{name!r}: flags {PROVIDER_FLAGS} and at most one conv strategy from "
+                                 f"{('auto',) + CONV_STRATEGIES}, or one per layer joined by '/'")
+            conv = conv_options[0] if conv_options else "auto"
+            conv = tuple(conv.split("/")) if "/" in conv else conv
             backend = base.split(":", 1)[1] if ":" in base else "auto"
             learner = MetaLearner(config, backend=backend, device=device, dtype=dtype,
                                   cuda_graphs="graphs" in options, conv_strategy=conv)

@@ -229,9 +229,9 @@ def _conv_strategy(value: str, num_layers: int):
 
     strategy = tuple(item.strip() for item in value.split(",")) if "," in value else value
     try:
-        per_layer_requests(strategy, num_layers)
+        per_layer_requests(strategy, num_layers, argument="--conv-strategy")
     except ValueError as error:
-        raise CLIError(f"--conv-strategy: {str(error).removeprefix('task_conv: ')}") from None
+        raise CLIError(str(error)) from None
     return strategy
 
 

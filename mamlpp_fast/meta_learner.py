@@ -19,7 +19,6 @@ from .cuda_graphs import MetaStepGraphs
 from .learner_base import ArrayLike, FewShotLearnerBase, TaskBatch
 from .ops.bn_lrelu_pool import bn_lrelu_pool, bn_lrelu_pool_backend
 from .ops.lslr_update import lslr_update, lslr_update_backend
-from .ops.task_conv import STRATEGIES as CONV_STRATEGIES
 from .ops.task_conv import per_layer_requests, task_conv, task_conv_strategies
 from .parameters import BN_EPS, BN_MOMENTUM, LEAKY_RELU_SLOPE
 from .task_batched import (
@@ -97,8 +96,6 @@ class MetaLearner(FewShotLearnerBase):
     ) -> None:
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-        if isinstance(conv_strategy, str) and conv_strategy not in ("auto",) + CONV_STRATEGIES:
-            raise ValueError(f"conv_strategy must be one of {('auto',) + CONV_STRATEGIES}, got {conv_strategy!r}")
         super().__init__(config, **kwargs)
         self.conv_strategy = conv_strategy
         self.backend = backend
@@ -130,10 +127,7 @@ class MetaLearner(FewShotLearnerBase):
 
     @conv_strategy.setter
     def conv_strategy(self, value: Union[str, Sequence[str]]) -> None:
-        try:
-            self._conv_requests = per_layer_requests(value, self.config.num_stages)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"conv_strategy: {str(error).removeprefix('task_conv: ')}") from None
+        self._conv_requests = per_layer_requests(value, self.config.num_stages, argument="conv_strategy")
         # A tuple when per layer: hashable, so it can key the recorded CUDA graphs.
         self._conv_strategy = value if isinstance(value, str) else tuple(value)
 

@@ -30,5 +30,6 @@ def test_unknown_provider_options_are_refused():
     import torch
 
     config = preset("maml++_omniglot_5w1s", batch_size=1)
-    with pytest.raises(ValueError, match="unknown provider option"):
-        make_provider("mamlpp_fast+fast", config, torch.float32, "cpu")
+    for name in ("mamlpp_fast+fast", "mamlpp_fast+bmm/fast/auto/auto", "mamlpp_fast+bmm+triton"):
+        with pytest.raises(ValueError, match="unknown or conflicting provider option"):
+            make_provider(name, config, torch.float32, "cpu")

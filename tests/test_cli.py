@@ -136,7 +136,7 @@ def test_official_json_config(tmp_path):
     (["--dataset-dir", "/no/such/dir"], "--dataset-dir: '/no/such/dir' is not a folder"),
     (["--max-iters", "two"], "argument --max-iters: invalid int value"),
     (["--task-chunk-size", "0"], "--task-chunk-size: must be >= 1"),
-    (["--conv-strategy", "fastest"], "--conv-strategy: strategy must be one of"),
+    (["--conv-strategy", "fastest"], "--conv-strategy: expected one of"),
     (["--conv-strategy", "bmm,auto"], "--conv-strategy: a per-layer strategy needs 4 entries"),
 ])
 def test_bad_train_arguments_name_the_argument(argv, message, capsys, tmp_path):

@@ -152,10 +152,10 @@ def test_bad_input_raises_and_changes_nothing(config):
 
 
 @pytest.mark.parametrize("strategy, message", [
-    ("fastest", "conv_strategy must be one of"),
+    ("fastest", "conv_strategy: expected one of .* got 'fastest'"),
     (("grouped", "bmm"), "conv_strategy: a per-layer strategy needs 4 entries, one per conv layer, got 2"),
-    (("grouped", "bmm", "fastest", "auto"), "conv_strategy: strategy must be one of .* got 'fastest'"),
-    (4, "conv_strategy: "),
+    (("grouped", "bmm", "fastest", "auto"), "conv_strategy: expected one of .* got 'fastest'"),
+    (4, "conv_strategy: expected a strategy name or one per conv layer, got 4"),
 ])
 def test_bad_conv_strategy_names_the_argument(config, strategy, message):
     with pytest.raises(ValueError, match=message):

@@ -73,18 +73,23 @@ def task_conv_strategies(device: torch.device, strategy: Union[str, Sequence[str
     return tuple(task_conv_strategy(device, item) for item in requested)
 
 
-def per_layer_requests(strategy: Union[str, Sequence[str]], num_layers: int) -> Tuple[str, ...]:
-    """``strategy`` as one validated request per layer (names checked, devices not)."""
+def per_layer_requests(strategy: Union[str, Sequence[str]], num_layers: int,
+                       argument: str = "task_conv strategy") -> Tuple[str, ...]:
+    """``strategy`` as one validated request per layer (names checked, devices not); errors
+    start with ``argument``, the name the caller knows the value by."""
     if isinstance(strategy, str):
         requested: Tuple = (strategy,) * num_layers
     else:
-        requested = tuple(strategy)
+        try:
+            requested = tuple(strategy)
+        except TypeError:
+            raise ValueError(f"{argument}: expected a strategy name or one per conv layer, got {strategy!r}") from None
         if len(requested) != num_layers:
-            raise ValueError(f"task_conv: a per-layer strategy needs {num_layers} entries, one per conv "
+            raise ValueError(f"{argument}: a per-layer strategy needs {num_layers} entries, one per conv "
                              f"layer, got {len(requested)}: {requested!r}")
     for item in requested:
         if item not in _REQUESTS:
-            raise ValueError(f"task_conv: strategy must be one of {_REQUESTS}, got {item!r}")
+            raise ValueError(f"{argument}: expected one of {_REQUESTS}, got {item!r}")
     return requested
 
 
