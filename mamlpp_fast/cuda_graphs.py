@@ -11,9 +11,13 @@ updates and the outer backward). On a fast GPU the launches, not the arithmetic,
   first use, so DA switching to second order costs one more capture;
 - the batch is staged into static input tensors, and the MSL weights (which change every epoch)
   into a static buffer, before each replay;
-- the gradients land in static tensors that are handed to the parameters' `.grad`; the Adam
-  step (and the imagenet +-10 clamp) then runs eagerly, so the cosine-annealed learning rate, the
-  optimizer's state and its state_dict keep their ordinary meaning;
+- the gradients land in static tensors that are handed to the parameters' `.grad`;
+- the imagenet +-10 gradient clamp and the outer Adam step are recorded too: `GraphAdam` (see
+  `mamlpp_fast.graph_adam`) updates the optimizer's own state in place, reading the cosine-annealed
+  learning rate and the bias corrections from device scalars written before each replay, and
+  advances the optimizer's CPU step counters after it. The optimizer stays an ordinary Adam, so its
+  state_dict and checkpoints are unchanged. An optimizer it cannot record (another class, amsgrad,
+  weight decay, step hooks, ...) steps eagerly after each replay instead, with a warning;
 - the per-step BN running statistics are folded inside the graph, in place, as in eager mode.
 
 Warm-up passes (needed before capture, so that lazy initialisation such as cuDNN handles and
@@ -38,6 +42,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .graph_adam import GraphAdam
+
 __all__ = ["MetaStepGraphs"]
 
 _MAX_GRAPHS = 4  # shapes kept captured at once (DA and MSL give at most 3 per batch shape)
@@ -53,6 +59,8 @@ class _CapturedStep:
     loss: torch.Tensor
     accuracy: torch.Tensor
     logits: torch.Tensor
+    adam: Optional[GraphAdam]  # the recorded optimizer step (None: Adam runs eagerly after replay)
+    stepped: List[torch.nn.Parameter]  # the parameters it updates (those with a gradient)
 
 
 class MetaStepGraphs:
@@ -61,22 +69,27 @@ class MetaStepGraphs:
     Args:
         learner: a `MetaLearner` (anything with its `train_forward_prop` and buffers).
         warmup_iters: eager passes on a side stream before each capture.
+        optimizer_in_graph: record the gradient clamp and the Adam step too (default); False
+            leaves them to `learner.meta_update` after each replay.
     """
 
-    def __init__(self, learner: Any, warmup_iters: int = 2) -> None:
+    def __init__(self, learner: Any, warmup_iters: int = 2, optimizer_in_graph: bool = True) -> None:
         if warmup_iters < 1:
             raise ValueError(f"warmup_iters must be >= 1, got {warmup_iters}")
         self.learner = learner
         self.warmup_iters = int(warmup_iters)
+        self.optimizer_in_graph = bool(optimizer_in_graph)
+        self._adam: Optional[GraphAdam] = None
         self._graphs: "OrderedDict[Tuple, _CapturedStep]" = OrderedDict()
         self._failed: set = set()
         self._warned: set = set()
         self.captures = 0  # how many graphs were recorded (tests and benchmarks read it)
         self.replays = 0
+        self.optimizer_replays = 0  # replays that took the optimizer step too
 
     def __deepcopy__(self, memo):
         # Recordings point at this learner's storage: a copied learner records its own.
-        return MetaStepGraphs(copy.deepcopy(self.learner, memo), self.warmup_iters)
+        return MetaStepGraphs(copy.deepcopy(self.learner, memo), self.warmup_iters, self.optimizer_in_graph)
 
     # ------------------------------------------------------------------ eligibility
     def unsupported_reason(self) -> Optional[str]:
@@ -103,12 +116,27 @@ class MetaStepGraphs:
             return "CUDA graphs need the CUDA or ATen lslr_update (the Triton launcher copies from the host)"
         return None
 
-    def _warn_once(self, message: str) -> None:
+    def _warn_once(self, message: str, fallback: str = "running the meta-step eagerly") -> None:
         if message not in self._warned:
             self._warned.add(message)
-            warnings.warn(f"mamlpp_fast: {message}; running the meta-step eagerly", stacklevel=4)
+            warnings.warn(f"mamlpp_fast: {message}; {fallback}", stacklevel=4)
 
-    def _key(self, batch: Sequence[torch.Tensor], epoch: int) -> Tuple:
+    def graph_adam(self) -> Optional[GraphAdam]:
+        """The recordable form of the learner's optimizer step, or None (and a warning, once)
+        when the step runs eagerly after each replay."""
+        if not self.optimizer_in_graph:
+            return None
+        optimizer = self.learner.optimizer
+        reason = GraphAdam.unsupported_reason(optimizer)
+        if reason is not None:
+            self._warn_once(f"the optimizer step cannot be recorded ({reason})",
+                            fallback="it runs eagerly after each replay")
+            return None
+        if self._adam is None or self._adam.optimizer is not optimizer:
+            self._adam = GraphAdam(optimizer)
+        return self._adam
+
+    def _key(self, batch: Sequence[torch.Tensor], epoch: int, adam: Optional[GraphAdam]) -> Tuple:
         learner = self.learner
         config = learner.config
         use_msl = bool(config.use_multi_step_loss_optimization and epoch < config.multi_step_loss_num_epochs)
@@ -122,20 +150,28 @@ class MetaStepGraphs:
             learner.backend,
             getattr(learner, "conv_strategy", None),
             storage,
+            # The recorded Adam step refers to the optimizer state's storage (replaced by
+            # load_state_dict) and to its betas and eps.
+            None if adam is None else (id(adam), adam.state_addresses()),
         )
 
     # ------------------------------------------------------------------ the meta-step
     def run(self, batch: Sequence[torch.Tensor], epoch: int):
         """Replay (capturing first if needed) the forward pass and outer backward of `batch`.
 
-        Returns (losses, target_logits) like `train_forward_prop`, with the gradients left in
-        the parameters' `.grad`, or None when the step must run eagerly.
+        Returns (losses, target_logits, optimizer_stepped): `losses` and `target_logits` as
+        from `train_forward_prop`, with the gradients left in the parameters' `.grad`;
+        `optimizer_stepped` is True when the replay also took the optimizer step (else the caller
+        takes it). Returns None when the step must run eagerly.
         """
         reason = self.unsupported_reason()
         if reason is not None:
             self._warn_once(reason)
             return None
-        key = self._key(batch, epoch)
+        adam = self.graph_adam()
+        if adam is not None:
+            adam.initialise_state()  # before the key, which holds the state's addresses
+        key = self._key(batch, epoch, adam)
         if key in self._failed:
             return None
         entry = self._graphs.get(key)
@@ -146,7 +182,7 @@ class MetaStepGraphs:
                 self._warn_once(blocker)
                 return None
             try:
-                entry = self._capture(batch, epoch)
+                entry = self._capture(batch, epoch, adam)
             except Exception as error:  # capture is an optimisation: fall back, say so once
                 self._failed.add(key)
                 self._warn_once(f"capturing the meta-step failed ({type(error).__name__}: {error})")
@@ -164,7 +200,12 @@ class MetaStepGraphs:
             static.copy_(value, non_blocking=True)
         importance = learner.get_per_step_loss_importance_vector()
         entry.importance.copy_(importance, non_blocking=True)
+        if entry.adam is not None:
+            entry.adam.stage(entry.stepped)  # this step's learning rate and bias corrections
         entry.graph.replay()
+        if entry.adam is not None:
+            entry.adam.commit(entry.stepped)
+            self.optimizer_replays += 1
         self.replays += 1
         for param, grad in zip(entry.params, entry.grads):
             param.grad = grad
@@ -172,13 +213,15 @@ class MetaStepGraphs:
         losses: Dict[str, Any] = {"loss": entry.loss.clone(), "accuracy": entry.accuracy.clone()}
         for index, item in enumerate(importance):
             losses[f"loss_importance_vector_{index}"] = item.detach()
-        return losses, entry.logits.clone()
+        return losses, entry.logits.clone(), entry.adam is not None
 
-    def _warm_up(self, inputs: Sequence[torch.Tensor], epoch: int) -> None:
+    def _warm_up(self, inputs: Sequence[torch.Tensor], epoch: int) -> List[torch.nn.Parameter]:
         """Eager forward + outer backward passes (on a side stream on CUDA) so that lazy
         initialisation happens before recording, then every tensor of the state_dict (the
         per-step running statistics are parameters with requires_grad=False, not buffers, as in
-        the official code) and every .grad are put back: warming up changes no learner state."""
+        the official code) and every .grad are put back: warming up changes no learner state.
+
+        Returns the trainable parameters that the backward pass gives a gradient."""
         learner = self.learner
         params = list(learner.trainable_parameters())
         state = learner.state_dict(keep_vars=True)
@@ -195,6 +238,7 @@ class MetaStepGraphs:
                         param.grad = None
                     losses, _ = learner.train_forward_prop(data_batch=inputs, epoch=epoch)
                     losses["loss"].backward()
+                with_grads = [param for param in params if param.grad is not None]
             if cuda:
                 torch.cuda.current_stream(learner.device).wait_stream(side)
                 torch.cuda.synchronize(learner.device)
@@ -204,8 +248,9 @@ class MetaStepGraphs:
                     tensor.detach().copy_(saved_state[name])
             for param, grad in zip(params, saved_grads):
                 param.grad = grad
+        return with_grads
 
-    def _capture(self, batch: Sequence[torch.Tensor], epoch: int) -> _CapturedStep:
+    def _capture(self, batch: Sequence[torch.Tensor], epoch: int, adam: Optional[GraphAdam]) -> _CapturedStep:
         learner = self.learner
         params = list(learner.trainable_parameters())
         inputs = tuple(t.clone() for t in batch)
@@ -213,14 +258,23 @@ class MetaStepGraphs:
         saved_grads = [param.grad for param in params]
         learner._loss_weight_override = importance
         try:
-            self._warm_up(inputs, epoch)
+            stepped = self._warm_up(inputs, epoch)
+            if adam is not None:
+                adam.stage(stepped)  # allocates its device scalars outside the recording
             for param in params:
                 param.grad = None  # backward inside the capture allocates them in the graph's pool
             graph = torch.cuda.CUDAGraph()
-            # Recording runs no kernels, so the running statistics are untouched until replay.
+            # Recording runs no kernels, so neither the running statistics nor the parameters
+            # and optimizer state change until the first replay.
             with torch.cuda.graph(graph):
                 losses, logits = learner.train_forward_prop(data_batch=inputs, epoch=epoch)
                 losses["loss"].backward()
+                if adam is not None:
+                    recorded = [id(param) for param in params if param.grad is not None]
+                    if recorded != [id(param) for param in stepped]:
+                        raise RuntimeError("the recorded backward pass reached other parameters than the eager one")
+                    learner.clamp_meta_gradients()
+                    adam.update(stepped, [param.grad for param in stepped])
             grads = [param.grad for param in params]
         except BaseException:
             for param, grad in zip(params, saved_grads):
@@ -230,4 +284,4 @@ class MetaStepGraphs:
             learner._loss_weight_override = None
         self.captures += 1
         return _CapturedStep(graph, inputs, importance, params, grads,
-                             losses["loss"].detach(), losses["accuracy"], logits)
+                             losses["loss"].detach(), losses["accuracy"], logits, adam, stepped)

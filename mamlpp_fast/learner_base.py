@@ -375,11 +375,16 @@ class FewShotLearnerBase(nn.Module):
             loss.backward()
         if distributed is not None:
             distributed.all_reduce_gradients(self.trainable_parameters())
+        self.clamp_meta_gradients()
+        self.optimizer.step()
+
+    def clamp_meta_gradients(self) -> None:
+        """Clamp the classifier's meta-gradients to ±10 in place on imagenet datasets, as the
+        official `meta_update` does (a no-op elsewhere)."""
         if self.config.clamps_meta_gradients:
             for param in self.classifier.parameters():
                 if param.requires_grad and param.grad is not None:
                     param.grad.data.clamp_(-10, 10)
-        self.optimizer.step()
 
     def run_train_iter(self, data_batch: Sequence[ArrayLike], epoch: Any):
         """One meta-iteration: inner loops on all tasks, then one outer Adam step.
@@ -405,8 +410,9 @@ class FewShotLearnerBase(nn.Module):
             self.train()
         graphed = self._graphed_train_pass(batch, epoch)
         if graphed is not None:
-            losses, preds = graphed  # gradients already in .grad
-            self.meta_update(loss=None)
+            losses, preds, optimizer_stepped = graphed  # gradients already in .grad
+            if not optimizer_stepped:
+                self.meta_update(loss=None)
         elif self.task_chunk_size is None and self.distributed is None:
             losses, preds = self.train_forward_prop(data_batch=batch, epoch=epoch)
             self.meta_update(loss=losses["loss"])
@@ -418,8 +424,9 @@ class FewShotLearnerBase(nn.Module):
         return losses, preds
 
     def _graphed_train_pass(self, batch: TaskBatch, epoch: int):
-        """Forward pass and outer backward replayed from a CUDA graph, leaving the gradients in
-        .grad and returning (losses, logits); None runs the meta-step eagerly (the default)."""
+        """Forward pass and outer backward (and, if recorded, the optimizer step) replayed from a
+        CUDA graph, leaving the gradients in .grad and returning (losses, logits,
+        optimizer_stepped); None runs the meta-step eagerly (the default)."""
         return None
 
     def _scaled_out_train_pass(self, batch: TaskBatch, epoch: int):

@@ -69,9 +69,9 @@ class MetaLearner(FewShotLearnerBase):
             conv layer, e.g. ("triton", "auto", "auto", "auto") for a Triton first layer.
             `active_backends["task_conv"]` reports the strategy that runs (per layer, comma-
             separated, when they differ).
-        cuda_graphs: on CUDA, record the training meta-step (inner loops and outer backward)
-            as a CUDA graph once per batch shape, derivative order and MSL phase, and replay
-            it; Adam runs eagerly after each replay. Same results as eager mode. Elsewhere, or
+        cuda_graphs: on CUDA, record the training meta-step (inner loops, outer backward and
+            the Adam step) as a CUDA graph once per batch shape, derivative order and MSL phase,
+            and replay it. Same results and optimizer state_dict as eager mode. Elsewhere, or
             combined with task chunking, sharding or checkpointing, it warns once and runs
             eagerly. See `mamlpp_fast.cuda_graphs`.
 

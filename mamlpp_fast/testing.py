@@ -228,3 +228,22 @@ def assert_tensors_match(actual: dict, expected: dict, what: str, rtol: float = 
         err = (a - e).norm().item()
         bound = rtol * (max(e.norm().item(), inert_floor * scale) if is_inert(name) else e.norm().item())
         assert err <= bound, f"{what} {name}: |diff| {err:.3e} > {bound:.3e} (|ref| {e.norm().item():.3e})"
+
+
+def assert_states_match_after_adam(actual: dict, expected: dict, what: str, rtol: float = META_STEP_RTOL,
+                                   noise: float = 1e-8) -> None:
+    """Two learners' state_dicts after Adam steps: each tensor within `rtol` (L2, relative),
+    except the inert tensors (see `is_inert`) and the running means, which are compared to
+    `noise` (absolute, max). Adam turns the conv biases' zero-gradient rounding noise into steps
+    of about lr * noise / eps ~ 1e-10, different for any last-bit difference upstream, and the
+    running means include the conv biases."""
+    assert actual.keys() == expected.keys(), f"{what}: keys differ"
+    for name, e in expected.items():
+        a = actual[name].to(e.device)
+        assert a.shape == e.shape, f"{what} {name}: shape {tuple(a.shape)} vs {tuple(e.shape)}"
+        if is_inert(name) or name.endswith("running_mean"):
+            err = (a - e).abs().max().item() if e.numel() else 0.0
+            assert err < noise, f"{what} {name}: max |diff| {err:.3e} >= {noise:.1e}"
+        else:
+            err = (a - e).norm().item()
+            assert err <= rtol * e.norm().item(), f"{what} {name}: |diff| {err:.3e} > {rtol:.0e} x |ref| {e.norm().item():.3e}"
