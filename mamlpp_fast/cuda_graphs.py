@@ -143,6 +143,8 @@ class MetaStepGraphs:
         # Parameter and buffer addresses: a learner moved with .to() / .double() has new storage,
         # and a graph recorded on the old storage must not be replayed.
         storage = tuple(t.data_ptr() for t in (*learner.parameters(), *learner.buffers()))
+        # Which parameters the recorded backward pass (and Adam step) reaches.
+        trained = tuple(param.requires_grad for param in learner.parameters())
         return (
             tuple((tuple(t.shape), t.dtype) for t in batch),
             bool(config.uses_second_order(epoch)),
@@ -150,6 +152,7 @@ class MetaStepGraphs:
             learner.backend,
             getattr(learner, "conv_strategy", None),
             storage,
+            trained,
             # The recorded Adam step refers to the optimizer state's storage (replaced by
             # load_state_dict) and to its betas and eps.
             None if adam is None else (id(adam), adam.state_addresses()),
@@ -171,28 +174,48 @@ class MetaStepGraphs:
         adam = self.graph_adam()
         if adam is not None:
             adam.initialise_state()  # before the key, which holds the state's addresses
-        key = self._key(batch, epoch, adam)
-        if key in self._failed:
+        # Capture and replay on the learner's device: torch.cuda.graph records the current
+        # device's capture stream, which need not be the learner's (cuda:1 without set_device).
+        with torch.cuda.device(self.learner.device):
+            # If recording the optimizer step fails, a recording without it still removes the
+            # launch overhead of the inner loop; Adam then steps after each replay.
+            for recorded_adam in ((adam, None) if adam is not None else (None,)):
+                key = self._key(batch, epoch, recorded_adam)
+                if key in self._failed:
+                    continue
+                entry = self._graphs.get(key)
+                if entry is None:
+                    entry = self._try_capture(key, batch, epoch, recorded_adam)
+                    if entry is None:
+                        continue
+                else:
+                    self._graphs.move_to_end(key)
+                return self._replay(entry, batch)
+        return None
+
+    def _try_capture(self, key: Tuple, batch: Sequence[torch.Tensor], epoch: int,
+                     adam: Optional[GraphAdam]) -> Optional[_CapturedStep]:
+        """Record and keep the meta-step for `key`, or mark the key failed (warning once)."""
+        blocker = self._uncapturable_reason()
+        if blocker is not None:
+            self._failed.add(key)
+            self._warn_once(blocker)
             return None
-        entry = self._graphs.get(key)
-        if entry is None:
-            blocker = self._uncapturable_reason()
-            if blocker is not None:
-                self._failed.add(key)
-                self._warn_once(blocker)
-                return None
-            try:
-                entry = self._capture(batch, epoch, adam)
-            except Exception as error:  # capture is an optimisation: fall back, say so once
-                self._failed.add(key)
-                self._warn_once(f"capturing the meta-step failed ({type(error).__name__}: {error})")
-                return None
-            self._graphs[key] = entry
-            while len(self._graphs) > _MAX_GRAPHS:
-                self._graphs.popitem(last=False)
-        else:
-            self._graphs.move_to_end(key)
-        return self._replay(entry, batch)
+        try:
+            entry = self._capture(batch, epoch, adam)
+        except Exception as error:  # capture is an optimisation: fall back, say so once
+            self._failed.add(key)
+            what = f"{type(error).__name__}: {error}"
+            if adam is None:
+                self._warn_once(f"capturing the meta-step failed ({what})")
+            else:
+                self._warn_once(f"recording the optimizer step failed ({what})",
+                                fallback="recording the meta-step without it; Adam runs after each replay")
+            return None
+        self._graphs[key] = entry
+        while len(self._graphs) > _MAX_GRAPHS:
+            self._graphs.popitem(last=False)
+        return entry
 
     def _replay(self, entry: _CapturedStep, batch: Sequence[torch.Tensor]):
         learner = self.learner

@@ -34,6 +34,17 @@ import torch.optim.optimizer as optimizer_module
 
 __all__ = ["GraphAdam"]
 
+_SUPPORTED_DTYPES = {torch.float32, torch.float64}
+
+
+def _step_counter_dtype() -> torch.dtype:
+    """The dtype eager Adam gives a new step counter (float32, or float64 under a float64
+    default dtype)."""
+    rule = getattr(optimizer_module, "_get_scalar_dtype", None)
+    if rule is not None:
+        return rule()
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
 
 class GraphAdam:
     """Adam's step on `optimizer`'s own state, with no host synchronisation in `update`.
@@ -87,18 +98,22 @@ class GraphAdam:
             if len(dtypes) > 1 or len(devices) > 1:
                 return (f"param group {index} mixes dtypes {sorted(map(str, dtypes))} or devices "
                         f"{sorted(map(str, devices))}; one of each is supported")
+            if dtypes - _SUPPORTED_DTYPES:
+                # Eager Adam computes half/bfloat16 updates in float32 and views complex tensors
+                # as real; this step does neither, so it would round (or square) differently.
+                return f"param group {index} has {dtypes.pop()} parameters (float32 or float64 are supported)"
         return None
 
     # ------------------------------------------------------------------ host side
     def initialise_state(self) -> None:
         """Create the state of every parameter that has none, as Adam's first step would (zero
         moments, a CPU step counter at 0), so that a recording can refer to it."""
-        scalar_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
         for group in self.optimizer.param_groups:
             for param in group["params"]:
                 state = self.optimizer.state[param]
                 if len(state) == 0:
-                    state["step"] = torch.tensor(0.0, dtype=scalar_dtype)
+                    # On the host, as a non-capturable Adam keeps it (also under a default device).
+                    state["step"] = torch.tensor(0.0, dtype=_step_counter_dtype(), device="cpu")
                     state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
@@ -115,7 +130,9 @@ class GraphAdam:
 
     def stage(self, params: Sequence[torch.Tensor]) -> None:
         """Write the coming step's learning-rate and bias-correction scalars of each param group
-        that holds some of `params` (the parameters the step will update)."""
+        that holds some of `params` (the parameters the step will update). The scalars follow the
+        parameters' device and dtype; new scalars mean a recording of `update` is stale, which
+        the parameters' new storage already says."""
         for index, group, members in self._groups_of(params):
             steps = {float(self.optimizer.state[param]["step"]) for param in members}
             if len(steps) != 1:
@@ -127,8 +144,8 @@ class GraphAdam:
             neg_step_size = -(group["lr"] / (1 - beta1 ** step))
             bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
             scalars = self._scalars.get(index)
-            if scalars is None:
-                like = members[0]
+            like = members[0]
+            if scalars is None or scalars[0].device != like.device or scalars[0].dtype != like.dtype:
                 scalars = (torch.zeros((), dtype=like.dtype, device=like.device),
                            torch.zeros((), dtype=like.dtype, device=like.device))
                 self._scalars[index] = scalars

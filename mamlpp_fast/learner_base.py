@@ -34,6 +34,21 @@ TaskBatch = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 _BATCH_NAMES = ("x_support_set", "x_target_set", "y_support_set", "y_target_set")
 
 
+def _keep_step_counters_on_host(optimizer: torch.optim.Optimizer) -> None:
+    """Put Adam's step counters back on the CPU after a load with map_location=<GPU>.
+
+    A non-capturable, non-fused Adam keeps them on the host and reads them there every step;
+    `load_state_dict` leaves them on whatever device `torch.load` mapped them to, and on a GPU
+    each read would then wait for the device (one synchronisation per parameter per step)."""
+    for group in optimizer.param_groups:
+        if group.get("capturable") or group.get("fused"):
+            continue
+        for param in group["params"]:
+            step = optimizer.state.get(param, {}).get("step")
+            if isinstance(step, torch.Tensor) and step.device.type != "cpu":
+                optimizer.state[param]["step"] = step.cpu()
+
+
 def resolve_config(config: Any) -> MAMLConfig:
     """Accept a MAMLConfig, a dict of official keys, a JSON path, or an official args object."""
     if isinstance(config, MAMLConfig):
@@ -506,6 +521,7 @@ class FewShotLearnerBase(nn.Module):
         self.load_state_dict(state["network"])
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
+            _keep_step_counters_on_host(self.optimizer)
         if "scheduler" in state:
             self.scheduler.load_state_dict(state["scheduler"])
         if "current_epoch" in state:

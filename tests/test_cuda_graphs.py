@@ -152,6 +152,15 @@ def test_graph_key_changes_when_the_optimizer_state_is_replaced():
     assert graphs._key(batch, 0, None) != graphs._key(batch, 0, adam)
 
 
+def test_graph_key_follows_which_parameters_are_trained():
+    learner = build(preset("maml++_omniglot_5w1s", **SMALL), "cpu")
+    batch = learner.prepare_batch(make_task_batch(learner.config, 2))
+    graphs = MetaStepGraphs(learner)
+    key = graphs._key(batch, 0, None)
+    learner.classifier.layer_dict["linear"].weights.requires_grad_(False)  # frozen after a capture
+    assert graphs._key(batch, 0, None) != key
+
+
 def test_learner_with_cuda_graphs_deep_copies():
     learner = build(preset("maml++_omniglot_5w1s", **SMALL), "cpu", cuda_graphs=True)
     clone = copy.deepcopy(learner)
@@ -180,6 +189,50 @@ def test_cuda_graph_replay_matches_eager_float64(setting, conv_strategy):
     # Keys: (B=2, first order, MSL), (B=2, second order, MSL), (B=3, second order, no MSL).
     assert graphed.graphs.captures == 3
     assert graphed.graphs.replays == graphed.graphs.optimizer_replays == len(EPOCHS)  # Adam recorded too
+    check_same_run(graphed, eager, graphed_metrics, eager_metrics)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_run_resumes_from_a_checkpoint(tmp_path):
+    """save_model / load_model in the middle of a graphed run: the loaded optimizer state is new
+    storage (a new recording), its step counters are back on the host, and the run continues
+    exactly as an eager one."""
+    config = preset("maml++_omniglot_5w1s", **SMALL)
+    batches = [make_task_batch(config, 2, seed=s) for s in range(5)]
+    eager = build(config, "cuda")
+    graphed = build(config, "cuda", cuda_graphs=True)
+    graphed.load_state_dict(eager.state_dict())
+    eager_metrics = train(eager, batches, EPOCHS[:5])
+    train(graphed, batches[:3], EPOCHS[:3])
+    graphed.save_model(tmp_path / "train_model_3", {})
+    resumed = build(config, "cuda", cuda_graphs=True)
+    resumed.load_model(tmp_path, "train_model", 3)
+    assert all(state["step"].device.type == "cpu" for state in resumed.optimizer.state.values())
+    resumed_metrics = train(resumed, batches[3:], EPOCHS[3:5])
+    assert resumed.graphs.optimizer_replays == 2
+    check_same_run(resumed, eager, resumed_metrics, eager_metrics[3:])
+
+
+@pytest.mark.cuda
+def test_cuda_graph_records_without_adam_when_adam_cannot_be_recorded(monkeypatch):
+    """A failure while recording the optimizer step keeps the rest of the graph: the meta-step
+    is recorded without Adam, which steps after each replay (one warning)."""
+    from mamlpp_fast import graph_adam
+
+    def broken_update(self, params, grads):
+        raise RuntimeError("simulated recording failure")
+
+    monkeypatch.setattr(graph_adam.GraphAdam, "update", broken_update)
+    config = preset("maml++_omniglot_5w1s", **SMALL)
+    batches = [make_task_batch(config, 2, seed=s) for s in range(3)]
+    eager = build(config, "cuda")
+    graphed = build(config, "cuda", cuda_graphs=True)
+    graphed.load_state_dict(eager.state_dict())
+    eager_metrics = train(eager, batches, EPOCHS[:3])
+    with pytest.warns(UserWarning, match="recording the optimizer step failed .*simulated") as record:
+        graphed_metrics = train(graphed, batches, EPOCHS[:3])
+    assert sum("optimizer step failed" in str(w.message) for w in record) == 1
+    assert graphed.graphs.replays == 3 and graphed.graphs.optimizer_replays == 0
     check_same_run(graphed, eager, graphed_metrics, eager_metrics)
 
 

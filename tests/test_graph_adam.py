@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mamlpp_fast import MetaLearner, preset
 from mamlpp_fast.graph_adam import GraphAdam
@@ -155,6 +156,70 @@ def test_graph_adam_refuses_what_it_cannot_record(options, fragment):
         GraphAdam(optimizer)
 
 
+class _Recording(TorchDispatchMode):
+    """Records the ATen calls made under it with the very tensors they were given, like a CUDA
+    graph records kernels with their pointers and scalar arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.calls.append((func, args, kwargs or {}, out))
+        return out
+
+    def replay(self):
+        """Run the calls again; functional ones write into their recorded outputs (the graph's
+        static memory), so later calls read them there."""
+        for func, args, kwargs, out in self.calls:
+            new = func(*args, **kwargs)
+            if out is not None and not func._schema.is_mutable:
+                outs, news = (out, new) if isinstance(out, (list, tuple)) else ([out], [new])
+                for static, value in zip(outs, news):
+                    static.copy_(value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_graph_adam_update_replayed_like_a_graph(dtype):
+    """`update` recorded once and replayed, as in the meta-step's CUDA graph: everything that
+    changes between steps (the learning rate, the bias corrections, the gradients) must reach
+    the replay through tensors, not through values fixed at recording."""
+    eager_params = make_params(dtype)
+    graph_params = [torch.nn.Parameter(p.detach().clone()) for p in eager_params]
+    eager, staged = make_optimizer(eager_params), make_optimizer(graph_params)
+    adam = GraphAdam(staged)
+    adam.initialise_state()
+    static_grads = [torch.zeros_like(p) for p in graph_params]
+    adam.stage(graph_params)
+    recording = _Recording()
+    with torch.no_grad(), recording:
+        adam.update(graph_params, static_grads)
+    # A capture runs nothing: put back what recording here did (zero gradients moved nothing but
+    # the state is compared exactly below).
+    with torch.no_grad():
+        for param, original in zip(graph_params, eager_params):
+            param.copy_(original)
+    assert recording.calls
+    for step in range(9):
+        if step in (3, 6):
+            for optimizer in (eager, staged):
+                optimizer.param_groups[0]["lr"] *= 0.5
+                optimizer.param_groups[1]["lr"] *= 0.3
+        grads = random_grads(eager_params, step)
+        eager_step(eager, eager_params, grads)
+        for static, grad in zip(static_grads, grads):
+            static.copy_(grad)
+        adam.stage(graph_params)
+        with torch.no_grad():
+            recording.replay()
+        adam.commit(graph_params)
+    rtol = 1e-14 if dtype == torch.float64 else 1e-6
+    for got, want in zip(graph_params, eager_params):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=0)
+    assert_same_optimizer(staged, eager)
+
+
 def test_graph_adam_refuses_other_optimizers_hooks_and_mixed_dtypes():
     params = make_params(torch.float64)
     assert "SGD" in GraphAdam.unsupported_reason(torch.optim.SGD(params, lr=0.1))
@@ -165,6 +230,27 @@ def test_graph_adam_refuses_other_optimizers_hooks_and_mixed_dtypes():
     assert GraphAdam.unsupported_reason(hooked) is None
     mixed = torch.optim.Adam(params[:2] + make_params(torch.float32)[2:])
     assert "mixes dtypes" in GraphAdam.unsupported_reason(mixed)
+    # Eager Adam steps these in float32 arithmetic (or views complex as real); `update` would not.
+    for dtype in (torch.bfloat16, torch.float16, torch.complex64):
+        reason = GraphAdam.unsupported_reason(torch.optim.Adam([torch.nn.Parameter(torch.zeros(3, dtype=dtype))]))
+        assert str(dtype) in reason and "float32 or float64" in reason
+
+
+def test_graph_adam_scalars_follow_the_parameters_dtype():
+    params = make_params(torch.float64)
+    adam = GraphAdam(torch.optim.Adam(params))
+    adam.initialise_state()
+    adam.stage(params)
+    assert adam._scalars[0][0].dtype == torch.float64
+    for param in params:  # what learner.float() does to parameters in place
+        param.data = param.data.float()
+        adam.optimizer.state[param]["exp_avg"] = adam.optimizer.state[param]["exp_avg"].float()
+        adam.optimizer.state[param]["exp_avg_sq"] = adam.optimizer.state[param]["exp_avg_sq"].float()
+    adam.stage(params)
+    assert adam._scalars[0][0].dtype == adam._scalars[0][1].dtype == torch.float32
+    grads = random_grads(params, 0)
+    adam.update(params, grads)  # same dtype throughout: no promotion to float64 in the update
+    assert all(param.dtype == torch.float32 for param in params)
 
 
 def test_graph_adam_says_what_is_out_of_order():
