@@ -333,6 +333,19 @@ def _config_of_checkpoint(path: str) -> Dict[str, Any]:
     return state["config"]
 
 
+def _test_summary_name(args: argparse.Namespace) -> str:
+    """``test_summary`` for the official protocol (top 5, the run's own config); another name,
+    saying what differs, for anything else, so that the official result is never overwritten."""
+    parts = []
+    if args.top_n != 5:
+        parts.append(f"top{args.top_n}")
+    if args.num_tasks is not None:
+        parts.append(f"{args.num_tasks}tasks")
+    if args.sets or args.seed is not None or args.config is not None or args.preset is not None:
+        parts.append("custom")
+    return "_".join(["test_summary", *parts])
+
+
 def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _eval_parser()
     args = parser.parse_args(argv)
@@ -392,12 +405,24 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
         config = config.replace(experiment_name=name)
         trainer = Trainer(config, output_dir, device=device, dtype=dtype, backend=args.backend,
                           dataset_dir=args.dataset_dir, progress=False)
-        if not trainer.maybe_resume():
+        if args.top_n > trainer.keep_top_n:
+            parser.error(f"--top-n: at most {trainer.keep_top_n} (the checkpoints a run keeps: "
+                         f"max(5, max_models_to_save)), got {args.top_n}")
+        if not trainer.maybe_resume(training=False):
             parser.error(f"--experiment: could not load {experiment_dir!r}")
         if not trainer.finished:
             print(f"note: training is not finished ({trainer.epochs_done}/{config.total_epochs} epochs); "
                   f"testing the best epochs so far", file=sys.stderr)
-        summary = trainer.run_test(top_n=args.top_n)
+        summary_name = _test_summary_name(args)
+        try:
+            summary = trainer.run_test(top_n=args.top_n, summary_name=summary_name)
+        except FileNotFoundError as error:
+            # A training process still running on the experiment prunes checkpoints that fall
+            # out of its top N; the next evaluation sees the new ranking.
+            print(f"mamlpp-eval: error: {error} (if the experiment is still training, a newer "
+                  f"epoch may have replaced it: run mamlpp-eval again)", file=sys.stderr)
+            return 2
+        print(f"written: {os.path.join(trainer.logs_dir, summary_name)}.json", flush=True)
     else:
         trainer = Trainer(config, os.path.dirname(os.path.abspath(files[0])), device=device, dtype=dtype,
                           backend=args.backend, dataset_dir=args.dataset_dir, progress=False)

@@ -70,7 +70,8 @@ class EpochCosineSchedule:
                 "base_lrs": list(self.base_lrs), "last_epoch": self.last_epoch}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.total_epochs = int(state["total_epochs"])
-        self.min_lr = float(state["min_lr"])
-        self.base_lrs = list(state["base_lrs"])
+        """Restore the position (the epoch) only. The shape of the schedule (total_epochs, the
+        learning rates) stays the one this object was built with from the current config, as in
+        the official code, whose scheduler is rebuilt from the config and never saved: a run
+        resumed with more total_epochs anneals over the new length instead of cycling."""
         self.step(state["last_epoch"])

@@ -2,7 +2,8 @@
 
 `Trainer(config, output_dir)` owns an experiment folder ``{output_dir}/{experiment_name}/``::
 
-    config.json               the config the run was started with
+    config.json               the config of the latest training run
+    .lock                     held by the process that is training it
     saved_models/
         train_model_{epoch}   one checkpoint per epoch (1-based); only the best N by
                               validation accuracy are kept, N = max(5, max_models_to_save)
@@ -25,7 +26,10 @@ What it does, as the official code does:
 What it does better:
 
 - checkpoints are written atomically (temporary file, fsync, rename), so a kill -9 at any
-  moment leaves the previous checkpoint intact; a leftover temporary file is ignored;
+  moment leaves the previous checkpoint intact; a leftover temporary file is ignored (and
+  deleted by the next training run), and the logs are rewritten from the checkpoint on resume;
+- one process trains an experiment at a time (a lock on the folder); `mamlpp-eval` can test
+  the best epochs so far while it runs;
 - checkpoints also hold the RNG states (torch, numpy, python ``random``, the learner's RNG) and
   the data position, so a resumed run continues bit for bit like an uninterrupted one (given
   the same ops and thread count: the compiled kernels and the pure-PyTorch fallback round
@@ -55,6 +59,7 @@ import numpy as np
 import torch
 
 from .config import MAMLConfig
+from .experiment_lock import ExperimentLock, remove_stale_temp_files
 from .learner_base import atomic_torch_save, resolve_config
 
 __all__ = [
@@ -326,27 +331,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ folders and resume
     def _make_folders(self) -> None:
+        """The experiment's folders, and config.json with this run's config (the checkpoints
+        keep the config each epoch was trained with)."""
         os.makedirs(self.saved_models_dir, exist_ok=True)
         os.makedirs(self.logs_dir, exist_ok=True)
-        config_path = os.path.join(self.experiment_dir, "config.json")
-        if not os.path.exists(config_path):
-            _atomic_write_text(config_path, json.dumps(self.config.to_dict(), indent=2) + "\n")
+        _atomic_write_text(os.path.join(self.experiment_dir, "config.json"),
+                           json.dumps(self.config.to_dict(), indent=2) + "\n")
 
-    def _remove_stale_temp_files(self) -> None:
-        """Temporary files of a write that a crash interrupted (never loaded, safe to delete)."""
-        if not os.path.isdir(self.saved_models_dir):
-            return
-        for name in os.listdir(self.saved_models_dir):
-            if name.startswith(CHECKPOINT_PREFIX + "_") and name.endswith(".tmp"):
-                try:
-                    os.unlink(os.path.join(self.saved_models_dir, name))
-                except OSError:
-                    pass
-
-    def maybe_resume(self) -> bool:
+    def maybe_resume(self, training: bool = True) -> bool:
         """Load ``train_model_latest`` when it exists (learner, optimizer, scheduler, counters,
-        statistics, RNG states and data position). Returns whether it resumed."""
-        self._remove_stale_temp_files()
+        statistics, RNG states and data position). Returns whether it resumed.
+
+        With ``training`` (the default) a config that differs from the checkpoint's is reported;
+        evaluation (``training=False``) changes settings such as the number of tasks on purpose.
+        """
         path = self.checkpoint_path(LATEST)
         if not os.path.isfile(path):
             return False
@@ -358,10 +356,12 @@ class Trainer:
                 if key in saved_config and saved_config[key] != value
                 and key not in ("total_epochs_before_pause", "num_dataprovider_workers")
             )
-            if differing:
+            if differing and training:
                 warnings.warn(
                     f"resuming {path!r} with a config that differs from the one it was trained "
-                    f"with in {differing}; use another experiment_name to start afresh",
+                    f"with in {differing}: the run continues with the new values (the cosine "
+                    f"schedule follows total_epochs and the learning rates of the new config); "
+                    f"use another experiment_name to start afresh",
                     stacklevel=3,
                 )
         for key in ("current_iter", "best_val_acc", "best_val_iter", "best_epoch", "per_epoch_statistics"):
@@ -533,9 +533,14 @@ class Trainer:
                 raise RuntimeError("the test tasks differ between models; the data is not deterministic")
         return ensemble_logits_accuracy(per_model, targets)
 
-    def run_test(self, top_n: int = TEST_ENSEMBLE_SIZE) -> Dict[str, Any]:
+    def run_test(self, top_n: int = TEST_ENSEMBLE_SIZE, summary_name: str = "test_summary") -> Dict[str, Any]:
         """The official protocol: the top-``top_n`` epochs by validation accuracy, the same test
-        tasks through each, logits averaged, argmax. Writes ``logs/test_summary.csv``/``.json``."""
+        tasks through each, logits averaged, argmax. Writes ``logs/{summary_name}.csv``/``.json``
+        (`mamlpp-eval` gives runs with other settings another name, so that the official
+        result is not overwritten)."""
+        if not 1 <= int(top_n) <= self.keep_top_n:
+            raise ValueError(f"top_n must be between 1 and {self.keep_top_n} (the checkpoints kept: "
+                             f"max(5, max_models_to_save)), got {top_n}")
         stats = self.state["per_epoch_statistics"]
         epochs = top_epochs(stats["val_accuracy_mean"], top_n)
         if not epochs:
@@ -558,8 +563,8 @@ class Trainer:
         os.makedirs(self.logs_dir, exist_ok=True)
         row = dict(summary, epochs=" ".join(str(e) for e in epochs),
                    val_accuracy_of_epochs=" ".join(f"{v:.6f}" for v in summary["val_accuracy_of_epochs"]))
-        _atomic_write_text(os.path.join(self.logs_dir, "test_summary.csv"), _csv_text([row], list(row)))
-        _atomic_write_text(os.path.join(self.logs_dir, "test_summary.json"), json.dumps(summary, indent=2) + "\n")
+        _atomic_write_text(os.path.join(self.logs_dir, f"{summary_name}.csv"), _csv_text([row], list(row)))
+        _atomic_write_text(os.path.join(self.logs_dir, f"{summary_name}.json"), json.dumps(summary, indent=2) + "\n")
         self.test_summary = summary
         return summary
 
@@ -575,15 +580,25 @@ class Trainer:
     def train(self) -> Dict[str, Any]:
         """Train until ``total_epochs`` are done, or a pause / budget stops it at an epoch end.
 
-        Resumes from ``train_model_latest`` first. Returns a dict with ``finished``,
-        ``stopped_because``, ``epochs_done`` and ``current_iter``.
+        Resumes from ``train_model_latest`` first. Holds the experiment's lock throughout (a
+        second training process on the same experiment gets `ExperimentBusyError`). Returns a
+        dict with ``finished``, ``stopped_because``, ``epochs_done`` and ``current_iter``.
         """
-        if self.is_main:
+        if not self.is_main:
+            return self._train()
+        with ExperimentLock(self.experiment_dir):
+            # Holding the lock, no other trainer writes here: leftovers are a crash's.
+            remove_stale_temp_files(self.saved_models_dir, self.logs_dir, CHECKPOINT_PREFIX)
             self._make_folders()
+            return self._train()
+
+    def _train(self) -> Dict[str, Any]:
         if self.resumed_from is None and self.state["current_iter"] == 0:
             if self.maybe_resume() and self.is_main:
                 self.log(f"resumed from {self.resumed_from} at iteration {self.state['current_iter']} "
                          f"(epoch {self.epochs_done}/{self.config.total_epochs})")
+                # A kill between a checkpoint and its log write left the logs an epoch behind.
+                self.write_logs()
         cfg = self.config
         per_epoch = int(cfg.total_iter_per_epoch)
         learner = self.learner
@@ -648,7 +663,8 @@ class Trainer:
                 }
                 for key, value in record.items():
                     stats.setdefault(key, []).append(value)
-                if val["val_accuracy_mean"] > self.state["best_val_acc"]:
+                # On a tie the later epoch, as top_epochs (the test ensemble) ranks them.
+                if val["val_accuracy_mean"] >= self.state["best_val_acc"]:
                     self.state["best_val_acc"] = val["val_accuracy_mean"]
                     self.state["best_val_iter"] = int(self.state["current_iter"])
                     self.state["best_epoch"] = epoch

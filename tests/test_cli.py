@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -46,6 +47,19 @@ def test_train_then_eval_end_to_end(tmp_path, capsys):
     assert eval_main(["--experiment", str(folder), "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert f"test accuracy: {summary['test_accuracy_mean']:.4f}" in out
+
+    # Other settings never overwrite the official result: they get a name saying what differs.
+    official = (folder / "logs" / "test_summary.json").read_text()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # evaluation's own settings are no "config differs" warning
+        assert eval_main(["--experiment", str(folder), "--threads", "1", "--top-n", "1", "--num-tasks", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "test_summary_top1_2tasks.json" in out and "ensemble of 1 model(s)" in out
+    assert json.loads((folder / "logs" / "test_summary_top1_2tasks.json").read_text())["num_tasks"] == 2
+    assert (folder / "logs" / "test_summary.json").read_text() == official
+    with pytest.raises(SystemExit):
+        eval_main(["--experiment", str(folder), "--threads", "1", "--top-n", "7"])
+    assert "--top-n: at most 5 (the checkpoints a run keeps" in capsys.readouterr().err
 
     assert eval_main(["--checkpoint", str(folder / "saved_models" / "train_model_2"), "--threads", "1"]) == 0
     out = capsys.readouterr().out

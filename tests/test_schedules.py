@@ -62,6 +62,22 @@ def test_cosine_schedule_is_piecewise_constant_per_epoch():
     assert other.get_last_lr() == schedule.get_last_lr()
 
 
+def test_a_resumed_schedule_follows_the_new_config():
+    """Resuming with more total_epochs (extending a run) anneals over the new length, as the
+    official code's scheduler, rebuilt from the config and never saved, does; the checkpoint
+    gives the position only."""
+    short = EpochCosineSchedule(torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3), 2, 1e-5)
+    short.step(1)
+    extended_optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    extended = EpochCosineSchedule(extended_optimizer, total_epochs=6, min_lr=1e-5)
+    extended.load_state_dict(short.state_dict())
+    assert extended.last_epoch == 1
+    for epoch in (1, 3, 5):
+        extended.step(epoch)
+        assert extended.get_last_lr()[0] == pytest.approx(cosine_annealed_learning_rate(1e-3, 1e-5, epoch, 6),
+                                                          rel=1e-12)
+
+
 def test_run_train_iter_uses_the_epochs_rate_before_the_step():
     config = preset("maml++_omniglot_5w1s", cnn_num_filters=4, number_of_training_steps_per_iter=1,
                     number_of_evaluation_steps_per_iter=1, total_epochs=10, batch_size=1)

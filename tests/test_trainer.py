@@ -236,8 +236,58 @@ def test_leftover_temp_file_is_ignored_and_a_failed_write_keeps_the_old_checkpoi
     resumed = make_trainer(tmp_path, total_epochs=2, total_epochs_before_pause=1)
     assert resumed.maybe_resume()
     assert resumed.state["current_iter"] == 3
-    assert not os.path.exists(junk)  # stale temporary files are cleaned up
+    # Loading deletes nothing (mamlpp-eval loads while a trainer may be writing); the next
+    # training run, holding the experiment's lock, cleans up.
+    assert os.path.exists(junk)
     assert resumed.train()["finished"]
+    assert not os.path.exists(junk)
+
+
+def test_a_kill_between_the_last_checkpoint_and_its_logs_loses_no_log_row(tmp_path):
+    trainer = make_trainer(tmp_path, total_epochs=2)
+    assert trainer.train()["finished"]
+    csv_path = os.path.join(trainer.logs_dir, "summary.csv")
+    complete = open(csv_path).read()
+    assert len(complete.strip().splitlines()) == 3
+    # The state a kill right after train_model_latest of the last epoch leaves: logs one epoch behind.
+    with open(csv_path, "w") as handle:
+        handle.write("\n".join(complete.strip().splitlines()[:2]) + "\n")
+    rerun = make_trainer(tmp_path, total_epochs=2)
+    assert rerun.train()["finished"]  # nothing left to train
+    assert open(csv_path).read() == complete
+
+
+def test_one_training_process_per_experiment(tmp_path):
+    from mamlpp_fast.experiment_lock import ExperimentBusyError, ExperimentLock
+
+    trainer = make_trainer(tmp_path, total_epochs=1)
+    with ExperimentLock(trainer.experiment_dir):  # another trainer holds it
+        with pytest.raises(ExperimentBusyError, match=f"pid {os.getpid()}.*another experiment_name"):
+            trainer.train()
+        assert not os.path.exists(trainer.checkpoint_path("latest"))
+    assert trainer.train()["finished"]  # released: free to train
+    with ExperimentLock(trainer.experiment_dir):  # and the trainer released it in turn
+        pass
+
+
+def test_stale_temp_files_are_those_of_dead_writers(tmp_path):
+    from mamlpp_fast.experiment_lock import remove_stale_temp_files
+
+    models, logs = tmp_path / "saved_models", tmp_path / "logs"
+    models.mkdir()
+    logs.mkdir()
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True)
+    dead_pid = int(finished.stdout)
+    stale = [models / "train_model_3.ab12cd.tmp", logs / f"summary.csv.{dead_pid}.tmp",
+             logs / "learning_curves.png.tmp.png"]
+    alive = [logs / f"test_summary.json.{os.getpid()}.tmp",  # e.g. a mamlpp-eval writing now
+             models / "train_model_3", models / "other.tmp"]
+    for path in stale + alive:
+        path.write_text("x")
+    removed = remove_stale_temp_files(str(models), str(logs))
+    assert sorted(removed) == sorted(str(p) for p in stale)
+    assert all(p.exists() for p in alive)
 
 
 def _cli_env():
