@@ -7,8 +7,10 @@ the released MAML++ Omniglot 5-way 1-shot config, so `MAMLConfig()` is a working
 `MAMLConfig.from_json(path)` reads an official JSON config as it is, with the official
 semantics: the strings "true"/"false" become booleans, a key missing from the file takes the
 *argparse* default of the official code (not ours: e.g. `task_learning_rate` falls back to 0.1,
-`seed` to 104), and keys that the official code reads but ignores are accepted and reported in
-`config.ignored_keys`. Keys nobody knows raise `ValueError`.
+`seed` to 104), and keys that the official code reads but ignores (`IGNORED_KEYS`, e.g. the
+`weight_decay` every released file carries) are accepted and reported in `config.ignored_keys`.
+Everywhere else (`from_dict`, `preset` overrides, the command line's `--set`) such a key would
+have no effect, so it raises `ValueError`, like a key nobody knows.
 
 Two fixes of official quirks are available behind flags and are off by default:
 `bn_use_running_stats_in_evaluation` and `bn_restore_stats_after_evaluation` (spec 1c).
@@ -91,6 +93,23 @@ IGNORED_KEYS = frozenset(
     }
 )
 
+# Ignored keys that the official code does read: its data loader draws
+# num_of_gpus * batch_size * samples_per_iter tasks per iteration (spec section 4). mamlpp_fast
+# draws batch_size tasks, so in an official file they are accepted only at their default, 1.
+_TASKS_PER_ITERATION_KEYS = ("samples_per_iter", "num_of_gpus")
+
+# Keys holding numpy RandomState seeds, which must lie in [0, 2**32).
+_SEED_KEYS = ("seed", "train_seed", "val_seed")
+
+# What `dataset_name` selects: the data loaders (`mamlpp_fast.data.make_dataset`) match these
+# substrings, and so do the official code's `'omniglot' in dataset_name` (augmentation) and
+# `'imagenet' in dataset_name` (gradient clamp) tests. Values: examples of accepted names.
+_DATASET_FAMILIES = {
+    "omniglot": ("omniglot", "omniglot_dataset"),
+    "imagenet": ("mini_imagenet_full_size", "mini-imagenet", "mini_imagenet"),
+    "synthetic": ("synthetic", "synthetic_glyphs"),
+}
+
 
 @dataclass
 class MAMLConfig:
@@ -160,27 +179,35 @@ class MAMLConfig:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any], *, missing: str = "ours") -> "MAMLConfig":
+    def from_dict(
+        cls, values: Mapping[str, Any], *, missing: str = "ours", ignored: str = "reject"
+    ) -> "MAMLConfig":
         """Build a config from a mapping of official keys.
 
         Args:
             values: official keys to values; "true"/"false" strings are accepted as booleans.
             missing: "ours" fills absent keys with this class's defaults; "argparse" fills them
                 with the official argparse defaults first (what the official code does).
+            ignored: what to do with keys the official code ignores (`IGNORED_KEYS`): "reject"
+                (the default: such a key would have no effect, so it is an error) or "accept"
+                (record them in `ignored_keys`; what `from_json` does, to read official files
+                as they are). `samples_per_iter` and `num_of_gpus` are accepted only at 1.
         """
         if missing not in ("ours", "argparse"):
             raise ValueError(f"missing must be 'ours' or 'argparse', got {missing!r}")
+        if ignored not in ("reject", "accept"):
+            raise ValueError(f"ignored must be 'reject' or 'accept', got {ignored!r}")
         known = {f.name for f in dataclasses.fields(cls)} - {"ignored_keys"}
         kwargs: Dict[str, Any] = {}
         if missing == "argparse":
             kwargs.update({k: v for k, v in ARGPARSE_DEFAULTS.items() if k in known})
-        ignored = []
+        ignored_found = []
         unknown = []
         for key, value in values.items():
             if key in known:
                 kwargs[key] = _parse_bool_string(value)
             elif key in IGNORED_KEYS:
-                ignored.append(key)
+                ignored_found.append(key)
             else:
                 unknown.append(key)
         if unknown:
@@ -188,7 +215,20 @@ class MAMLConfig:
                 f"unknown config key(s) {sorted(unknown)}; known keys are the official argument "
                 f"names: {sorted(known)}"
             )
-        return cls(**kwargs, ignored_keys=tuple(sorted(ignored)))
+        for key in _TASKS_PER_ITERATION_KEYS:
+            if key in ignored_found and not _is_number(values[key], 1):
+                raise ValueError(
+                    f"{key}={values[key]!r} is not supported: the official data loader draws "
+                    f"num_of_gpus * batch_size * samples_per_iter tasks per iteration, mamlpp_fast "
+                    f"draws batch_size; set {key} to 1 and multiply batch_size instead"
+                )
+        if ignored_found and ignored == "reject":
+            raise ValueError(
+                f"config key(s) {sorted(ignored_found)} would have no effect: mamlpp_fast does "
+                f"not read them (IGNORED_KEYS); remove them (official JSON files that carry them "
+                f"are read as they are by MAMLConfig.from_json)"
+            )
+        return cls(**kwargs, ignored_keys=tuple(sorted(ignored_found)))
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "MAMLConfig":
@@ -202,7 +242,7 @@ class MAMLConfig:
             raise ValueError(f"path: {str(path)!r} is not valid JSON: {error}") from None
         if not isinstance(values, dict):
             raise ValueError(f"path: {str(path)!r} must hold a JSON object, got {type(values)}")
-        config = cls.from_dict(values, missing="argparse")
+        config = cls.from_dict(values, missing="argparse", ignored="accept")
         if config.ignored_keys:
             warnings.warn(
                 f"{os.path.basename(str(path))}: keys ignored by the official code and by "
@@ -260,16 +300,29 @@ class MAMLConfig:
             "num_samples_per_class", "num_target_samples", "number_of_training_steps_per_iter",
             "number_of_evaluation_steps_per_iter", "num_stages", "cnn_num_filters", "total_epochs",
             "total_iter_per_epoch", "num_evaluation_tasks", "multi_step_loss_num_epochs",
+            "total_epochs_before_pause",
         )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in _SEED_KEYS:
+            value = getattr(self, name)
+            if not 0 <= value < 2**32:
+                raise ValueError(
+                    f"{name} must be in [0, 2**32) (a numpy RandomState seed), got {value}"
+                )
         if self.num_classes_per_set < 2:
             raise ValueError(f"num_classes_per_set must be >= 2, got {self.num_classes_per_set}")
         for name in ("meta_learning_rate", "min_learning_rate"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite non-negative number, got {value}")
+        if self.min_learning_rate > self.meta_learning_rate:
+            raise ValueError(
+                f"min_learning_rate ({self.min_learning_rate}) must be <= meta_learning_rate "
+                f"({self.meta_learning_rate}): cosine annealing goes from meta_learning_rate down "
+                f"to min_learning_rate (equal values turn it off)"
+            )
         if not math.isfinite(self.task_learning_rate):
             raise ValueError(f"task_learning_rate must be finite, got {self.task_learning_rate}")
         if self.norm_layer != "batch_norm":
@@ -288,6 +341,16 @@ class MAMLConfig:
                 "enable_inner_loop_optimizable_bn_params=true is not supported (no released "
                 "config uses it)"
             )
+        if self.bn_use_running_stats_in_evaluation and not self.per_step_bn_statistics:
+            # Without per-step statistics the official layer passes running_mean=None, so no
+            # running statistics are tracked; the (C,) running_var keeps its zero initialisation.
+            # (bn_restore_stats_after_evaluation has no such dependency: with nothing tracked,
+            # restoring the statistics is a harmless no-op.)
+            raise ValueError(
+                "bn_use_running_stats_in_evaluation=true needs per_step_bn_statistics=true: "
+                "without per-step BN statistics no running statistics are tracked (running_var "
+                "stays 0), so evaluation would normalise with meaningless statistics"
+            )
         if self.number_of_evaluation_steps_per_iter != self.number_of_training_steps_per_iter:
             # The official code indexes per-step BN and LSLR by step and only records target
             # predictions at step number_of_training_steps_per_iter - 1 (issue #28).
@@ -305,8 +368,55 @@ class MAMLConfig:
                     f"image_height x image_width {self.image_height}x{self.image_width} is too "
                     f"small for num_stages={self.num_stages} 2x2 max-pools"
                 )
-        if len(self.train_val_test_split) != 3:
-            raise ValueError("train_val_test_split must have 3 fractions")
+        self._validate_train_val_test_split()
+        self._validate_dataset_name()
+        self._validate_experiment_name()
+
+    def _validate_train_val_test_split(self) -> None:
+        split = self.train_val_test_split
+        if len(split) != 3:
+            raise ValueError(f"train_val_test_split must have 3 fractions, got {split!r}")
+        for value in split:
+            if not _is_number(value) or not 0.0 <= value <= 1.0:
+                raise ValueError(
+                    f"train_val_test_split: each fraction must be a number in [0, 1], got {split!r}"
+                )
+        # The official load_dataset splits the classes at int(f0 * n) and int((f0 + f1) * n);
+        # the test split is the rest, so the third value is never read (the released Omniglot
+        # default [0.73982737361, 0.26, 0.13008631319] sums to more than 1).
+        if split[0] + split[1] > 1.0:
+            raise ValueError(
+                f"train_val_test_split: the train and validation fractions must sum to <= 1, got "
+                f"{split[0]} + {split[1]} = {split[0] + split[1]}"
+            )
+        self.train_val_test_split = [float(value) for value in split]
+
+    def _validate_dataset_name(self) -> None:
+        # A name must select exactly one family. Lower case: the loaders lower-case the name, but
+        # the official augmentation and clamp tests (and clamps_meta_gradients) are
+        # case-sensitive, so 'Omniglot' or 'Mini_ImageNet' would load a data set whose official
+        # treatment the name then does not get.
+        families = [family for family in _DATASET_FAMILIES if family in self.dataset_name]
+        if len(families) != 1:
+            examples = [name for names in _DATASET_FAMILIES.values() for name in names]
+            why = "matches several data sets" if families else "is not a supported data set"
+            raise ValueError(
+                f"dataset_name {self.dataset_name!r} {why}: use one of {examples}, or any name "
+                f"containing exactly one of {list(_DATASET_FAMILIES)} (lower case)"
+            )
+
+    def _validate_experiment_name(self) -> None:
+        # The experiment folder is {output_dir}/{experiment_name}: it must be one plain folder
+        # name, so that it can neither escape the output folder nor be the output folder.
+        name = self.experiment_name
+        if not name.strip():
+            raise ValueError(f"experiment_name must not be empty or blank, got {name!r}")
+        # '/' and '\\' on every system, so that a config behaves the same wherever it runs.
+        if "/" in name or "\\" in name or set(name) <= {"."} or "\0" in name:
+            raise ValueError(
+                f"experiment_name must be a plain folder name (no path separator, not '.' or "
+                f"'..'), got {name!r}"
+            )
 
 
 def _parse_bool_string(value: Any) -> Any:
@@ -314,6 +424,13 @@ def _parse_bool_string(value: Any) -> Any:
     if isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
     return value
+
+
+def _is_number(value: Any, equal_to: Any = None) -> bool:
+    """A finite int or float (not a bool), optionally equal to `equal_to`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    return equal_to is None or value == equal_to
 
 
 def _coerce(name: str, annotation: Any, value: Any) -> Any:
@@ -416,4 +533,6 @@ def preset(name: str, **overrides: Any) -> MAMLConfig:
         + ("_paper" if paper else "")
     )
     values.update(overrides)
-    return MAMLConfig(**values)
+    # Through from_dict, so that an override is checked like any key: unknown keys and keys that
+    # would have no effect raise the same ValueError as from_dict (and --set) everywhere else.
+    return MAMLConfig.from_dict(values)

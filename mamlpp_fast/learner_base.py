@@ -58,7 +58,9 @@ def resolve_config(config: Any) -> MAMLConfig:
     if isinstance(config, (str, os.PathLike)):
         return MAMLConfig.from_json(config)
     if isinstance(config, dict):
-        return MAMLConfig.from_dict(config)
+        # Read like an official JSON file's content (json.load of one is the common case): keys
+        # the official code ignores are accepted, recorded in ignored_keys.
+        return MAMLConfig.from_dict(config, ignored="accept")
     if hasattr(config, "__dict__"):
         # An official argparse namespace or Bunch: keep the keys MAMLConfig knows.
         values = {k: v for k, v in vars(config).items() if not k.startswith("_")}
