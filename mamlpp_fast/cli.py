@@ -280,10 +280,21 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
               f"{config.total_iter_per_epoch} iterations, batch {config.batch_size}, device {device}"
               + (f", {distributed.world_size} ranks" if distributed is not None else "") + ")", flush=True)
         print(f"kernels: {_describe_kernels(trainer.learner)}", flush=True)
+    from .data import DataError, DataNotFoundError
+    from .experiment_lock import ExperimentBusyError
+
     try:
+        if distributed is None or distributed.is_main:
+            print(f"data: {trainer.data.describe()}", flush=True)
         outcome = trainer.train()
         if outcome["finished"] and not args.no_test:
             _print_test(trainer.run_test())
+    except (DataError, DataNotFoundError) as error:  # before RuntimeError, which DataError is
+        print(f"mamlpp-train: error: data: {error}", file=sys.stderr)
+        return 2
+    except ExperimentBusyError as error:
+        print(f"mamlpp-train: error: {error}", file=sys.stderr)
+        return 2
     except RuntimeError as error:
         if distributed is None:
             raise
@@ -296,13 +307,6 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; the last finished epoch is saved, rerun to resume", file=sys.stderr)
         return 130
-    except Exception as error:
-        from .data import DataError, DataNotFoundError
-
-        if isinstance(error, (DataError, DataNotFoundError)):
-            print(f"mamlpp-train: error: data: {error}", file=sys.stderr)
-            return 2
-        raise
     return 0
 
 
@@ -398,6 +402,7 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     except CLIError as error:
         parser.error(str(error))
         return 2
+    from .data import DataError, DataNotFoundError
     from .trainer import Trainer
 
     if experiment_dir is not None:
@@ -416,6 +421,9 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
         summary_name = _test_summary_name(args)
         try:
             summary = trainer.run_test(top_n=args.top_n, summary_name=summary_name)
+        except (DataError, DataNotFoundError) as error:
+            print(f"mamlpp-eval: error: data: {error}", file=sys.stderr)
+            return 2
         except FileNotFoundError as error:
             # A training process still running on the experiment prunes checkpoints that fall
             # out of its top N; the next evaluation sees the new ranking.
@@ -426,7 +434,11 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         trainer = Trainer(config, os.path.dirname(os.path.abspath(files[0])), device=device, dtype=dtype,
                           backend=args.backend, dataset_dir=args.dataset_dir, progress=False)
-        summary = trainer.evaluate_checkpoints(files)
+        try:
+            summary = trainer.evaluate_checkpoints(files)
+        except (DataError, DataNotFoundError) as error:
+            print(f"mamlpp-eval: error: data: {error}", file=sys.stderr)
+            return 2
     _print_test(summary)
     return 0
 

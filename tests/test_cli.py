@@ -30,6 +30,7 @@ def test_train_then_eval_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "test accuracy:" in out and "epoch 2/2" in out
     assert "kernels: bn_lrelu_pool=" in out and "task_conv=grouped" in out  # which backend is active
+    assert "data: synthetic" in out  # which data, how many classes
     folder = tmp_path / EXPERIMENT
     for name in ("config.json", "saved_models/train_model_1", "saved_models/train_model_2",
                  "saved_models/train_model_latest", "logs/summary.csv", "logs/summary.json",
@@ -172,6 +173,18 @@ def test_bad_eval_arguments_name_the_argument(argv, message, capsys):
         eval_main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_data_and_busy_errors_are_reported_without_traceback(tmp_path, capsys):
+    from mamlpp_fast.experiment_lock import ExperimentLock
+
+    # 30 images per class are more than the synthetic glyph set draws per class.
+    assert train_main(TINY + ["--output-dir", str(tmp_path / "a"), "--set", "num_samples_per_class=30"]) == 2
+    err = capsys.readouterr().err
+    assert "mamlpp-train: error: data: num_samples_per_class" in err and "Traceback" not in err
+    with ExperimentLock(str(tmp_path / "b" / EXPERIMENT)):  # another trainer is running
+        assert train_main(TINY + ["--output-dir", str(tmp_path / "b")]) == 2
+    assert "is training" in capsys.readouterr().err
 
 
 def test_eval_on_a_folder_without_checkpoints(tmp_path, capsys):

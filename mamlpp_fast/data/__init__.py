@@ -15,7 +15,7 @@ or, lower level::
         for batch in it: ...
 """
 
-from .paths import DataError, DataNotFoundError
+from .paths import DataConfigError, DataError, DataNotFoundError, UnofficialDataWarning
 from .sampler import (
     EpisodeBatch,
     EpisodeSampler,
@@ -32,7 +32,8 @@ from .sampler import (
 )
 
 __all__ = [
-    "DataError", "DataNotFoundError", "EpisodeBatch", "EpisodeSampler", "FewShotDataset",
+    "DataConfigError", "DataError", "DataNotFoundError", "UnofficialDataWarning", "EpisodeBatch",
+    "EpisodeSampler", "FewShotDataset",
     "MetaLearningDataLoader", "Prefetcher", "SplitData", "build_batch", "draw_task", "make_dataset",
     "official_seed", "split_counts", "to_torch", "load_omniglot", "load_mini_imagenet", "SyntheticGlyphs",
 ]

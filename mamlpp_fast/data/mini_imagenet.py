@@ -20,6 +20,7 @@ import multiprocessing as mp
 import os
 import pickle
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Optional, Sequence
@@ -27,14 +28,17 @@ from typing import Optional, Sequence
 import numpy as np
 
 from . import cache as _cache
-from .paths import DataError, DataNotFoundError, cache_dir, describe_search, find_dataset_dir
-from .sampler import SPLITS, FewShotDataset, SplitData, normalize_lut
+from .paths import (DataConfigError, DataError, DataNotFoundError, UnofficialDataWarning, cache_dir,
+                    describe_search, find_dataset_dir)
+from .sampler import SPLITS, FewShotDataset, SplitData, count_text, normalize_lut
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 FOLDER_NAMES = ("mini_imagenet", "mini_imagenet_full_size", "mini-imagenet", "miniImageNet")
 PREPROCESS_VERSION = 1
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+OFFICIAL_CLASSES = {"train": 64, "val": 16, "test": 20}   # Ravi & Larochelle
+OFFICIAL_IMAGES_PER_CLASS = 600
 
 
 def _pickle_path(root: Path, split: str) -> Path:
@@ -150,6 +154,10 @@ def load_mini_imagenet(root=None, *, image_size=(84, 84), resample=None, use_cac
 
     ``layout`` is ``"folders"``, ``"pickle"`` or ``"auto"`` (folders when ``train/`` exists).
     ``resample=None`` calls ``resize`` without a filter, as the official code does.
+
+    If the loaded splits are not the official 64/16/20 classes x 600 images, one
+    :class:`UnofficialDataWarning` says so. ``FewShotDataset.describe()`` gives a one-line
+    summary of what was loaded.
     """
     height, width = (int(image_size), int(image_size)) if np.isscalar(image_size) else map(int, image_size)
     t0 = time.perf_counter()
@@ -157,7 +165,10 @@ def load_mini_imagenet(root=None, *, image_size=(84, 84), resample=None, use_cac
     if layout == "auto":
         layout = "folders" if (folder / "train").is_dir() else "pickle"
     if layout not in ("folders", "pickle"):
-        raise ValueError(f"layout must be 'auto', 'folders' or 'pickle', got {layout!r}")
+        raise DataConfigError(f"layout must be 'auto', 'folders' or 'pickle', got {layout!r}")
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown:
+        raise DataConfigError(f"splits must be drawn from {list(SPLITS)}, got {list(splits)!r}")
     out: dict[str, SplitData] = {}
     hits = {}
     for split in splits:
@@ -187,9 +198,32 @@ def load_mini_imagenet(root=None, *, image_size=(84, 84), resample=None, use_cac
                 _cache.save(entry, {"storage": storage, "counts": counts, "names": np.asarray(names)})
         out[split] = SplitData(storage=storage, class_ids=np.arange(len(names), dtype=np.int64),
                                counts=np.asarray(counts, dtype=np.int64), class_names=tuple(names))
+    official, is_official = _check_official(folder, out)
     elapsed = time.perf_counter() - t0
+    ds = FewShotDataset(name="mini_imagenet", splits=out, lut=normalize_lut(MEAN, STD),
+                        rotation_augment=False,
+                        info={"root": str(folder), "layout": layout, "cache_hit": hits,
+                              "use_cache": bool(use_cache), "load_seconds": elapsed, "official": official,
+                              "is_official": is_official})
     if verbose:
-        sizes = {k: v.num_classes for k, v in out.items()}
-        print(f"mini-ImageNet ({layout}) {sizes} classes from {folder} in {elapsed:.2f}s")
-    return FewShotDataset(name="mini_imagenet", splits=out, lut=normalize_lut(MEAN, STD), rotation_augment=False,
-                          info={"root": str(folder), "layout": layout, "cache_hit": hits, "load_seconds": elapsed})
+        print(ds.describe())
+    return ds
+
+
+def _check_official(folder: Path, out: dict[str, SplitData]) -> tuple[str, bool]:
+    """Compare the loaded splits with the official 64/16/20 classes x 600 images; warn once if
+    they differ. Returns (the official counts as text, whether the loaded splits match them)."""
+    names = [s for s in SPLITS if s in out]
+    official = (f"{sum(OFFICIAL_CLASSES[s] for s in names)} classes ("
+                + " / ".join(f"{s} {OFFICIAL_CLASSES[s]}" for s in names)
+                + f") x {OFFICIAL_IMAGES_PER_CLASS} images")
+    counts = np.concatenate([out[s].counts for s in names]) if names else np.zeros(0, np.int64)
+    is_official = (all(out[s].num_classes == OFFICIAL_CLASSES[s] for s in names)
+                   and bool(np.all(counts == OFFICIAL_IMAGES_PER_CLASS)))
+    if not is_official:
+        found = " / ".join(f"{s} {out[s].num_classes}" for s in names)
+        warnings.warn(
+            f"mini_imagenet at {folder}: found {found} classes x {count_text(counts)} images, but the "
+            f"official mini-ImageNet has {official}, so the tasks, and comparisons with the paper's "
+            f"results, differ.", UnofficialDataWarning, stacklevel=3)
+    return official, is_official

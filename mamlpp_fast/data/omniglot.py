@@ -25,10 +25,12 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import shutil
 import socket
 import tempfile
 import time
 import urllib.request
+import warnings
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -37,11 +39,14 @@ from typing import Optional, Sequence
 import numpy as np
 
 from . import cache as _cache
-from .paths import DataError, DataNotFoundError, cache_dir, describe_search, find_dataset_dir
-from .sampler import FewShotDataset, SplitData, identity_lut, official_seed, split_counts
+from .paths import (DataConfigError, DataError, DataNotFoundError, UnofficialDataWarning, cache_dir,
+                    describe_search, find_dataset_dir)
+from .sampler import FewShotDataset, SplitData, count_text, identity_lut, official_seed, split_counts
 
 OMNIGLOT_SPLIT_FRACTIONS = (0.70918052988, 0.03080714725, 0.2606284658)
 SUBFOLDERS = ("images_background", "images_evaluation")
+OFFICIAL_NUM_CLASSES = 1623          # 964 in images_background + 659 in images_evaluation
+OFFICIAL_IMAGES_PER_CLASS = 20
 FOLDER_NAMES = ("omniglot", "omniglot_dataset")
 PREPROCESS_VERSION = 1
 OFFICIAL_ZIPS = {
@@ -52,8 +57,32 @@ OFFICIAL_ZIPS = {
 }
 
 
+LAYOUT = ("expected layout: <folder>/images_background/<Alphabet>/<characterNN>/<ID>_<RR>.png and "
+          "<folder>/images_evaluation/<Alphabet>/<characterNN>/<ID>_<RR>.png (the official "
+          "images_background.zip and images_evaluation.zip from "
+          "github.com/brendenlake/omniglot/tree/master/python, both unzipped into <folder>)")
+
+
 def _looks_like_omniglot(p: Path) -> bool:
+    """Both official subfolders are there (the official loader reads and merges both)."""
+    return all((p / s).is_dir() for s in SUBFOLDERS)
+
+
+def _has_omniglot_subfolder(p: Path) -> bool:
+    """At least one official subfolder: enough to stop the search here (and then to say what is
+    missing), not enough to load."""
     return any((p / s).is_dir() for s in SUBFOLDERS)
+
+
+def _require_both_subfolders(root: Path) -> None:
+    missing = [s for s in SUBFOLDERS if not (root / s).is_dir()]
+    if missing:
+        present = [s for s in SUBFOLDERS if s not in missing]
+        raise DataError(
+            f"incomplete Omniglot folder {root}: missing {', '.join(str(root / m) for m in missing)}"
+            + (f" (found only {', '.join(present)})" if present else "")
+            + f". The official split is drawn from the {OFFICIAL_NUM_CLASSES} classes of both "
+            f"subfolders, so one alone would give a different split.\n{LAYOUT}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,14 +93,15 @@ def scan_omniglot(root: Path, images_per_class: Optional[int] = 20):
 
     Returns ``(labels, files, stat_entries)`` where ``files[i]`` lists the paths (str) of class
     ``labels[i]`` and ``stat_entries`` is ``[(relpath, size, mtime_ns), ...]`` for the cache
-    fingerprint. Raises :class:`DataError` naming the files when a class has images missing.
+    fingerprint. Raises :class:`DataError` naming the files when a class has images missing, and
+    naming the folder when ``images_background`` or ``images_evaluation`` is missing or empty.
     """
     classes: dict[str, list[tuple[str, str]]] = {}
     stats: list[tuple[str, int, int]] = []
+    _require_both_subfolders(root)
     for sub in SUBFOLDERS:
         top = root / sub
-        if not top.is_dir():
-            continue
+        before = len(classes)
         for alpha in sorted(os.scandir(top), key=lambda e: e.name):
             if not alpha.is_dir():
                 continue
@@ -90,9 +120,9 @@ def scan_omniglot(root: Path, images_per_class: Optional[int] = 20):
                         imgs.append((f.name, f.path))
                 imgs.sort()
                 classes[label] = imgs
-    if not classes:
-        raise DataNotFoundError(f"no Omniglot classes under {root} (expected {SUBFOLDERS[0]}/<Alphabet>/"
-                                f"<characterNN>/*.png)")
+        if len(classes) == before:
+            raise DataError(f"incomplete Omniglot folder {root}: {top} holds no <Alphabet>/<characterNN>/ "
+                            f"class folders.\n{LAYOUT}")
     labels = sorted(classes)
     files = [[p for _, p in classes[lab]] for lab in labels]  # plain str: Path() is slow here
     if images_per_class is not None:
@@ -199,8 +229,16 @@ def download_omniglot(dest: Path) -> Path:
             got = _md5(Path(tmp))
             if got != md5:
                 raise DataError(f"downloaded {url} has md5 {got}, expected {md5}")
-            with zipfile.ZipFile(tmp) as z:
-                z.extractall(dest)
+            # unpack beside dest, then rename: an interrupted unpack leaves no partial subfolder
+            staging = Path(tempfile.mkdtemp(dir=dest, prefix=f".{sub}.", suffix=".tmp"))
+            try:
+                with zipfile.ZipFile(tmp) as z:
+                    z.extractall(staging)
+                if not (staging / sub).is_dir():
+                    raise DataError(f"downloaded {url} does not hold a top-level {sub}/ folder")
+                os.replace(staging / sub, dest / sub)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -220,21 +258,24 @@ def _default_download_dir(root) -> Path:
 
 
 def resolve_omniglot_root(root=None, download: bool = True) -> Path:
-    """Find the Omniglot folder, downloading it if absent and possible, else a clear error."""
-    found = find_dataset_dir(root, FOLDER_NAMES, _looks_like_omniglot)
+    """Find the Omniglot folder, downloading it if absent and possible, else a clear error.
+
+    The first candidate folder holding ``images_background`` or ``images_evaluation`` is the
+    one; if it lacks the other, :class:`DataError` names the missing folder (no download into a
+    half-present folder, and no silent fallback to another copy).
+    """
+    found = find_dataset_dir(root, FOLDER_NAMES, _has_omniglot_subfolder)
     if found is None and root is None:
         default = cache_dir() / "data" / "omniglot"
-        if default.is_dir() and _looks_like_omniglot(default):
+        if default.is_dir() and _has_omniglot_subfolder(default):
             found = default
     if found is not None:
+        _require_both_subfolders(found)
         return found
-    layout = ("expected layout: <folder>/images_background/<Alphabet>/<characterNN>/<ID>_<RR>.png and "
-              "<folder>/images_evaluation/... (the official images_background.zip and "
-              "images_evaluation.zip from github.com/brendenlake/omniglot/tree/master/python, unzipped)")
     if download and network_reachable():
         return download_omniglot(_default_download_dir(root))
     raise DataNotFoundError(f"Omniglot not found and it cannot be downloaded (no network or "
-                            f"download=False).\n{describe_search(root, FOLDER_NAMES)}\n{layout}")
+                            f"download=False).\n{describe_search(root, FOLDER_NAMES)}\n{LAYOUT}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,10 +316,16 @@ def load_omniglot(root=None, *, image_size=(28, 28), val_seed: int = 0,
 
     ``image_size`` is (height, width). The decoded pixels are cached (see :mod:`.cache`); the
     split and ``image_order`` are applied after loading, so they do not affect the cache.
+
+    Both ``images_background`` and ``images_evaluation`` must be present (:class:`DataError`
+    otherwise). If the classes found are not the official 1623 x 20 images, one
+    :class:`UnofficialDataWarning` says so (the split then differs from the official one).
+    ``FewShotDataset.describe()`` gives a one-line summary of what was loaded.
     """
     height, width = (int(image_size), int(image_size)) if np.isscalar(image_size) else map(int, image_size)
     if len(split_fractions) != 3:
-        raise ValueError(f"split_fractions must have 3 entries, got {split_fractions!r}")
+        raise DataConfigError(f"split_fractions (train_val_test_split) must have 3 entries, "
+                              f"got {split_fractions!r}")
     t0 = time.perf_counter()
     folder = resolve_omniglot_root(root, download=download)
     labels, files, stats = scan_omniglot(folder, images_per_class=images_per_class)
@@ -310,9 +357,21 @@ def load_omniglot(root=None, *, image_size=(28, 28), val_seed: int = 0,
     for name, ids in (("train", order[:a]), ("val", order[a:b]), ("test", order[b:c])):
         splits[name] = SplitData(storage=storage, class_ids=ids, counts=counts[ids],
                                  class_names=tuple(labels[i] for i in ids))
+    oa, ob, oc = split_counts(OFFICIAL_NUM_CLASSES, OMNIGLOT_SPLIT_FRACTIONS)
+    official = (f"{OFFICIAL_NUM_CLASSES} classes (train {oa} / val {ob - oa} / test {oc - ob}) "
+                f"x {OFFICIAL_IMAGES_PER_CLASS} images")
+    is_official = total == OFFICIAL_NUM_CLASSES and bool(np.all(counts == OFFICIAL_IMAGES_PER_CLASS))
+    if not is_official:
+        warnings.warn(
+            f"omniglot at {folder}: found {total} classes x {count_text(counts)} images, but the official "
+            f"Omniglot has {official}. The split is drawn from the classes found (train {a} / val {b - a} "
+            f"/ test {c - b}), so the tasks, and comparisons with the paper's results, differ.",
+            UnofficialDataWarning, stacklevel=2)
     elapsed = time.perf_counter() - t0
+    ds = FewShotDataset(name="omniglot", splits=splits, lut=identity_lut(1), rotation_augment=True,
+                        info={"root": str(folder), "cache_file": str(entry), "cache_hit": hit,
+                              "use_cache": bool(use_cache), "load_seconds": elapsed, "labels": tuple(labels),
+                              "official": official, "is_official": is_official})
     if verbose:
-        print(f"omniglot: {total} classes from {folder} in {elapsed:.2f}s (cache {'hit' if hit else 'miss'})")
-    return FewShotDataset(name="omniglot", splits=splits, lut=identity_lut(1), rotation_augment=True,
-                          info={"root": str(folder), "cache_file": str(entry), "cache_hit": hit,
-                                "load_seconds": elapsed, "labels": tuple(labels)})
+        print(ds.describe())
+    return ds

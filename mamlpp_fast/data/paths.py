@@ -29,6 +29,19 @@ class DataError(RuntimeError):
     """A data file is missing, unreadable or inconsistent (the message names the file)."""
 
 
+class DataConfigError(DataError, ValueError):
+    """The task settings do not fit the data (the message names the config key).
+
+    A :class:`DataError`, so the CLI reports it as a data error, and a ``ValueError``, so callers
+    that catch ``ValueError`` for bad arguments still do.
+    """
+
+
+class UnofficialDataWarning(UserWarning):
+    """The data found is not the official data set: class or image counts differ, so the split
+    (and the comparability of the results with the paper) differ too."""
+
+
 def cache_dir() -> Path:
     """The folder for preprocessed-array caches (created on demand by the writer)."""
     env = os.environ.get(CACHE_DIR_ENV)

@@ -18,6 +18,7 @@ training task ``j`` of iteration ``it`` uses ``train_seed' + it * B + j``; valid
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -25,7 +26,14 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequ
 
 import numpy as np
 
+from .paths import DataConfigError
+
 SPLITS = ("train", "val", "test")
+
+# EpisodeSampler argument -> the official config key that MetaLearningDataLoader feeds it from
+CONFIG_KEYS = {"n_way": "num_classes_per_set", "k_shot": "num_samples_per_class",
+               "n_target": "num_target_samples",
+               "batch_size": "num_of_gpus x batch_size x samples_per_iter"}
 
 
 def official_seed(seed: int) -> int:
@@ -38,6 +46,15 @@ def split_counts(total: int, fractions: Sequence[float]) -> tuple[int, int, int]
     a = int(fractions[0] * total)
     b = int(np.sum(fractions[:2]) * total)
     return a, b, int(total)
+
+
+def count_text(counts) -> str:
+    """``"20"`` when every count is 20, ``"5-600"`` for a range, ``"0"`` when empty."""
+    counts = np.asarray(counts)
+    if counts.size == 0:
+        return "0"
+    lo, hi = int(counts.min()), int(counts.max())
+    return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
 def identity_lut(channels: int) -> np.ndarray:
@@ -90,6 +107,46 @@ class FewShotDataset:
             raise ValueError(f"split must be one of {sorted(self.splits)}, got {name!r}")
         return self.splits[name]
 
+    def describe(self) -> str:
+        """One line saying what was loaded, for the start of a training log, e.g.::
+
+            omniglot at /data/omniglot: 1623 classes (train 1150 / val 50 / test 423) x 20 images,
+            1x28x28, cache hit, loaded in 0.41s
+
+        (one line; wrapped here). Parts come from :attr:`info` when the loader put them there:
+        ``layout``, ``root`` (else ``source``), ``cache_hit`` (a bool, or one per split),
+        ``use_cache``, ``load_seconds``, and, when ``is_official`` is False, a note naming the
+        ``official`` counts.
+        """
+        info = self.info or {}
+        head = self.name + (f" ({info['layout']})" if info.get("layout") else "")
+        if info.get("root"):
+            head += f" at {info['root']}"
+        elif info.get("source"):
+            head += f" ({info['source']})"
+        names = [n for n in SPLITS if n in self.splits] + [n for n in self.splits if n not in SPLITS]
+        if not names:
+            return f"{head}: no splits"
+        total = sum(self.splits[n].num_classes for n in names)
+        per_split = " / ".join(f"{n} {self.splits[n].num_classes}" for n in names)
+        counts = np.concatenate([np.asarray(self.splits[n].counts) for n in names])
+        parts = [f"{head}: {total} classes ({per_split}) x {count_text(counts)} images",
+                 "x".join(str(v) for v in self.image_shape)]
+        if info.get("use_cache", True):
+            cache = _cache_text(info.get("cache_hit"), names)
+        else:
+            cache = "cache off"
+        if cache:
+            parts.append(cache)
+        secs = info.get("load_seconds")
+        if isinstance(secs, (int, float)):
+            parts.append(f"loaded in {secs:.2f}s")
+        line = ", ".join(parts)
+        if info.get("is_official") is False:
+            line += (f"; NOT the official data ({info.get('official', 'other counts')}), "
+                     f"so results are not comparable with the paper's")
+        return line
+
     def decode(self, u8: np.ndarray) -> np.ndarray:
         """uint8 [..., C, H, W] -> float32 network input via the per-channel table."""
         if self.lut.shape[0] == 1:
@@ -98,6 +155,22 @@ class FewShotDataset:
         for c in range(self.lut.shape[0]):
             out[..., c, :, :] = self.lut[c][u8[..., c, :, :]]
         return out
+
+
+def _cache_text(hit, names: Sequence[str]) -> str:
+    if isinstance(hit, bool):
+        return "cache hit" if hit else "cache miss"
+    if isinstance(hit, dict):
+        if not hit:
+            return "not cached"
+        if all(hit.values()):
+            return "cache hit"
+        if not any(hit.values()):
+            return "cache miss"
+        got = [n for n in names if hit.get(n)]
+        missed = [n for n in names if n in hit and not hit[n]]
+        return f"cache hit for {', '.join(got)}, miss for {', '.join(missed)}"
+    return ""
 
 
 class EpisodeBatch(NamedTuple):
@@ -169,10 +242,24 @@ def build_batch(dataset: FewShotDataset, split: SplitData, seeds: Sequence[int],
     )
 
 
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or int(value) != value or int(value) < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+def _arg(name: str) -> str:
+    key = CONFIG_KEYS.get(name)
+    return f"{name} ({key})" if key else name
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    try:
+        ok = not isinstance(value, bool) and int(value) == value and int(value) >= minimum
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        what = "a positive integer" if minimum == 1 else "a non-negative integer"
+        raise DataConfigError(f"{_arg(name)} must be {what}, got {value!r}")
     return int(value)
+
+
+def _check_positive_int(name: str, value) -> int:
+    return _check_int(name, value, 1)
 
 
 class EpisodeSampler:
@@ -195,25 +282,22 @@ class EpisodeSampler:
         self.split = dataset.split(split)
         self.n_way = _check_positive_int("n_way", n_way)
         self.k_shot = _check_positive_int("k_shot", k_shot)
-        if isinstance(n_target, bool) or int(n_target) != n_target or int(n_target) < 0:
-            raise ValueError(f"n_target must be a non-negative integer, got {n_target!r}")
-        self.n_target = int(n_target)
+        self.n_target = _check_int("n_target", n_target, 0)
         self.batch_size = _check_positive_int("batch_size", batch_size)
-        if int(start_iter) != start_iter or start_iter < 0:
-            raise ValueError(f"start_iter must be a non-negative integer, got {start_iter!r}")
-        self.start_iter = int(start_iter)
-        if num_batches is not None and (int(num_batches) != num_batches or num_batches < 0):
-            raise ValueError(f"num_batches must be None or a non-negative integer, got {num_batches!r}")
-        self.num_batches = None if num_batches is None else int(num_batches)
+        self.start_iter = _check_int("start_iter", start_iter, 0)
+        self.num_batches = None if num_batches is None else _check_int("num_batches", num_batches, 0)
         if self.n_way > self.split.num_classes:
-            raise ValueError(f"n_way={self.n_way} is greater than the {self.split.num_classes} classes "
-                             f"of the {split!r} split of {dataset.name}")
+            raise DataConfigError(
+                f"num_classes_per_set (n_way) = {self.n_way} is greater than the number of classes "
+                f"({self.split.num_classes}) in the {split!r} split of {_where(dataset)}; the classes of "
+                f"a task are distinct")
         need = self.k_shot + self.n_target
         short = int(self.split.counts.min()) if len(self.split.counts) else 0
         if need > short:
-            raise ValueError(f"k_shot + n_target = {self.k_shot} + {self.n_target} = {need} is greater than "
-                             f"the images per class ({short}, the smallest class) of the {split!r} split "
-                             f"of {dataset.name}")
+            raise DataConfigError(
+                f"num_samples_per_class + num_target_samples (k_shot + n_target) = {self.k_shot} + "
+                f"{self.n_target} = {need} is greater than the images per class ({short}, the smallest "
+                f"class) in the {split!r} split of {_where(dataset)}; the images of a task are distinct")
         self.seed = int(seed)
         self.base_seed = official_seed(self.seed) if derive_seed else self.seed
         if augment is None:
@@ -222,7 +306,9 @@ class EpisodeSampler:
         if self.augment:
             c, h, w = dataset.image_shape
             if h != w:
-                raise ValueError(f"augment=True needs square images for 90-degree rotations, got {h}x{w}")
+                raise DataConfigError(
+                    f"augment=True (90-degree rotations of {dataset.name}'s training classes) needs square "
+                    f"images, got image_height x image_width = {h}x{w}")
 
     def task_seeds(self, index: int) -> np.ndarray:
         """Seeds of the B tasks of absolute batch ``index``."""
@@ -365,8 +451,8 @@ def make_dataset(name: str, root=None, **kwargs) -> FewShotDataset:
     if "imagenet" in key:
         from .mini_imagenet import load_mini_imagenet
         return load_mini_imagenet(root, **kwargs)
-    raise ValueError(f"dataset_name {name!r} is not known: use one containing 'omniglot', "
-                     f"'imagenet' or 'synthetic'")
+    raise DataConfigError(f"dataset_name {name!r} is not known: use one containing 'omniglot', "
+                          f"'imagenet' or 'synthetic'")
 
 
 _CONFIG_KEYS = ("dataset_name", "dataset_path", "num_classes_per_set", "num_samples_per_class",
@@ -378,6 +464,22 @@ _DEFAULTS = dict(dataset_name="synthetic", dataset_path=None, num_classes_per_se
                  num_samples_per_class=1, num_target_samples=1, batch_size=8, train_seed=0, val_seed=0,
                  num_evaluation_tasks=600, image_height=28, image_width=28, image_channels=1,
                  num_of_gpus=1, samples_per_iter=1, train_val_test_split=None)
+
+
+def _config_int(values: dict, key: str) -> int:
+    value = values[key]
+    try:
+        ok = not isinstance(value, bool) and int(value) == value
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise DataConfigError(f"{key} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _where(dataset: FewShotDataset) -> str:
+    root = (dataset.info or {}).get("root")
+    return f"{dataset.name} at {root}" if root else dataset.name
 
 
 class MetaLearningDataLoader:
@@ -402,36 +504,49 @@ class MetaLearningDataLoader:
         self.args = values
         for k, v in values.items():
             setattr(self, k, v)
-        self.total_batch_size = int(values["num_of_gpus"]) * int(values["batch_size"]) * int(values["samples_per_iter"])
+        ci = functools.partial(_config_int, values)
+        self.total_batch_size = ci("num_of_gpus") * ci("batch_size") * ci("samples_per_iter")
         if dataset is None:
             name = str(values["dataset_name"])
             if "omniglot" in name.lower() or "imagenet" in name.lower():
-                dataset_kwargs.setdefault("image_size", (int(values["image_height"]), int(values["image_width"])))
+                dataset_kwargs.setdefault("image_size", (ci("image_height"), ci("image_width")))
                 if "omniglot" in name.lower():
-                    dataset_kwargs.setdefault("val_seed", int(values["val_seed"]))
+                    dataset_kwargs.setdefault("val_seed", ci("val_seed"))
                     if values["train_val_test_split"] is not None:
                         dataset_kwargs.setdefault("split_fractions", tuple(values["train_val_test_split"]))
             elif "synthetic" in name.lower():
-                dataset_kwargs.setdefault("image_shape", (int(values["image_channels"]), int(values["image_height"]),
-                                                          int(values["image_width"])))
+                dataset_kwargs.setdefault("image_shape",
+                                          (ci("image_channels"), ci("image_height"), ci("image_width")))
             dataset = make_dataset(name, values["dataset_path"], **dataset_kwargs)
         self.dataset = dataset
         c = dataset.image_shape[0]
-        if int(values["image_channels"]) != c:
-            raise ValueError(f"image_channels={values['image_channels']} but {dataset.name} has {c} channel(s)")
+        if ci("image_channels") != c:
+            raise DataConfigError(f"image_channels={values['image_channels']} but {_where(dataset)} has "
+                                  f"{c} channel(s)")
         self.prefetch_depth = int(prefetch)
         self.transform = transform
         self.current_iter = int(current_iter)
         self._samplers = {
-            split: EpisodeSampler(dataset, split, int(values["num_classes_per_set"]),
-                                  int(values["num_samples_per_class"]), int(values["num_target_samples"]),
-                                  self.total_batch_size,
-                                  seed=int(values["train_seed"] if split == "train" else values["val_seed"]))
+            split: EpisodeSampler(dataset, split, ci("num_classes_per_set"), ci("num_samples_per_class"),
+                                  ci("num_target_samples"), self.total_batch_size,
+                                  seed=ci("train_seed" if split == "train" else "val_seed"))
             for split in SPLITS if split in dataset.splits
         }
 
     def sampler(self, split: str) -> EpisodeSampler:
         return self._samplers[split]
+
+    def describe(self) -> str:
+        """One line saying which data this loader serves, to print when training starts, e.g.::
+
+            omniglot at /data/omniglot: 1623 classes (train 1150 / val 50 / test 423) x 20 images,
+            1x28x28, cache hit, loaded in 0.41s
+
+        (one line; wrapped here; see :meth:`FewShotDataset.describe`, which appends a note when the
+        data is not the official data set). The data is loaded when the loader is built, so this
+        costs nothing more.
+        """
+        return self.dataset.describe()
 
     def _iterate(self, sampler: EpisodeSampler, num_batches: int, start: int,
                  augment_images: Optional[bool]) -> Iterator:

@@ -128,6 +128,7 @@ class SyntheticGlyphs:
         entry = _cache.entry_path(Path(cache_folder) if cache_folder is not None else cache_dir(),
                                   "synthetic", _cache.fingerprint([], params))
         got = _cache.load(entry) if use_cache else None
+        hit = got is not None
         if got is None:
             jobs = [(self, split, i) for split, n in sizes.items() for i in range(n)]
             if workers is None:
@@ -151,7 +152,8 @@ class SyntheticGlyphs:
         lut = np.tile(np.arange(256, dtype=np.float32) / np.float32(255.0), (c, 1))
         return FewShotDataset(name="synthetic_glyphs", splits=splits, lut=lut,
                               rotation_augment=bool(self.rotate_training_tasks),
-                              info={"config": self, "cache_file": str(entry)})
+                              info={"config": self, "cache_file": str(entry), "cache_hit": hit,
+                                    "use_cache": bool(use_cache), "source": f"generated, seed {self.seed}"})
 
 
 def _render_job(job) -> np.ndarray:

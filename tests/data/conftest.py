@@ -65,12 +65,13 @@ def make_mini_imagenet_folders(root: Path, classes=(("train", 3), ("val", 2), ("
 
 
 def make_mini_imagenet_pickles(root: Path, classes=(("train", 3), ("val", 2), ("test", 2)),
-                               images: int = 5, seed: int = 0) -> Path:
+                               images: int = 5, seed: int = 0, size: int = 84) -> Path:
+    """Pickle layout; ``size`` < 84 makes full-count fixtures (64/16/20 x 600) cheap."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     wn = 5000
     for split, n in classes:
-        data = rng.integers(0, 256, size=(n * images, 84, 84, 3), dtype=np.uint8)
+        data = rng.integers(0, 256, size=(n * images, size, size, 3), dtype=np.uint8)
         order = rng.permutation(n * images)
         class_dict = {}
         for c in range(n):

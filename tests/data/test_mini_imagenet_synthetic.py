@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
-from mamlpp_fast.data import DataError, DataNotFoundError, EpisodeSampler, SyntheticGlyphs, make_dataset
+from mamlpp_fast.data import (DataError, DataNotFoundError, EpisodeSampler, SyntheticGlyphs,
+                              UnofficialDataWarning, make_dataset)
 from mamlpp_fast.data.mini_imagenet import MEAN, STD, load_mini_imagenet
+
+# The generated mini-ImageNet fixtures are smaller than the official 64/16/20 x 600: loading them
+# warns by design (the tests about that warning record it themselves, whatever the filters say).
+pytestmark = pytest.mark.filterwarnings("ignore::mamlpp_fast.data.UnofficialDataWarning")
+
+
+def _unofficial_warnings(fn, *args, **kwargs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn(*args, **kwargs)
+    return out, [str(w.message) for w in caught if issubclass(w.category, UnofficialDataWarning)]
 
 
 def _reference_pixels(path):
@@ -71,11 +85,55 @@ def test_mini_imagenet_errors(tmp_path, fixture_makers):
         load_mini_imagenet(root, use_cache=False)
 
 
+def test_mini_imagenet_unofficial_counts_warn_once(tmp_path, cache_tmp, fixture_makers):
+    root = fixture_makers["mini_folders"](tmp_path / "mini_imagenet")
+    ds, msgs = _unofficial_warnings(load_mini_imagenet, root)
+    assert len(msgs) == 1, msgs
+    for needle in (str(root), "found train 3 / val 2 / test 2 classes x 6 images",
+                   "100 classes (train 64 / val 16 / test 20) x 600 images", "paper"):
+        assert needle in msgs[0], (needle, msgs[0])
+    assert ds.info["is_official"] is False
+    assert ds.describe().startswith(f"mini_imagenet (folders) at {root}: 7 classes (train 3 / val 2 / test 2) "
+                                    f"x 6 images, 3x84x84, cache miss, loaded in ")
+    assert ds.describe().endswith("NOT the official data (100 classes (train 64 / val 16 / test 20) x 600 "
+                                  "images), so results are not comparable with the paper's")
+    again = load_mini_imagenet(root)
+    assert ", cache hit, " in again.describe()
+    # only the splits asked for are compared
+    _, msgs = _unofficial_warnings(load_mini_imagenet, root, splits=("val",))
+    assert len(msgs) == 1 and "found val 2 classes" in msgs[0] and "16 classes (val 16)" in msgs[0]
+
+
+def test_mini_imagenet_official_counts_do_not_warn(tmp_path, fixture_makers):
+    """64/16/20 classes x 600 images (4x4 pixels keep the fixture small): no warning."""
+    root = fixture_makers["mini_pickles"](tmp_path / "mini-imagenet", classes=(("train", 64), ("val", 16),
+                                                                              ("test", 20)), images=600, size=4)
+    ds, msgs = _unofficial_warnings(load_mini_imagenet, root, image_size=(4, 4))
+    assert msgs == [] and ds.info["is_official"] is True
+    assert ds.describe() == (f"mini_imagenet (pickle) at {root}: 100 classes (train 64 / val 16 / test 20) "
+                             f"x 600 images, 3x4x4, not cached, loaded in {ds.info['load_seconds']:.2f}s")
+    # one class short of images: warns
+    import pickle
+
+    path = root / "mini-imagenet-cache-test.pkl"
+    with open(path, "rb") as f:
+        d = pickle.load(f)
+    first = sorted(d["class_dict"])[0]
+    d["class_dict"][first] = d["class_dict"][first][:599]
+    with open(path, "wb") as f:
+        pickle.dump(d, f)
+    _, msgs = _unofficial_warnings(load_mini_imagenet, root, image_size=(4, 4))
+    assert len(msgs) == 1 and "found train 64 / val 16 / test 20 classes x 599-600 images" in msgs[0]
+
+
 def test_synthetic_reproducible_and_shapes(cache_tmp):
     cfg = dict(num_train_classes=12, num_val_classes=6, num_test_classes=6, images_per_class=6)
     a = SyntheticGlyphs(**cfg).build(use_cache=False)
     b = SyntheticGlyphs(**cfg).build()
     c = SyntheticGlyphs(**cfg).build()  # from the cache
+    assert c.describe().startswith("synthetic_glyphs (generated, seed 0): 24 classes (train 12 / val 6 / "
+                                   "test 6) x 6 images, 1x28x28, cache hit")
+    assert "NOT" not in c.describe()  # no official counts to differ from
     for s in ("train", "val", "test"):
         np.testing.assert_array_equal(a.splits[s].storage, b.splits[s].storage)
         np.testing.assert_array_equal(a.splits[s].storage, c.splits[s].storage)

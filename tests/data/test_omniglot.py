@@ -4,16 +4,32 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import time
+import warnings
 
 import numpy as np
 import pytest
 
-from mamlpp_fast.data import DataError, DataNotFoundError, EpisodeSampler, official_seed, split_counts
+from mamlpp_fast.data import (DataError, DataNotFoundError, EpisodeSampler, MetaLearningDataLoader,
+                              UnofficialDataWarning, official_seed, split_counts)
 from mamlpp_fast.data import omniglot as omni
 from mamlpp_fast.data.omniglot import load_omniglot
 
 FRACTIONS = (0.70918052988, 0.03080714725, 0.2606284658)
+
+# The tiny generated trees are not the official 1623 classes: loading them warns by design (the
+# tests that are about that warning record it themselves, whatever the filters say).
+pytestmark = pytest.mark.filterwarnings("ignore::mamlpp_fast.data.UnofficialDataWarning")
+
+
+def _unofficial_warnings(fn, *args, **kwargs):
+    """Call fn and return (its result, the UnofficialDataWarning messages it emitted)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn(*args, **kwargs)
+    return out, [str(w.message) for w in caught if issubclass(w.category, UnofficialDataWarning)]
 
 
 def _official_style_splits(folder, val_seed=0, fractions=FRACTIONS):
@@ -182,6 +198,97 @@ def test_official_image_order_json(omniglot_tree, cache_tmp, tmp_path):
         load_omniglot(omniglot_tree, download=False, image_order=order)
 
 
+@pytest.mark.parametrize("missing", ["images_background", "images_evaluation"])
+def test_partial_folder_is_refused_naming_the_missing_subfolder(omniglot_tree, cache_tmp, monkeypatch, missing):
+    """One zip alone would load silently and split differently (e.g. 964 classes -> 683/30/251)."""
+    shutil.rmtree(omniglot_tree / missing)
+    # with a network the folder must not be topped up behind the user's back either
+    monkeypatch.setattr(omni, "network_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(omni, "download_omniglot", lambda *a, **k: pytest.fail("download attempted"))
+    for download in (False, True):
+        with pytest.raises(DataError, match="incomplete Omniglot folder") as e:
+            load_omniglot(omniglot_tree, download=download)
+        msg = str(e.value)
+        assert str(omniglot_tree / missing) in msg
+        assert "images_background/<Alphabet>/<characterNN>" in msg and "images_evaluation" in msg
+    # also when found through the environment, and through the lower-level scan
+    monkeypatch.setenv("MAMLPP_FAST_DATA_DIR", str(omniglot_tree.parent))
+    monkeypatch.delenv("DATASET_DIR", raising=False)
+    with pytest.raises(DataError, match=re.escape(str(omniglot_tree / missing))):
+        load_omniglot(download=False)
+    with pytest.raises(DataError, match=re.escape(str(omniglot_tree / missing))):
+        omni.scan_omniglot(omniglot_tree)
+
+
+def test_empty_subfolder_is_refused(omniglot_tree, cache_tmp):
+    shutil.rmtree(omniglot_tree / "images_evaluation")
+    (omniglot_tree / "images_evaluation").mkdir()
+    with pytest.raises(DataError, match="images_evaluation holds no <Alphabet>/<characterNN>/"):
+        load_omniglot(omniglot_tree, download=False)
+
+
+def test_unofficial_class_count_warns_once(omniglot_tree, cache_tmp):
+    ds, msgs = _unofficial_warnings(load_omniglot, omniglot_tree, download=False)
+    assert len(msgs) == 1, msgs
+    msg = msgs[0]
+    for needle in (str(omniglot_tree), "found 40 classes x 20 images", "1623 classes",
+                   "train 1150 / val 50 / test 423", "train 28 / val 1 / test 11", "paper"):
+        assert needle in msg, (needle, msg)
+    assert ds.info["is_official"] is False
+    # images_per_class=None with uneven classes: the image count is reported too
+    (omniglot_tree / "images_background" / "Alpha" / "character01" / "0001_20.png").unlink()
+    _, msgs = _unofficial_warnings(load_omniglot, omniglot_tree, download=False, images_per_class=None)
+    assert len(msgs) == 1 and "found 40 classes x 19-20 images" in msgs[0]
+
+
+def test_describe_one_line(omniglot_tree, cache_tmp):
+    first = load_omniglot(omniglot_tree, download=False)
+    line = first.describe()
+    assert "\n" not in line
+    assert re.fullmatch(
+        re.escape(f"omniglot at {omniglot_tree}: 40 classes (train 28 / val 1 / test 11) x 20 images, "
+                  f"1x28x28, cache miss, loaded in ") + r"\d+\.\d\ds; NOT the official data \(1623 classes "
+        r"\(train 1150 / val 50 / test 423\) x 20 images\), so results are not comparable with the paper's",
+        line), line
+    second = load_omniglot(omniglot_tree, download=False)
+    assert ", cache hit, loaded in " in second.describe()
+    assert ", cache off, " in load_omniglot(omniglot_tree, download=False, use_cache=False).describe()
+    data = MetaLearningDataLoader(dataset_name="omniglot", dataset_path=str(omniglot_tree), batch_size=2,
+                                  num_classes_per_set=1, prefetch=0, dataset_kwargs=dict(download=False))
+    assert data.describe() == data.dataset.describe()
+    assert data.describe().startswith(f"omniglot at {omniglot_tree}: 40 classes (train 28 / val 1 / test 11)")
+
+
+def test_download_unpacks_atomically(tmp_path, monkeypatch):
+    """An interrupted unpack must not leave a half subfolder that would later count as present."""
+    import hashlib
+    import zipfile
+
+    zips = {}
+    for sub in omni.SUBFOLDERS:
+        zpath = tmp_path / f"{sub}.zip"
+        with zipfile.ZipFile(zpath, "w") as z:
+            z.writestr(f"{sub}/Alpha/character01/0001_01.png", b"png")
+        zips[sub] = (str(zpath), hashlib.md5(zpath.read_bytes()).hexdigest())
+    monkeypatch.setattr(omni, "OFFICIAL_ZIPS", zips)
+    monkeypatch.setattr(omni.urllib.request, "urlretrieve", lambda url, dst: shutil.copyfile(url, dst))
+    dest = tmp_path / "dl"
+    real_extractall = zipfile.ZipFile.extractall
+
+    def broken_extractall(self, path=None, *args, **kwargs):  # writes part of the tree, then fails
+        os.makedirs(os.path.join(path, "images_background", "Alpha"))
+        raise OSError("disk full")
+
+    monkeypatch.setattr(zipfile.ZipFile, "extractall", broken_extractall)
+    with pytest.raises(OSError, match="disk full"):
+        omni.download_omniglot(dest)
+    assert list(dest.iterdir()) == []  # no subfolder, no staging folder, no zip left behind
+    monkeypatch.setattr(zipfile.ZipFile, "extractall", real_extractall)
+    omni.download_omniglot(dest)
+    assert sorted(p.name for p in dest.iterdir()) == list(omni.SUBFOLDERS)
+    assert (dest / "images_evaluation" / "Alpha" / "character01" / "0001_01.png").read_bytes() == b"png"
+
+
 # ----------------------------------------------------------------------------------------------
 # Real data (skipped when absent)
 
@@ -208,9 +315,15 @@ def test_real_second_load_is_fast_and_sampler_speed(real_omniglot, real_omniglot
     from mamlpp_fast.data.omniglot import load_omniglot as load
 
     t = time.perf_counter()
-    again = load(real_omniglot.info["root"], cache_folder=real_omniglot_cache, download=False)
+    again, msgs = _unofficial_warnings(load, real_omniglot.info["root"], cache_folder=real_omniglot_cache,
+                                       download=False)
     took = time.perf_counter() - t
     assert again.info["cache_hit"]
+    assert msgs == [] and again.info["is_official"] is True  # the official data: no warning
+    assert again.describe().startswith(
+        f"omniglot at {again.info['root']}: 1623 classes (train 1150 / val 50 / test 423) x 20 images, "
+        f"1x28x28, cache hit, loaded in ")
+    assert "NOT" not in again.describe()
     assert took < 2.0, f"cached load took {took:.2f}s"
     s = EpisodeSampler(again, "train", 20, 1, 1, 8, seed=0)
     s.batch(0)

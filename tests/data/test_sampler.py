@@ -8,8 +8,8 @@ import types
 import numpy as np
 import pytest
 
-from mamlpp_fast.data import (EpisodeBatch, EpisodeSampler, FewShotDataset, MetaLearningDataLoader,
-                              Prefetcher, SplitData, official_seed, split_counts)
+from mamlpp_fast.data import (DataConfigError, DataError, EpisodeBatch, EpisodeSampler, FewShotDataset,
+                              MetaLearningDataLoader, Prefetcher, SplitData, official_seed, split_counts)
 from mamlpp_fast.data.sampler import identity_lut
 
 
@@ -141,8 +141,9 @@ def test_resume_continues_the_stream():
 def test_bad_arguments_name_the_argument(kwargs, word):
     args = dict(n_way=3, k_shot=1, n_target=1, batch_size=2)
     args.update(kwargs)
-    with pytest.raises(ValueError, match=word.replace("+", r"\+")):
+    with pytest.raises(ValueError, match=word.replace("+", r"\+")) as e:
         EpisodeSampler(tiny_dataset(), "train", **args)
+    assert isinstance(e.value, DataError)  # the CLI reports DataErrors as data errors, no traceback
     with pytest.raises(ValueError, match="split"):
         EpisodeSampler(tiny_dataset(), "validation", 3, 1, 1, 2)
 
@@ -221,3 +222,45 @@ def test_loader_builds_synthetic_by_name(cache_tmp):
                                                       num_test_classes=5, images_per_class=4))
     (b,) = list(data.get_val_batches())[:1]
     assert b.x_support.shape == (2, 5, 1, 1, 28, 28)
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (dict(num_classes_per_set=7), r"num_classes_per_set \(n_way\) = 7 is greater than the number of "
+                                  r"classes \(6\) in the 'val' split of tiny"),
+    (dict(num_samples_per_class=5, num_target_samples=4),
+     r"num_samples_per_class \+ num_target_samples \(k_shot \+ n_target\) = 5 \+ 4 = 9 is greater than "
+     r"the images per class \(8, the smallest class\) in the 'train' split of tiny"),
+    (dict(num_samples_per_class=0), r"k_shot \(num_samples_per_class\) must be a positive integer, got 0"),
+    (dict(num_target_samples=-1), r"n_target \(num_target_samples\) must be a non-negative integer"),
+    (dict(batch_size=0), r"batch_size \(num_of_gpus x batch_size x samples_per_iter\) must be a positive"),
+    (dict(num_classes_per_set=2.5), r"num_classes_per_set must be an integer, got 2\.5"),
+    (dict(num_samples_per_class="one"), r"num_samples_per_class must be an integer, got 'one'"),
+    (dict(image_channels=3), r"image_channels=3 but tiny has 1 channel"),
+])
+def test_loader_data_errors_name_the_config_key(overrides, key):
+    """Settings that do not fit the data raise the data package's error (a ValueError too)."""
+    cfg = dict(num_classes_per_set=3, num_samples_per_class=1, num_target_samples=1, batch_size=2)
+    cfg.update(overrides)
+    with pytest.raises(DataConfigError, match=key) as e:
+        MetaLearningDataLoader(dataset=tiny_dataset(), prefetch=0, **cfg)
+    assert isinstance(e.value, DataError) and isinstance(e.value, ValueError)
+
+
+def test_unknown_dataset_name_is_a_data_error():
+    from mamlpp_fast.data import make_dataset
+
+    with pytest.raises(DataConfigError, match="dataset_name 'cifar' is not known"):
+        make_dataset("cifar")
+    with pytest.raises(DataConfigError, match="dataset_name 'cifar'"):
+        MetaLearningDataLoader(dataset_name="cifar")
+
+
+def test_describe():
+    ds = tiny_dataset()
+    assert ds.describe() == "tiny: 25 classes (train 12 / val 6 / test 7) x 8 images, 1x6x6"
+    ds.info.update(root="/d/tiny", cache_hit={"train": True, "val": False, "test": True}, load_seconds=0.5,
+                   layout="folders", official="3 classes", is_official=False)
+    assert ds.describe() == ("tiny (folders) at /d/tiny: 25 classes (train 12 / val 6 / test 7) x 8 images, "
+                             "1x6x6, cache hit for train, test, miss for val, loaded in 0.50s; NOT the "
+                             "official data (3 classes), so results are not comparable with the paper's")
+    assert MetaLearningDataLoader(dataset=ds, num_classes_per_set=3).describe() == ds.describe()
