@@ -261,6 +261,9 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
 
     distributed = None
     if torchrun_world_size() > 1:  # launched by torchrun: shard tasks over the ranks
+        if config.batch_size % torchrun_world_size() != 0:
+            parser.error(f"batch_size={config.batch_size} cannot be shared equally by {torchrun_world_size()} "
+                         f"processes (--nproc_per_node): use a batch_size divisible by it")
         distributed = init_from_env(device=device)
         if distributed.device is not None:
             device = distributed.device

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import MAMLConfig
+from .config import IGNORED_KEYS, MAMLConfig
 from .parameters import (
     build_classifier,
     build_inner_loop_optimizer,
@@ -32,6 +32,12 @@ __all__ = ["FewShotLearnerBase", "TaskBatch", "resolve_config", "atomic_torch_sa
 ArrayLike = Union[np.ndarray, torch.Tensor]
 TaskBatch = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 _BATCH_NAMES = ("x_support_set", "x_target_set", "y_support_set", "y_target_set")
+
+
+def _is_image_shape(value: Any) -> bool:
+    """An official im_shape: (batch, C, H, W) as a tuple/list/torch.Size of 4 ints."""
+    return (isinstance(value, (tuple, list, torch.Size)) and len(value) == 4
+            and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value))
 
 
 def _keep_step_counters_on_host(optimizer: torch.optim.Optimizer) -> None:
@@ -62,13 +68,15 @@ def resolve_config(config: Any) -> MAMLConfig:
         # the official code ignores are accepted, recorded in ignored_keys.
         return MAMLConfig.from_dict(config, ignored="accept")
     if hasattr(config, "__dict__"):
-        # An official argparse namespace or Bunch: keep the keys MAMLConfig knows.
+        # An official argparse namespace or Bunch: its config keys are read like an official
+        # file's (keys the official code ignores are recorded; samples_per_iter and num_of_gpus
+        # must be 1); its runtime-only entries (use_cuda, name_of_args_json_file, ...) are dropped.
         values = {k: v for k, v in vars(config).items() if not k.startswith("_")}
-        known = set(MAMLConfig.__dataclass_fields__) - {"ignored_keys"}
-        dropped = sorted(k for k in values if k not in known)
+        readable = (set(MAMLConfig.__dataclass_fields__) - {"ignored_keys"}) | set(IGNORED_KEYS)
+        dropped = sorted(k for k in values if k not in readable)
         if dropped:
             warnings.warn(f"args: ignoring keys mamlpp_fast does not use: {dropped}", stacklevel=3)
-        return MAMLConfig.from_dict({k: v for k, v in values.items() if k in known})
+        return MAMLConfig.from_dict({k: v for k, v in values.items() if k in readable}, ignored="accept")
     raise ValueError(
         f"config must be a MAMLConfig, a dict, a JSON path or an args object, got {type(config)}"
     )
@@ -110,6 +118,9 @@ class FewShotLearnerBase(nn.Module):
         im_shape: accepted for drop-in compatibility with the official constructor, which takes
             `(batch, C, H, W)`; it must agree with the config.
         args: alias of `config`, as in the official constructor.
+
+    The official positional form `cls(im_shape, device, args)` works too: a first argument that
+    is a 4-entry shape is read as im_shape, followed by device and args.
         validate_inputs: check each batch for shape, label range and finiteness before touching
             any state. On a GPU this costs one host-device synchronisation per call.
     """
@@ -125,7 +136,7 @@ class FewShotLearnerBase(nn.Module):
     def __init__(
         self,
         config: Any = None,
-        *,
+        *official_positional: Any,
         device: Union[str, torch.device, None] = None,
         dtype: Optional[torch.dtype] = None,
         im_shape: Optional[Sequence[int]] = None,
@@ -133,6 +144,19 @@ class FewShotLearnerBase(nn.Module):
         validate_inputs: bool = True,
     ) -> None:
         super().__init__()
+        if official_positional or _is_image_shape(config):
+            # The official constructor's order: (im_shape, device, args).
+            if not _is_image_shape(config) or len(official_positional) > 2:
+                raise TypeError(
+                    "positional arguments must be (config) or the official (im_shape, device, args), "
+                    f"got {1 + len(official_positional)} starting with {config!r}"
+                )
+            for name, given in (("im_shape", im_shape), ("device", device), ("args", args)):
+                if given is not None:
+                    raise TypeError(f"{name} given both positionally and by keyword")
+            im_shape, config = config, None
+            device = official_positional[0] if len(official_positional) > 0 else None
+            args = official_positional[1] if len(official_positional) > 1 else None
         if config is not None and args is not None:
             raise ValueError("pass either config or args, not both")
         self.config = resolve_config(config if config is not None else args)
@@ -175,6 +199,11 @@ class FewShotLearnerBase(nn.Module):
         return self.config
 
     @property
+    def use_cuda(self) -> bool:
+        """Whether the learner computes on a GPU (an official attribute)."""
+        return self.device.type == "cuda"
+
+    @property
     def device(self) -> torch.device:
         return self.classifier.layer_dict["conv0"].conv.weight.device
 
@@ -210,7 +239,9 @@ class FewShotLearnerBase(nn.Module):
             )
             cached = torch.tensor(weights, dtype=torch.get_default_dtype()).to(self.device)
             self._loss_weight_cache = {key: cached}
-        return cached
+        # A copy (a device op, no host-to-device transfer), as the official code builds a new
+        # tensor per call: a caller editing it in place must not change later MSL weights.
+        return cached.clone()
 
     def learning_rates_for(self, names: Sequence[str]) -> List[nn.Parameter]:
         """The LSLR vector (length S+1) of each named inner-loop parameter."""

@@ -86,7 +86,7 @@ class MetaLearner(FewShotLearnerBase):
     def __init__(
         self,
         config: Any = None,
-        *,
+        *official_positional: Any,
         backend: str = "auto",
         task_chunk_size: Optional[int] = None,
         checkpoint_inner_steps: bool = False,
@@ -96,7 +96,7 @@ class MetaLearner(FewShotLearnerBase):
     ) -> None:
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-        super().__init__(config, **kwargs)
+        super().__init__(config, *official_positional, **kwargs)
         self.conv_strategy = conv_strategy
         self.backend = backend
         self.task_chunk_size = check_task_chunk_size(task_chunk_size)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -57,13 +57,19 @@ class EpochCosineSchedule:
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
         self.last_epoch = 0
 
-    def step(self, epoch: int) -> None:
-        self.last_epoch = int(epoch)
+    def step(self, epoch: Optional[int] = None) -> None:
+        """Set the rates of `epoch` (the official call, `step(epoch=epoch)`); without an epoch,
+        of the next one, like a torch scheduler's `step()`."""
+        self.last_epoch = self.last_epoch + 1 if epoch is None else int(epoch)
         for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = cosine_annealed_learning_rate(base_lr, self.min_lr, self.last_epoch, self.total_epochs)
 
     def get_last_lr(self) -> List[float]:
         return [group["lr"] for group in self.optimizer.param_groups]
+
+    def get_lr(self) -> List[float]:
+        """The current rates (the official run_train_iter logs `scheduler.get_lr()[0]`)."""
+        return self.get_last_lr()
 
     def state_dict(self) -> Dict[str, Any]:
         return {"total_epochs": self.total_epochs, "min_lr": self.min_lr,

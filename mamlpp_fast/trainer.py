@@ -687,9 +687,16 @@ class Trainer:
                 if epochs_this_run >= int(cfg.total_epochs_before_pause):
                     stopped_because = "total_epochs_before_pause"
                     break
-                if self.max_minutes is not None and time.time() - start_time >= 60.0 * self.max_minutes:
-                    stopped_because = "max_minutes"
-                    break
+                if self.max_minutes is not None:
+                    out_of_time = time.time() - start_time >= 60.0 * self.max_minutes
+                    if self.distributed is not None:
+                        # Clocks differ between ranks (rank 0 also writes checkpoints and logs):
+                        # stop together when any rank is out of time, or the others would hang
+                        # in the next epoch's first collective.
+                        out_of_time = not self.distributed.all_ok(not out_of_time)
+                    if out_of_time:
+                        stopped_because = "max_minutes"
+                        break
                 if self.max_iters is not None and iters_this_run >= self.max_iters:
                     stopped_because = "max_iters"
                     break

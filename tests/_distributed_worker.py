@@ -27,11 +27,29 @@ def train(learner, config):
     return losses
 
 
+def stop_on_time(context) -> None:
+    """A Trainer whose ranks disagree about the time budget (as skewed clocks would): rank 0 is
+    out of time after its first epoch, rank 1 is not. All ranks must stop together."""
+    from mamlpp_fast.cli import CLI_PRESETS
+    from mamlpp_fast.config import MAMLConfig
+    from mamlpp_fast.trainer import Trainer
+
+    config = MAMLConfig.from_dict(dict(CLI_PRESETS["synthetic-tiny"], total_epochs=3))
+    minutes = 1e-9 if context.rank == 0 else 1000.0
+    trainer = Trainer(config, os.environ["TEST_DIR"], progress=False, log=lambda message: None,
+                      max_minutes=minutes, distributed=context)
+    torch.save({"outcome": trainer.train()}, os.environ["TEST_OUT"])
+
+
 def main() -> None:
     torch.set_num_threads(1)
     from mamlpp_fast.distributed import destroy, init_from_env
 
     context = init_from_env(timeout_s=60)
+    if os.environ.get("TEST_MODE") == "max_minutes":
+        stop_on_time(context)
+        destroy()
+        return
     config = config_for(os.environ["TEST_SECOND_ORDER"] == "1")
     chunk = int(os.environ.get("TEST_CHUNK", "0")) or None
     with warnings.catch_warnings():

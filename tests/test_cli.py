@@ -187,6 +187,14 @@ def test_data_and_busy_errors_are_reported_without_traceback(tmp_path, capsys):
     assert "is training" in capsys.readouterr().err
 
 
+def test_torchrun_batch_size_must_divide_over_the_ranks(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc_per_node 2 sets it
+    with pytest.raises(SystemExit):
+        train_main(TINY + ["--output-dir", str(tmp_path), "--set", "batch_size=3"])
+    assert "batch_size=3 cannot be shared equally by 2 processes" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 def test_eval_on_a_folder_without_checkpoints(tmp_path, capsys):
     with pytest.raises(SystemExit):
         eval_main(["--experiment", str(tmp_path)])

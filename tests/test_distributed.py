@@ -82,6 +82,13 @@ def test_two_gloo_ranks_match_one_process(tmp_path, second_order, chunk):
         assert torch.equal(results[0]["state"][name], results[1]["state"][name]), name
 
 
+def test_ranks_stop_together_when_their_clocks_disagree(tmp_path):
+    results = _launch(tmp_path, 2, TEST_MODE="max_minutes", TEST_DIR=tmp_path / "runs")
+    for result in results:
+        assert result["outcome"]["stopped_because"] == "max_minutes"
+        assert result["outcome"]["epochs_done"] == 1
+
+
 def test_world_size_must_divide_the_batch():
     batch = tuple(torch.zeros(5, 2) for _ in range(4))
     with pytest.raises(ValueError, match="5 tasks.*2 ranks"):

@@ -223,3 +223,46 @@ def test_meta_step_trains(config):
     for _ in range(15):
         last = learner.meta_step(batch)["loss"].item()
     assert last < first
+
+
+@pytest.mark.parametrize("cls", [MetaLearner, MAMLFewShotClassifier])
+def test_official_positional_constructor(cls, config):
+    """Code written for the official class: cls(im_shape, device, args), args an argparse-like
+    object with the official runtime entries beside the config keys."""
+    import argparse
+
+    args = argparse.Namespace(**{k: v for k, v in config.to_dict().items() if k != "ignored_keys"},
+                              use_cuda=False, name_of_args_json_file="x.json", weight_decay=0.0)
+    im_shape = (2, *config.image_shape)
+    with pytest.warns(UserWarning, match="ignoring keys .*use_cuda"):
+        learner = cls(im_shape, torch.device("cpu"), args)
+    with pytest.warns(UserWarning):
+        reference = cls(args=args, device=torch.device("cpu"), im_shape=im_shape)
+    assert learner.config == reference.config and "weight_decay" in learner.config.ignored_keys
+    assert not learner.use_cuda
+    for a, b in zip(learner.state_dict().values(), reference.state_dict().values()):
+        assert torch.equal(a, b)  # same seed, same init
+    with pytest.raises(TypeError, match="official \\(im_shape, device, args\\)"):
+        cls(config, "cpu")
+    with pytest.raises(TypeError, match="device given both"):
+        cls(im_shape, "cpu", args, device="cpu")
+    args.num_of_gpus = 2  # the official loader would draw twice the tasks per iteration
+    with pytest.raises(ValueError, match="num_of_gpus=2 is not supported"):
+        cls(im_shape, "cpu", args)
+
+
+def test_msl_weights_are_a_fresh_tensor_per_call(config):
+    learner = MetaLearner(config)
+    weights = learner.get_per_step_loss_importance_vector()
+    expected = weights.clone()
+    weights.mul_(0)  # a caller's in-place edit
+    assert torch.equal(learner.get_per_step_loss_importance_vector(), expected)
+
+
+def test_scheduler_has_the_torch_scheduler_calls_the_official_code_makes(config):
+    learner = MetaLearner(preset("maml++_omniglot_5w1s", **dict(TINY, total_epochs=10)))
+    learner.scheduler.step(epoch=3)
+    at_3 = learner.scheduler.get_lr()[0]
+    assert at_3 == learner.optimizer.param_groups[0]["lr"] < config.meta_learning_rate
+    learner.scheduler.step()  # no epoch: the next one
+    assert learner.scheduler.last_epoch == 4 and learner.scheduler.get_lr()[0] < at_3
