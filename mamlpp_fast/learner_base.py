@@ -123,6 +123,11 @@ class FewShotLearnerBase(nn.Module):
     is a 4-entry shape is read as im_shape, followed by device and args.
         validate_inputs: check each batch for shape, label range and finiteness before touching
             any state. On a GPU this costs one host-device synchronisation per call.
+        official_outputs: return what the official `run_train_iter` / `run_validation_iter`
+            return, for the official ExperimentBuilder: "accuracy" a Python float, the MSL
+            weights numpy scalars, the target logits a list of per-task numpy arrays [N*T, N].
+            Off by default: then metrics stay 0-dim tensors and the logits one tensor
+            [B, N*T, N], with no host synchronisation.
     """
 
     # Scale-out hooks (issue "scale"): None keeps the plain single-process meta-step.
@@ -142,6 +147,7 @@ class FewShotLearnerBase(nn.Module):
         im_shape: Optional[Sequence[int]] = None,
         args: Any = None,
         validate_inputs: bool = True,
+        official_outputs: bool = False,
     ) -> None:
         super().__init__()
         if official_positional or _is_image_shape(config):
@@ -166,6 +172,7 @@ class FewShotLearnerBase(nn.Module):
                 f"(C, H, W) = {self.config.image_shape}"
             )
         self.validate_inputs = validate_inputs
+        self.official_outputs = bool(official_outputs)
         self.current_epoch = 0
         self.batch_size = self.config.batch_size
         self.task_learning_rate = self.config.task_learning_rate
@@ -469,7 +476,7 @@ class FewShotLearnerBase(nn.Module):
             losses, preds = self._scaled_out_train_pass(batch, epoch)
         losses["learning_rate"] = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad()
-        return losses, preds
+        return self._outputs(losses, preds)
 
     def _graphed_train_pass(self, batch: TaskBatch, epoch: int):
         """Forward pass and outer backward (and, if recorded, the optimizer step) replayed from a
@@ -531,7 +538,18 @@ class FewShotLearnerBase(nn.Module):
             self.eval()
         losses, preds = self.evaluation_forward_prop(data_batch=batch, epoch=self.current_epoch)
         losses["loss"] = losses["loss"].detach()
-        return losses, preds
+        return self._outputs(losses, preds)
+
+    def _outputs(self, losses: Dict[str, Any], preds: torch.Tensor):
+        """(losses, preds) as this learner returns them (see `official_outputs`)."""
+        if not self.official_outputs:
+            return losses, preds
+        official: Dict[str, Any] = dict(losses)
+        official["accuracy"] = float(losses["accuracy"])
+        for key, value in losses.items():
+            if key.startswith("loss_importance_vector_"):
+                official[key] = value.detach().cpu().numpy()
+        return official, list(preds.detach().cpu().numpy())
 
     # ------------------------------------------------------------------ checkpoints
     def save_model(self, model_save_dir: Union[str, os.PathLike], state: Dict[str, Any]) -> None:

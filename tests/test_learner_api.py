@@ -266,3 +266,34 @@ def test_scheduler_has_the_torch_scheduler_calls_the_official_code_makes(config)
     assert at_3 == learner.optimizer.param_groups[0]["lr"] < config.meta_learning_rate
     learner.scheduler.step()  # no epoch: the next one
     assert learner.scheduler.last_epoch == 4 and learner.scheduler.get_lr()[0] < at_3
+
+
+def test_reference_net_forward_has_the_official_signature(config):
+    """net_forward(x, y, weights, backup_running_statistics, training, num_step), positionally
+    and by keyword, as the official forward calls it."""
+    learner = MAMLFewShotClassifier(config)
+    weights = learner.get_inner_loop_parameter_dict(learner.classifier.named_parameters())
+    x = torch.rand(5, *config.image_shape)
+    y = torch.arange(5)
+    positional = learner.net_forward(x, y, weights, False, True, 1)
+    keywords = learner.net_forward(x=x, y=y, weights=weights, backup_running_statistics=True, training=True,
+                                   num_step=1)
+    assert positional[1].shape == (5, config.num_classes_per_set)
+    assert torch.equal(positional[0], keywords[0]) and torch.equal(positional[1], keywords[1])
+
+
+@pytest.mark.parametrize("cls", [MetaLearner, MAMLFewShotClassifier])
+def test_official_outputs_have_the_official_types(cls, config):
+    """What the official ExperimentBuilder consumes: float accuracy, numpy MSL weights, a list
+    of per-task numpy logits; the values are those of the default (tensor) outputs."""
+    plain, official = cls(config).double(), cls(config, official_outputs=True).double()
+    batch = numpy_batch(config)
+    for run in ("run_train_iter", "run_validation_iter"):
+        args = (batch, 0) if run == "run_train_iter" else (batch,)
+        expected, expected_preds = getattr(plain, run)(*args)
+        losses, preds = getattr(official, run)(*args)
+        assert isinstance(losses["accuracy"], float) and losses["accuracy"] == float(expected["accuracy"])
+        assert isinstance(losses["loss_importance_vector_0"], np.ndarray)
+        assert isinstance(preds, list) and len(preds) == config.batch_size
+        assert all(isinstance(p, np.ndarray) and p.shape == (5, 5) for p in preds)
+        np.testing.assert_array_equal(np.stack(preds), expected_preds.numpy())

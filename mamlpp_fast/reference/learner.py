@@ -38,11 +38,20 @@ class MAMLFewShotClassifier(FewShotLearnerBase):
         x: torch.Tensor,
         y: torch.Tensor,
         weights: Dict[str, torch.Tensor],
-        num_step: int,
-        training_phase: bool,
+        backup_running_statistics: bool = False,
+        training: bool = True,
+        num_step: int = 0,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """One task's forward pass: x [n, C, H, W] -> (mean cross-entropy, logits [n, N])."""
-        use_running_stats = (not training_phase) and self.config.bn_use_running_stats_in_evaluation
+        """One task's forward pass: x [n, C, H, W] -> (mean cross-entropy, logits [n, N]).
+
+        The official signature. `backup_running_statistics` is accepted and ignored: the
+        official backup aliases the live statistics, so its restore does nothing (issue #42;
+        `bn_restore_stats_after_evaluation` is the working fix). BN always uses the batch's
+        statistics, as in the official code, whatever `training` says, unless
+        `bn_use_running_stats_in_evaluation` is set and `training` is False (this class passes
+        False in evaluation; the official code always passes True).
+        """
+        use_running_stats = (not training) and self.config.bn_use_running_stats_in_evaluation
         out = x
         for stage in range(self.config.num_stages):
             prefix = f"layer_dict.conv{stage}"
@@ -121,14 +130,14 @@ class MAMLFewShotClassifier(FewShotLearnerBase):
             task_losses: List[torch.Tensor] = []
             target_preds: Optional[torch.Tensor] = None
             for num_step in range(num_steps):
-                support_loss, _ = self.net_forward(x_s, y_s, weights, num_step, training_phase)
+                support_loss, _ = self.net_forward(x_s, y_s, weights, training=training_phase, num_step=num_step)
                 weights = self.apply_inner_loop_update(support_loss, weights, use_second_order, num_step)
                 target_loss = None
                 if use_msl:
-                    target_loss, target_preds = self.net_forward(x_t, y_t, weights, num_step, training_phase)
+                    target_loss, target_preds = self.net_forward(x_t, y_t, weights, training=training_phase, num_step=num_step)
                     task_losses.append(importance[num_step] * target_loss)
                 elif num_step == self.config.number_of_training_steps_per_iter - 1:
-                    target_loss, target_preds = self.net_forward(x_t, y_t, weights, num_step, training_phase)
+                    target_loss, target_preds = self.net_forward(x_t, y_t, weights, training=training_phase, num_step=num_step)
                     task_losses.append(target_loss)
                 self._record(num_step, support_loss, weights, target_loss)
             assert target_preds is not None  # config validation guarantees a final step
