@@ -514,9 +514,11 @@ class FewShotLearnerBase(nn.Module):
         finally:
             self._end_deferred_statistics(None if distributed is None else distributed.gather_tasks)
         self.meta_update(loss=None, distributed=distributed)
+        preds = logits[0] if len(logits) == 1 else torch.cat(logits, dim=0)
         if distributed is not None:
             total = distributed.average_metrics(total)
-        return total, logits[0] if len(logits) == 1 else torch.cat(logits, dim=0)
+            preds = distributed.gather_tasks(preds.detach())  # all B tasks, as one process returns
+        return total, preds
 
     def _begin_deferred_statistics(self) -> None:
         """Start buffering the running-statistics updates of the training passes."""

@@ -20,11 +20,12 @@ def config_for(second_order: bool):
 
 
 def train(learner, config):
+    """Per-iteration losses, and the last iteration's target logits [NUM_TASKS, N*T, N]."""
     losses = []
     for iteration in range(ITERS):
-        out, _ = learner.run_train_iter(make_batch(config, NUM_TASKS, seed=iteration), 0)
+        out, logits = learner.run_train_iter(make_batch(config, NUM_TASKS, seed=iteration), 0)
         losses.append(out["loss"].item())
-    return losses
+    return losses, logits
 
 
 def stop_on_time(context) -> None:
@@ -61,8 +62,8 @@ def main() -> None:
                 param.add_(1.0)
     context.broadcast_module(learner)
     learner.distributed = context
-    losses = train(learner, config)
-    torch.save({"state": learner.state_dict(), "losses": losses}, os.environ["TEST_OUT"])
+    losses, logits = train(learner, config)
+    torch.save({"state": learner.state_dict(), "losses": losses, "logits": logits}, os.environ["TEST_OUT"])
     destroy()
 
 

@@ -64,11 +64,14 @@ def test_two_gloo_ranks_match_one_process(tmp_path, second_order, chunk):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         single = MetaLearner(config).double()
-    expected_losses = worker.train(single, config)
+    expected_losses, expected_logits = worker.train(single, config)
     results = _launch(tmp_path, 2, TEST_SECOND_ORDER=int(second_order), TEST_CHUNK=chunk)
     expected = single.state_dict()
     for rank, result in enumerate(results):
         assert result["losses"] == pytest.approx(expected_losses, rel=RTOL)
+        # Every rank returns the logits of all tasks, in task order, like one process.
+        assert result["logits"].shape == expected_logits.shape
+        assert (result["logits"] - expected_logits).norm() <= RTOL * expected_logits.norm()
         for name, value in expected.items():
             actual = result["state"][name]
             if inert(name) or name.endswith("running_mean"):
