@@ -247,3 +247,14 @@ def assert_states_match_after_adam(actual: dict, expected: dict, what: str, rtol
         else:
             err = (a - e).norm().item()
             assert err <= rtol * e.norm().item(), f"{what} {name}: |diff| {err:.3e} > {rtol:.0e} x |ref| {e.norm().item():.3e}"
+
+
+def call_collecting_warnings(category: type, fn, *args, **kwargs):
+    """Call `fn(*args, **kwargs)`; return (its result, the messages of the warnings of
+    `category` it emitted), whatever the active warning filters say."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn(*args, **kwargs)
+    return out, [str(w.message) for w in caught if issubclass(w.category, category)]

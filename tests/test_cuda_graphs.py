@@ -6,6 +6,7 @@ CUDA, the option warns once and runs eagerly."""
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 
 import pytest
@@ -26,6 +27,14 @@ def build(config, device, **options):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return MetaLearner(config, device=device, **options).double()
+
+
+def eager_and_graphed(config, device, **options):
+    """Two learners with the same state, the second with cuda_graphs=True."""
+    eager = build(config, device, **options)
+    graphed = build(config, device, cuda_graphs=True, **options)
+    graphed.load_state_dict(eager.state_dict())
+    return eager, graphed
 
 
 def train(learner, batches, epochs):
@@ -59,18 +68,26 @@ def check_same_run(graphed, eager, graphed_metrics, eager_metrics):
     assert_tensors_match(adam_state(graphed), adam_state(eager), "Adam state", inert_floor=1.0)
 
 
-def test_cuda_graphs_off_cuda_warn_once_and_run_eagerly():
-    config = preset("maml++_omniglot_5w1s", **SMALL)
-    batches = [make_task_batch(config, 2, seed=s) for s in range(3)]
-    eager = build(config, "cpu")
-    graphed = build(config, "cpu", cuda_graphs=True)
-    graphed.load_state_dict(eager.state_dict())
-    eager_metrics = train(eager, batches, EPOCHS[:3])
-    with pytest.warns(UserWarning, match="CUDA graphs need a CUDA device") as record:
-        graphed_metrics = train(graphed, batches, EPOCHS[:3])
-    assert sum("CUDA graphs" in str(w.message) for w in record) == 1
-    assert graphed.graphs.captures == 0 and graphed.graphs.replays == 0
+def graphed_run_warning_once(config, device, match, num_batches=3, prepare=None):
+    """Train an eager and a graphed learner (same state, same batches; `prepare` applied to
+    both first). The graphed run must warn exactly once, matching `match`, and end where the
+    eager one does. Returns the graphed learner."""
+    batches = [make_task_batch(config, 2, seed=s) for s in range(num_batches)]
+    eager, graphed = eager_and_graphed(config, device)
+    for learner in (eager, graphed):
+        if prepare is not None:
+            prepare(learner)
+    eager_metrics = train(eager, batches, EPOCHS[:num_batches])
+    with pytest.warns(UserWarning, match=match) as record:
+        graphed_metrics = train(graphed, batches, EPOCHS[:num_batches])
+    assert sum(re.search(match, str(w.message)) is not None for w in record) == 1
     check_same_run(graphed, eager, graphed_metrics, eager_metrics)
+    return graphed
+
+
+def test_cuda_graphs_off_cuda_warn_once_and_run_eagerly():
+    graphed = graphed_run_warning_once(preset("maml++_omniglot_5w1s", **SMALL), "cpu", "CUDA graphs need a CUDA device")
+    assert graphed.graphs.captures == 0 and graphed.graphs.replays == 0
 
 
 @pytest.mark.parametrize("options, reason", [
@@ -177,9 +194,7 @@ def test_cuda_graph_replay_matches_eager_float64(setting, conv_strategy):
     config = preset(setting, **SMALL)
     shapes = [2] * 5 + [3] * 2  # the last two meta-steps have another batch shape: a new capture
     batches = [make_task_batch(config, b, seed=s) for s, b in enumerate(shapes)]
-    eager = build(config, "cuda", conv_strategy=conv_strategy)
-    graphed = build(config, "cuda", cuda_graphs=True, conv_strategy=conv_strategy)
-    graphed.load_state_dict(eager.state_dict())
+    eager, graphed = eager_and_graphed(config, "cuda", conv_strategy=conv_strategy)
     eager_metrics = train(eager, batches, EPOCHS)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -199,9 +214,7 @@ def test_cuda_graph_run_resumes_from_a_checkpoint(tmp_path):
     exactly as an eager one."""
     config = preset("maml++_omniglot_5w1s", **SMALL)
     batches = [make_task_batch(config, 2, seed=s) for s in range(5)]
-    eager = build(config, "cuda")
-    graphed = build(config, "cuda", cuda_graphs=True)
-    graphed.load_state_dict(eager.state_dict())
+    eager, graphed = eager_and_graphed(config, "cuda")
     eager_metrics = train(eager, batches, EPOCHS[:5])
     train(graphed, batches[:3], EPOCHS[:3])
     graphed.save_model(tmp_path / "train_model_3", {})
@@ -223,36 +236,23 @@ def test_cuda_graph_records_without_adam_when_adam_cannot_be_recorded(monkeypatc
         raise RuntimeError("simulated recording failure")
 
     monkeypatch.setattr(graph_adam.GraphAdam, "update", broken_update)
-    config = preset("maml++_omniglot_5w1s", **SMALL)
-    batches = [make_task_batch(config, 2, seed=s) for s in range(3)]
-    eager = build(config, "cuda")
-    graphed = build(config, "cuda", cuda_graphs=True)
-    graphed.load_state_dict(eager.state_dict())
-    eager_metrics = train(eager, batches, EPOCHS[:3])
-    with pytest.warns(UserWarning, match="recording the optimizer step failed .*simulated") as record:
-        graphed_metrics = train(graphed, batches, EPOCHS[:3])
-    assert sum("optimizer step failed" in str(w.message) for w in record) == 1
+    graphed = graphed_run_warning_once(preset("maml++_omniglot_5w1s", **SMALL), "cuda",
+                                       "recording the optimizer step failed .*simulated")
     assert graphed.graphs.replays == 3 and graphed.graphs.optimizer_replays == 0
-    check_same_run(graphed, eager, graphed_metrics, eager_metrics)
 
 
 @pytest.mark.cuda
 def test_cuda_graph_steps_an_unrecordable_optimizer_eagerly():
     """An optimizer GraphAdam refuses (here amsgrad) steps after each replay, with one warning."""
     config = preset("maml++_mini-imagenet_5w1s", **SMALL)  # imagenet: the eager clamp runs too
-    batches = [make_task_batch(config, 2, seed=s) for s in range(4)]
-    eager = build(config, "cuda")
-    graphed = build(config, "cuda", cuda_graphs=True)
-    graphed.load_state_dict(eager.state_dict())
-    for learner in (eager, graphed):
+
+    def use_amsgrad(learner):
         learner.optimizer = torch.optim.Adam(learner.trainable_parameters(), lr=config.meta_learning_rate, amsgrad=True)
         learner.scheduler.optimizer = learner.optimizer
-    eager_metrics = train(eager, batches, EPOCHS[:4])
-    with pytest.warns(UserWarning, match="optimizer step cannot be recorded .*amsgrad") as record:
-        graphed_metrics = train(graphed, batches, EPOCHS[:4])
-    assert sum("cannot be recorded" in str(w.message) for w in record) == 1
-    assert graphed.graphs.replays == len(batches) and graphed.graphs.optimizer_replays == 0
-    check_same_run(graphed, eager, graphed_metrics, eager_metrics)
+
+    graphed = graphed_run_warning_once(config, "cuda", "optimizer step cannot be recorded .*amsgrad",
+                                       num_batches=4, prepare=use_amsgrad)
+    assert graphed.graphs.replays == 4 and graphed.graphs.optimizer_replays == 0
 
 
 @pytest.mark.cuda

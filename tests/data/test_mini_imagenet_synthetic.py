@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ import pytest
 from mamlpp_fast.data import (DataError, DataNotFoundError, EpisodeSampler, SyntheticGlyphs,
                               UnofficialDataWarning, make_dataset)
 from mamlpp_fast.data.mini_imagenet import MEAN, STD, load_mini_imagenet
+from mamlpp_fast.testing import call_collecting_warnings
 
 # The generated mini-ImageNet fixtures are smaller than the official 64/16/20 x 600: loading them
 # warns by design (the tests about that warning record it themselves, whatever the filters say).
@@ -17,10 +17,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::mamlpp_fast.data.UnofficialData
 
 
 def _unofficial_warnings(fn, *args, **kwargs):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out = fn(*args, **kwargs)
-    return out, [str(w.message) for w in caught if issubclass(w.category, UnofficialDataWarning)]
+    """Call fn and return (its result, the UnofficialDataWarning messages it emitted)."""
+    return call_collecting_warnings(UnofficialDataWarning, fn, *args, **kwargs)
 
 
 def _reference_pixels(path):

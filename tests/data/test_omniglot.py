@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import time
-import warnings
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from mamlpp_fast.data import (DataError, DataNotFoundError, EpisodeSampler, Meta
                               UnofficialDataWarning, official_seed, split_counts)
 from mamlpp_fast.data import omniglot as omni
 from mamlpp_fast.data.omniglot import load_omniglot
+from mamlpp_fast.testing import call_collecting_warnings
 
 FRACTIONS = (0.70918052988, 0.03080714725, 0.2606284658)
 
@@ -26,10 +26,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::mamlpp_fast.data.UnofficialData
 
 def _unofficial_warnings(fn, *args, **kwargs):
     """Call fn and return (its result, the UnofficialDataWarning messages it emitted)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out = fn(*args, **kwargs)
-    return out, [str(w.message) for w in caught if issubclass(w.category, UnofficialDataWarning)]
+    return call_collecting_warnings(UnofficialDataWarning, fn, *args, **kwargs)
 
 
 def _official_style_splits(folder, val_seed=0, fractions=FRACTIONS):
