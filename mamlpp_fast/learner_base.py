@@ -250,6 +250,22 @@ class FewShotLearnerBase(nn.Module):
         # tensor per call: a caller editing it in place must not change later MSL weights.
         return cached.clone()
 
+    def apply_inner_loop_update(
+        self,
+        loss: torch.Tensor,
+        names_weights_copy: Dict[str, torch.Tensor],
+        use_second_order: bool,
+        current_step_idx: int,
+    ) -> Dict[str, torch.Tensor]:
+        """The official LSLR step of one task: theta - alpha[param][step] * d loss / d theta for
+        every tensor of `names_weights_copy` ({name: tensor}); second order keeps the graph."""
+        grads = torch.autograd.grad(loss, list(names_weights_copy.values()), create_graph=use_second_order)
+        rates = self.learning_rates_for(list(names_weights_copy))
+        return {
+            name: weight - rate[current_step_idx] * grad
+            for (name, weight), rate, grad in zip(names_weights_copy.items(), rates, grads)
+        }
+
     def learning_rates_for(self, names: Sequence[str]) -> List[nn.Parameter]:
         """The LSLR vector (length S+1) of each named inner-loop parameter."""
         rates = self.inner_loop_optimizer.names_learning_rates_dict

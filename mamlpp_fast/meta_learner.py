@@ -192,6 +192,28 @@ class MetaLearner(FewShotLearnerBase):
         return not (self.config.bn_restore_stats_after_evaluation
                     or self.config.bn_use_running_stats_in_evaluation)
 
+    # ------------------------------------------------------------------ the official per-task calls
+    def net_forward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        weights: Dict[str, torch.Tensor],
+        backup_running_statistics: bool = False,
+        training: bool = True,
+        num_step: int = 0,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The official per-task forward pass, for code that calls it directly: x [n, C, H, W],
+        y [n], weights {name: tensor} (one task's, as `get_inner_loop_parameter_dict` gives) ->
+        (mean cross-entropy, logits [n, N]). It runs as a meta-batch of one task, and folds its
+        batch statistics into step `num_step`'s running statistics as the official code does.
+        `backup_running_statistics` is accepted and ignored (the official backup is a no-op);
+        `training=False` matters only with `bn_use_running_stats_in_evaluation`."""
+        fast = {name: weight.unsqueeze(0) for name, weight in weights.items()}
+        logits, stats = self._logits(x, fast, num_step, training)
+        if self._tracks_running_statistics(training):
+            self._update_running_statistics(num_step, [stats])
+        return torch.nn.functional.cross_entropy(logits[0], y.reshape(-1).long()), logits[0]
+
     # ------------------------------------------------------------------ inner loop
     def forward(
         self,

@@ -225,6 +225,7 @@ def test_meta_step_trains(config):
     assert last < first
 
 
+@pytest.mark.filterwarnings("ignore:args. ignoring keys")  # asserted once below; the error cases repeat it
 @pytest.mark.parametrize("cls", [MetaLearner, MAMLFewShotClassifier])
 def test_official_positional_constructor(cls, config):
     """Code written for the official class: cls(im_shape, device, args), args an argparse-like
@@ -297,3 +298,34 @@ def test_official_outputs_have_the_official_types(cls, config):
         assert isinstance(preds, list) and len(preds) == config.batch_size
         assert all(isinstance(p, np.ndarray) and p.shape == (5, 5) for p in preds)
         np.testing.assert_array_equal(np.stack(preds), expected_preds.numpy())
+
+
+def test_official_per_task_calls_agree_between_metalearner_and_reference(config):
+    """net_forward and apply_inner_loop_update, called directly as official code may: the
+    task-batched learner (as a batch of one) gives the reference's loss, logits, updated weights,
+    gradients through them, and running statistics (float64)."""
+    learners = [MetaLearner(config).double(), MAMLFewShotClassifier(config).double()]
+    learners[1].load_state_dict(learners[0].state_dict())
+    x = torch.rand(5, *config.image_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(5)
+    results = []
+    for learner in learners:
+        weights = learner.get_inner_loop_parameter_dict(learner.classifier.named_parameters())
+        loss, _ = learner.net_forward(x, y, weights, False, True, 1)
+        updated = learner.apply_inner_loop_update(loss, weights, use_second_order=True, current_step_idx=1)
+        target_loss, logits = learner.net_forward(x, y, updated, backup_running_statistics=True, training=True,
+                                                  num_step=1)
+        target_loss.backward()
+        grads = {name: param.grad.clone() for name, param in learner.named_parameters() if param.grad is not None}
+        results.append((loss.detach(), logits.detach(), {k: v.detach() for k, v in updated.items()}, grads,
+                        dict(learner.state_dict())))
+    for ours, reference in zip(results[0], results[1]):
+        if isinstance(ours, dict):
+            assert ours.keys() == reference.keys()
+            for key in ours:
+                torch.testing.assert_close(ours[key], reference[key], rtol=1e-10, atol=1e-13, msg=key)
+        else:
+            torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-13)
+    # The pass folded into step 1's running statistics (two passes), not step 0's.
+    mean = learners[0].classifier.layer_dict["conv0"].norm_layer.running_mean
+    assert mean[1].abs().sum() > 0 and mean[0].abs().sum() == 0

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..learner_base import FewShotLearnerBase, TaskBatch
-from ..parameters import BN_EPS, BN_MOMENTUM, LEAKY_RELU_SLOPE, learning_rate_key
+from ..parameters import BN_EPS, BN_MOMENTUM, LEAKY_RELU_SLOPE
 
 __all__ = ["MAMLFewShotClassifier"]
 
@@ -76,23 +76,6 @@ class MAMLFewShotClassifier(FewShotLearnerBase):
         out = out.reshape(out.shape[0], -1)
         logits = F.linear(out, weights["layer_dict.linear.weights"], weights["layer_dict.linear.bias"])
         return F.cross_entropy(logits, y), logits
-
-    def apply_inner_loop_update(
-        self,
-        loss: torch.Tensor,
-        names_weights_copy: Dict[str, torch.Tensor],
-        use_second_order: bool,
-        current_step_idx: int,
-    ) -> Dict[str, torch.Tensor]:
-        """LSLR step: theta - alpha[param][step] * grad, for every inner-loop tensor."""
-        grads = torch.autograd.grad(
-            loss, list(names_weights_copy.values()), create_graph=use_second_order
-        )
-        rates = self.inner_loop_optimizer.names_learning_rates_dict
-        return {
-            name: weight - rates[learning_rate_key(name)][current_step_idx] * grad
-            for (name, weight), grad in zip(names_weights_copy.items(), grads)
-        }
 
     # ------------------------------------------------------------------ inner loop
     def forward(
