@@ -131,11 +131,17 @@ def plot(points: List[Point], out_dir: Path) -> List[Path]:
                                  ("memory_mib", f"MiB ({points[0].memory_kind})", "scaling_memory.png")):
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
         for ax, axis in zip(axes, ("tasks", "steps", "image")):
+            values = {p.value for p in points if p.axis == axis}
             for provider in sorted({p.provider for p in points}):
                 pts = sorted((p for p in points if p.axis == axis and p.provider == provider),
                              key=lambda p: p.value)
-                if pts:
-                    ax.plot([p.value for p in pts], [getattr(p, metric) for p in pts], "o-", label=provider)
+                if not pts:
+                    continue
+                # A provider measured at a few points only (the reference, at the ends by default)
+                # gets markers: a line between them would suggest values nobody measured.
+                complete = {p.value for p in pts} == values
+                ax.plot([p.value for p in pts], [getattr(p, metric) for p in pts], "o-" if complete else "o",
+                        label=provider if complete else f"{provider} (measured points)")
             ax.set_xlabel(labels[axis])
             ax.set_ylabel(ylabel)
             if axis == "tasks":
