@@ -6,8 +6,9 @@ reference, in the same run.
     python benchmarks/bench_meta_step.py --providers all --settings all --first-order
     python benchmarks/bench_meta_step.py --providers all --memory   # peak memory, fresh process each
 
-Providers: reference, mamlpp_fast[:backend][+graphs][+grouped|+explicit|+bmm|+triton][+cudnnbench] (+graphs:
-CUDA-graph replay of the meta-step, `MetaLearner(cuda_graphs=True)`; +grouped / +explicit / +bmm / +triton:
+Providers: reference, mamlpp_fast[:backend][+graphs[+eageradam]][+grouped|+explicit|+bmm|+triton][+cudnnbench]
+(+graphs: CUDA-graph replay of the meta-step, `MetaLearner(cuda_graphs=True)`, the Adam step recorded
+too; +eageradam: with Adam run eagerly after each replay instead; +grouped / +explicit / +bmm / +triton:
 every convolution with that task_conv strategy instead of "auto"; +S1/S2/S3/S4: one strategy per conv
 layer, e.g. +triton/auto/auto/auto; +cudnnbench: with
 torch.backends.cudnn.benchmark on, for that provider only), and the peers of benchmarks/peers (torchfunc,
@@ -75,7 +76,8 @@ def random_batch(config, seed: int = 0):
             labels.expand(b, n, k).clone(), labels.expand(b, n, t).clone())
 
 
-PROVIDER_FLAGS = ("graphs", "cudnnbench")  # the "+" options of a mamlpp_fast provider that are not a conv strategy
+# The "+" options of a mamlpp_fast provider that are not a conv strategy.
+PROVIDER_FLAGS = ("graphs", "eageradam", "cudnnbench")
 
 
 def make_provider(name: str, config, dtype: torch.dtype, device: str) -> Callable[[tuple], None]:
@@ -99,6 +101,7 @@ def make_provider(name: str, config, dtype: torch.dtype, device: str) -> Callabl
             backend = base.split(":", 1)[1] if ":" in base else "auto"
             learner = MetaLearner(config, backend=backend, device=device, dtype=dtype,
                                   cuda_graphs="graphs" in options, conv_strategy=conv)
+            learner.graphs.optimizer_in_graph = "eageradam" not in options
         elif name in PEERS:
             peer = make_peer(name, config, dtype, device)
 

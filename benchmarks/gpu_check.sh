@@ -79,7 +79,7 @@ fi
 #    whole script inside the lease.
 REPS=10; [[ "$DRY" == 1 ]] && REPS=1
 SETTINGS=maml++_omniglot_20w1s,maml++_mini-imagenet_5w1s
-PROVIDERS=reference,mamlpp_fast:aten,mamlpp_fast,mamlpp_fast+triton,mamlpp_fast+graphs,mamlpp_fast+graphs+cudnnbench,mamlpp_fast+graphs+explicit,mamlpp_fast+graphs+bmm,mamlpp_fast+graphs+triton,mamlpp_fast+graphs+triton/auto/auto/auto,mamlpp_fast+graphs+blockdiag/auto/auto/auto,torchfunc
+PROVIDERS=reference,mamlpp_fast:aten,mamlpp_fast,mamlpp_fast+triton,mamlpp_fast+graphs,mamlpp_fast+graphs+eageradam,mamlpp_fast+graphs+cudnnbench,mamlpp_fast+graphs+explicit,mamlpp_fast+graphs+bmm,mamlpp_fast+graphs+triton,mamlpp_fast+graphs+triton/auto/auto/auto,mamlpp_fast+graphs+blockdiag/auto/auto/auto,torchfunc
 if [[ "$DRY" == 1 ]]; then  # no Triton kernels on the CPU
   SETTINGS=maml++_omniglot_5w1s
   PROVIDERS=reference,mamlpp_fast:aten,mamlpp_fast,mamlpp_fast+explicit,mamlpp_fast+graphs,mamlpp_fast+graphs+bmm,torchfunc

@@ -15,7 +15,7 @@ from bench_meta_step import make_provider, random_batch  # noqa: E402
 
 
 @pytest.mark.parametrize("name", ["reference", "mamlpp_fast", "mamlpp_fast:aten+explicit+cudnnbench",
-                                  "mamlpp_fast+bmm/auto/auto/explicit", "torchfunc"])
+                                  "mamlpp_fast+bmm/auto/auto/explicit", "mamlpp_fast+graphs+eageradam", "torchfunc"])
 def test_every_provider_kind_runs_a_meta_step(name):
     import torch
 
