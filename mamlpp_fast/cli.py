@@ -285,6 +285,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"kernels: {_describe_kernels(trainer.learner)}", flush=True)
     from .data import DataError, DataNotFoundError
     from .experiment_lock import ExperimentBusyError
+    from .trainer import DistributedResumeError
 
     try:
         if distributed is None or distributed.is_main:
@@ -295,7 +296,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     except (DataError, DataNotFoundError) as error:  # before RuntimeError, which DataError is
         print(f"mamlpp-train: error: data: {error}", file=sys.stderr)
         return 2
-    except ExperimentBusyError as error:
+    except (ExperimentBusyError, DistributedResumeError) as error:
         print(f"mamlpp-train: error: {error}", file=sys.stderr)
         return 2
     except RuntimeError as error:

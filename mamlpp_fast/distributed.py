@@ -133,6 +133,13 @@ class DistributedContext:
             for tensor in list(module.parameters()) + list(module.buffers()):
                 dist.broadcast(tensor.data, src=0, group=self.group)
 
+    def same_on_all_ranks(self, value: int) -> bool:
+        """Whether every rank passes the same integer as rank 0 (a collective: call on all ranks)."""
+        mine = torch.tensor([int(value)], dtype=torch.int64, device=self._collective_device())
+        main = mine.clone()
+        dist.broadcast(main, src=0, group=self.group)
+        return self.all_ok(bool(torch.equal(main, mine)))
+
     def barrier(self) -> None:
         dist.barrier(group=self.group)
 

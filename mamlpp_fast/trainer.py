@@ -64,6 +64,7 @@ from .learner_base import atomic_torch_save, resolve_config
 
 __all__ = [
     "Trainer",
+    "DistributedResumeError",
     "ensemble_logits_accuracy",
     "top_epochs",
     "CHECKPOINT_PREFIX",
@@ -78,6 +79,10 @@ _STAT_KEYS = (
     "train_loss_mean", "train_loss_std", "train_accuracy_mean", "train_accuracy_std",
     "learning_rate", "val_loss_mean", "val_loss_std", "val_accuracy_mean", "val_accuracy_std",
 )
+
+
+class DistributedResumeError(RuntimeError):
+    """Under torchrun, the ranks did not resume from the same checkpoint."""
 
 
 # ---------------------------------------------------------------------- helpers
@@ -603,6 +608,13 @@ class Trainer:
         per_epoch = int(cfg.total_iter_per_epoch)
         learner = self.learner
         if self.distributed is not None:
+            # Every rank must have resumed from the same checkpoint (or none): the experiment
+            # folder has to be shared. Otherwise ranks would train different iterations and hang.
+            if not self.distributed.same_on_all_ranks(int(self.state["current_iter"])):
+                raise DistributedResumeError(
+                    f"rank {self.distributed.rank}: the ranks resumed at different iterations (this one at "
+                    f"{self.state['current_iter']}): every rank must see the same experiment folder "
+                    f"{self.experiment_dir!r} (a shared file system), or all start afresh")
             # Every rank resumed from the same file (or starts fresh): make them bit-identical.
             self.distributed.broadcast_module(learner)
             learner.distributed = self.distributed

@@ -42,6 +42,26 @@ def stop_on_time(context) -> None:
     torch.save({"outcome": trainer.train()}, os.environ["TEST_OUT"])
 
 
+def resume_from_unshared_folders(context) -> None:
+    """Each rank has its own output folder (no shared file system); only rank 0's holds a
+    checkpoint. Both ranks must refuse to train, with the same clear error."""
+    from mamlpp_fast.cli import CLI_PRESETS
+    from mamlpp_fast.config import MAMLConfig
+    from mamlpp_fast.trainer import DistributedResumeError, Trainer
+
+    config = MAMLConfig.from_dict(dict(CLI_PRESETS["synthetic-tiny"], total_epochs=2))
+    folder = os.path.join(os.environ["TEST_DIR"], f"rank{context.rank}")
+    if context.rank == 0:  # a finished first epoch, written by an earlier single-process run
+        Trainer(config, folder, progress=False, log=lambda message: None, max_iters=1).train()
+    trainer = Trainer(config, folder, progress=False, log=lambda message: None, distributed=context)
+    try:
+        trainer.train()
+        outcome = "trained"
+    except DistributedResumeError as error:
+        outcome = str(error)
+    torch.save({"outcome": outcome}, os.environ["TEST_OUT"])
+
+
 def main() -> None:
     torch.set_num_threads(1)
     from mamlpp_fast.distributed import destroy, init_from_env
@@ -49,6 +69,10 @@ def main() -> None:
     context = init_from_env(timeout_s=60)
     if os.environ.get("TEST_MODE") == "max_minutes":
         stop_on_time(context)
+        destroy()
+        return
+    if os.environ.get("TEST_MODE") == "unshared_folder":
+        resume_from_unshared_folders(context)
         destroy()
         return
     config = config_for(os.environ["TEST_SECOND_ORDER"] == "1")

@@ -92,6 +92,13 @@ def test_ranks_stop_together_when_their_clocks_disagree(tmp_path):
         assert result["outcome"]["epochs_done"] == 1
 
 
+def test_ranks_that_resume_from_different_checkpoints_refuse_to_train(tmp_path):
+    results = _launch(tmp_path, 2, TEST_MODE="unshared_folder", TEST_DIR=tmp_path / "runs")
+    for rank, result in enumerate(results):
+        assert f"rank {rank}: the ranks resumed at different iterations" in result["outcome"]
+        assert "shared file system" in result["outcome"]
+
+
 def test_world_size_must_divide_the_batch():
     batch = tuple(torch.zeros(5, 2) for _ in range(4))
     with pytest.raises(ValueError, match="5 tasks.*2 ranks"):
