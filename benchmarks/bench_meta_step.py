@@ -92,6 +92,8 @@ def make_provider(name: str, config, dtype: torch.dtype, device: str) -> Callabl
             # Besides the flags, at most one conv strategy: a name, or one per layer joined by "/".
             conv_options = [o for o in options if o not in PROVIDER_FLAGS]
             unknown = [o for o in conv_options if not set(o.split("/")) <= set(CONV_STRATEGIES) | {"auto"}]
+            if "eageradam" in options and "graphs" not in options:
+                raise ValueError(f"{name!r}: +eageradam is a variant of +graphs (Adam after each replay)")
             if unknown or len(conv_options) > 1:
                 raise ValueError(f"unknown or conflicting provider option(s) {sorted(unknown or conv_options)} in "
                                  f"{name!r}: flags {PROVIDER_FLAGS} and at most one conv strategy from "

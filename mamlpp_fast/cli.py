@@ -288,8 +288,6 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     from .trainer import DistributedResumeError
 
     try:
-        if distributed is None or distributed.is_main:
-            print(f"data: {trainer.data.describe()}", flush=True)
         outcome = trainer.train()
         if outcome["finished"] and not args.no_test:
             _print_test(trainer.run_test())
@@ -395,13 +393,17 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
             config = build_config(args.config, args.preset, sets, args.seed)
         else:
             values = _config_of_checkpoint(probe)
-            values.update(_parse_sets(sets))
+            if experiment_dir is not None:  # the folder names the experiment, wherever it moved
+                values["experiment_name"] = os.path.basename(os.path.abspath(experiment_dir))
+            overridden = _parse_sets(sets)
+            values.update(overridden)
             if args.seed is not None:
                 values["seed"] = args.seed
             try:
-                config = MAMLConfig.from_dict(values)
+                config = MAMLConfig.from_dict(values, ignored="accept")
             except ValueError as error:
-                raise CLIError(f"--set: {error}") from None
+                source = "--set" if overridden or args.seed is not None else "the checkpoint's config"
+                raise CLIError(f"{source}: {error}") from None
         device, dtype = _resolve_runtime(args)
     except CLIError as error:
         parser.error(str(error))

@@ -70,8 +70,9 @@ def resolve_config(config: Any) -> MAMLConfig:
     if hasattr(config, "__dict__"):
         # An official argparse namespace or Bunch: its config keys are read like an official
         # file's (keys the official code ignores are recorded; samples_per_iter and num_of_gpus
-        # must be 1); its runtime-only entries (use_cuda, name_of_args_json_file, ...) are dropped.
-        values = {k: v for k, v in vars(config).items() if not k.startswith("_")}
+        # must be 1). use_cuda, which the official get_args() always adds, is dropped silently
+        # (the device argument decides); anything else unknown is dropped with a warning.
+        values = {k: v for k, v in vars(config).items() if not k.startswith("_") and k != "use_cuda"}
         readable = (set(MAMLConfig.__dataclass_fields__) - {"ignored_keys"}) | set(IGNORED_KEYS)
         dropped = sorted(k for k in values if k not in readable)
         if dropped:

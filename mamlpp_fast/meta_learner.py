@@ -206,8 +206,10 @@ class MetaLearner(FewShotLearnerBase):
         y [n], weights {name: tensor} (one task's, as `get_inner_loop_parameter_dict` gives) ->
         (mean cross-entropy, logits [n, N]). It runs as a meta-batch of one task, and folds its
         batch statistics into step `num_step`'s running statistics as the official code does.
-        `backup_running_statistics` is accepted and ignored (the official backup is a no-op);
-        `training=False` matters only with `bn_use_running_stats_in_evaluation`."""
+        `backup_running_statistics` is accepted and ignored (the official backup is a no-op).
+        `training=False` is evaluation: it matters only with the fixes
+        `bn_use_running_stats_in_evaluation` (normalise with the running statistics) and
+        `bn_restore_stats_after_evaluation` (leave them untouched)."""
         fast = {name: weight.unsqueeze(0) for name, weight in weights.items()}
         logits, stats = self._logits(x, fast, num_step, training)
         if self._tracks_running_statistics(training):

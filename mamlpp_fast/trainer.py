@@ -373,12 +373,31 @@ class Trainer:
             if key in state:
                 self.state[key] = state[key]
         self.state["current_iter"] = int(self.state["current_iter"])
+        self.state["per_epoch_statistics"] = self._complete_statistics(self.state["per_epoch_statistics"])
         if "rng_state" in state:
             _set_rng_state(self.learner, state["rng_state"])
         if self._data is not None:
             self._data.current_iter = int(state.get("data_current_iter", self.state["current_iter"]))
         self.resumed_from = path
         return True
+
+    def _complete_statistics(self, stats: Dict[str, List[Any]]) -> Dict[str, List[Any]]:
+        """Per-epoch statistics with exactly the columns this trainer writes. The official
+        ExperimentBuilder's have no ``epoch``, ``current_iter`` or ``epoch_seconds`` (derived here
+        from the epoch count, so that its checkpoints resume) and a few columns of its own (MSL
+        weights, learning-rate spread), dropped: new epochs would not fill them. The checkpoint
+        that was loaded keeps them."""
+        epochs = len(stats.get("val_accuracy_mean", []))
+        per_epoch = int(self.config.total_iter_per_epoch)
+        derived = {"epoch": lambda i: i + 1, "current_iter": lambda i: (i + 1) * per_epoch}
+        complete = {}
+        for key in ("epoch", "current_iter", *_STAT_KEYS, "epoch_seconds"):
+            if key in stats:
+                complete[key] = list(stats[key])
+            else:
+                make = derived.get(key, lambda i: float("nan"))
+                complete[key] = [make(i) for i in range(epochs)]
+        return complete
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, epoch: int) -> None:
@@ -604,6 +623,9 @@ class Trainer:
                          f"(epoch {self.epochs_done}/{self.config.total_epochs})")
                 # A kill between a checkpoint and its log write left the logs an epoch behind.
                 self.write_logs()
+        describe = getattr(self.data, "describe", None)
+        if self.is_main and describe is not None:  # after the lock: a busy experiment loads nothing
+            self.log(f"data: {describe()}")
         cfg = self.config
         per_epoch = int(cfg.total_iter_per_epoch)
         learner = self.learner
@@ -675,8 +697,9 @@ class Trainer:
                 }
                 for key, value in record.items():
                     stats.setdefault(key, []).append(value)
-                # On a tie the later epoch, as top_epochs (the test ensemble) ranks them.
-                if val["val_accuracy_mean"] >= self.state["best_val_acc"]:
+                # Strictly better, as the official code: on a tie the logged best epoch stays the
+                # earlier one (the test ensemble, top_epochs, ranks ties the other way).
+                if val["val_accuracy_mean"] > self.state["best_val_acc"]:
                     self.state["best_val_acc"] = val["val_accuracy_mean"]
                     self.state["best_val_iter"] = int(self.state["current_iter"])
                     self.state["best_epoch"] = epoch

@@ -33,3 +33,5 @@ def test_unknown_provider_options_are_refused():
     for name in ("mamlpp_fast+fast", "mamlpp_fast+bmm/fast/auto/auto", "mamlpp_fast+bmm+triton"):
         with pytest.raises(ValueError, match="unknown or conflicting provider option"):
             make_provider(name, config, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="eageradam is a variant of \\+graphs"):
+        make_provider("mamlpp_fast+eageradam", config, torch.float32, "cpu")

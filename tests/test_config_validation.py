@@ -53,15 +53,14 @@ def test_seeds_must_be_numpy_seeds(key):
 
 
 # ---------------------------------------------------------------------- 3. dataset_name
-@pytest.mark.parametrize("name", ["cifar", "", "tiny", "Omniglot", "MINI_IMAGENET", "synthetic_omniglot",
-                                  "omniglot_imagenet"])
+@pytest.mark.parametrize("name", ["cifar", "", "tiny", "synthetic_omniglot", "omniglot_imagenet", "Synthetic_Omniglot"])
 def test_unsupported_dataset_name_lists_the_accepted_names(name):
     with pytest.raises(ValueError, match=r"dataset_name .*omniglot_dataset.*mini_imagenet_full_size.*synthetic"):
         MAMLConfig(dataset_name=name)
 
 
 @pytest.mark.parametrize("name", ["omniglot", "omniglot_dataset", "mini_imagenet_full_size", "mini-imagenet",
-                                  "mini_imagenet", "synthetic", "synthetic_glyphs"])
+                                  "mini_imagenet", "synthetic", "synthetic_glyphs", "Omniglot", "MINI_IMAGENET"])
 def test_supported_dataset_names(name):
     assert MAMLConfig(dataset_name=name).dataset_name == name
 
@@ -115,15 +114,16 @@ def test_min_learning_rate_at_most_meta_learning_rate():
 
 
 # ---------------------------------------------------------------------- 7. experiment_name
-@pytest.mark.parametrize("name", ["", "   ", ".", "..", "...", "../escape", "a/b", "/abs/path", "a\\b",
-                                  "..\\up", "x\0y"])
-def test_experiment_name_is_one_plain_folder_name(name):
+@pytest.mark.parametrize("name", ["", "   ", ".", "./", "..", "../escape", "runs/../../up", "..\\up", "x\0y"])
+def test_experiment_name_names_a_folder_inside_the_output_folder(name):
     with pytest.raises(ValueError, match="^experiment_name must"):
         MAMLConfig(experiment_name=name)
 
 
-def test_released_and_preset_experiment_names_pass():
-    names = RELEASED_EXPERIMENT_NAMES + ["omniglot_maml++_5way_1shot", "a..b", ".hidden"]
+def test_released_preset_and_nested_experiment_names_pass():
+    # Nested and absolute names work in the official code (os.path.abspath of the name).
+    names = RELEASED_EXPERIMENT_NAMES + ["omniglot_maml++_5way_1shot", "a..b", ".hidden", "...",
+                                         "omniglot/seed0", "/abs/path", "a\\b"]
     for name in names:
         assert MAMLConfig(experiment_name=name).experiment_name == name
     assert all(config.experiment_name for config in all_preset_configs())
@@ -194,3 +194,9 @@ def test_a_learner_takes_an_official_json_dict_as_it_is():
     assert set(config.ignored_keys) == {"weight_decay", "samples_per_iter"}
     with pytest.raises(ValueError, match="samples_per_iter=2 is not supported"):
         resolve_config(dict(values, samples_per_iter=2))
+
+
+def test_dataset_name_case_follows_the_official_clamp_test():
+    """The loaders ignore case; the official imagenet gradient clamp does not, nor does ours."""
+    assert MAMLConfig(dataset_name="mini_imagenet_full_size").clamps_meta_gradients
+    assert not MAMLConfig(dataset_name="Mini_ImageNet").clamps_meta_gradients

@@ -257,6 +257,32 @@ def test_a_kill_between_the_last_checkpoint_and_its_logs_loses_no_log_row(tmp_pa
     assert open(csv_path).read() == complete
 
 
+def test_resumes_an_official_experiment_folder(tmp_path):
+    """train_model_latest as the official ExperimentBuilder writes it: network and optimizer,
+    its counters, and per-epoch statistics without epoch / current_iter / epoch_seconds but with
+    columns of its own."""
+    trainer = make_trainer(tmp_path, total_epochs=3)
+    learner = trainer.learner
+    per_epoch = trainer.config.total_iter_per_epoch
+    official_stats = {key: [0.5, 0.6] for key in ("train_loss_mean", "train_loss_std", "train_accuracy_mean",
+                                                   "train_accuracy_std", "val_loss_mean", "val_loss_std",
+                                                   "val_accuracy_mean", "val_accuracy_std")}
+    official_stats["train_loss_importance_vector_0_mean"] = [0.2, 0.2]
+    official_stats["train_learning_rate_mean"] = [1e-3, 1e-3]
+    state = {"best_val_acc": 0.6, "best_val_iter": 2 * per_epoch, "current_iter": 2 * per_epoch,
+             "best_epoch": 2, "per_epoch_statistics": official_stats,
+             "network": learner.state_dict(), "optimizer": learner.optimizer.state_dict()}
+    os.makedirs(trainer.saved_models_dir)
+    torch.save(state, trainer.checkpoint_path("latest"))
+    outcome = trainer.train()
+    assert outcome["finished"] and outcome["epochs_done"] == 3
+    stats = trainer.state["per_epoch_statistics"]
+    assert stats["epoch"] == [1, 2, 3] and stats["current_iter"] == [per_epoch, 2 * per_epoch, 3 * per_epoch]
+    assert stats["val_accuracy_mean"][:2] == [0.5, 0.6] and len(stats["val_accuracy_mean"]) == 3
+    with open(os.path.join(trainer.logs_dir, "summary.csv")) as handle:
+        assert len(handle.read().strip().splitlines()) == 4
+
+
 def test_one_training_process_per_experiment(tmp_path):
     from mamlpp_fast.experiment_lock import ExperimentBusyError, ExperimentLock
 

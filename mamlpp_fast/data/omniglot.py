@@ -63,11 +63,6 @@ LAYOUT = ("expected layout: <folder>/images_background/<Alphabet>/<characterNN>/
           "github.com/brendenlake/omniglot/tree/master/python, both unzipped into <folder>)")
 
 
-def _looks_like_omniglot(p: Path) -> bool:
-    """Both official subfolders are there (the official loader reads and merges both)."""
-    return all((p / s).is_dir() for s in SUBFOLDERS)
-
-
 def _has_omniglot_subfolder(p: Path) -> bool:
     """At least one official subfolder: enough to stop the search here (and then to say what is
     missing), not enough to load."""
@@ -82,7 +77,8 @@ def _require_both_subfolders(root: Path) -> None:
             f"incomplete Omniglot folder {root}: missing {', '.join(str(root / m) for m in missing)}"
             + (f" (found only {', '.join(present)})" if present else "")
             + f". The official split is drawn from the {OFFICIAL_NUM_CLASSES} classes of both "
-            f"subfolders, so one alone would give a different split.\n{LAYOUT}")
+            f"subfolders, so one alone would give a different split. Add the missing folder (or "
+            f"delete this one to download both).\n{LAYOUT}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,6 +266,12 @@ def resolve_omniglot_root(root=None, download: bool = True) -> Path:
         if default.is_dir() and _has_omniglot_subfolder(default):
             found = default
     if found is not None:
+        own_folder = root is None and found == cache_dir() / "data" / "omniglot"
+        if own_folder and download and not all((found / s).is_dir() for s in SUBFOLDERS) and network_reachable():
+            # The package's own download folder, half-filled by an interrupted download: finish
+            # it (download_omniglot fetches only the missing zips). A user's folder is never
+            # topped up behind their back.
+            return download_omniglot(found)
         _require_both_subfolders(found)
         return found
     if download and network_reachable():

@@ -217,6 +217,24 @@ def test_partial_folder_is_refused_naming_the_missing_subfolder(omniglot_tree, c
         omni.scan_omniglot(omniglot_tree)
 
 
+def test_an_interrupted_download_into_the_package_folder_is_finished(cache_tmp, monkeypatch):
+    """Only images_background arrived before the download stopped: the next load fetches the
+    rest instead of refusing its own half-filled folder for ever."""
+    for name in ("MAMLPP_FAST_DATA_DIR", "DATASET_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    own = cache_tmp / "data" / "omniglot"
+    (own / "images_background" / "Alpha" / "character01").mkdir(parents=True)
+    fetched = []
+    monkeypatch.setattr(omni, "network_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(omni, "download_omniglot", lambda dest: fetched.append(dest) or dest)
+    monkeypatch.setattr(omni, "find_dataset_dir", lambda *a, **k: own)  # nothing else on this machine
+    assert omni.resolve_omniglot_root(None, download=True) == own
+    assert fetched == [own]
+    monkeypatch.setattr(omni, "network_reachable", lambda *a, **k: False)
+    with pytest.raises(DataError, match="delete this one to download both"):
+        omni.resolve_omniglot_root(None, download=True)
+
+
 def test_empty_subfolder_is_refused(omniglot_tree, cache_tmp):
     shutil.rmtree(omniglot_tree / "images_evaluation")
     (omniglot_tree / "images_evaluation").mkdir()
