@@ -416,9 +416,6 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
         config = config.replace(experiment_name=name)
         trainer = Trainer(config, output_dir, device=device, dtype=dtype, backend=args.backend,
                           dataset_dir=args.dataset_dir, progress=False)
-        if args.top_n > trainer.keep_top_n:
-            parser.error(f"--top-n: at most {trainer.keep_top_n} (the checkpoints a run keeps: "
-                         f"max(5, max_models_to_save)), got {args.top_n}")
         if not trainer.maybe_resume(training=False):
             parser.error(f"--experiment: could not load {experiment_dir!r}")
         if not trainer.finished:
@@ -429,6 +426,9 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
             summary = trainer.run_test(top_n=args.top_n, summary_name=summary_name)
         except (DataError, DataNotFoundError) as error:
             print(f"mamlpp-eval: error: data: {error}", file=sys.stderr)
+            return 2
+        except ValueError as error:  # e.g. a top_n above the checkpoints a run keeps
+            print(f"mamlpp-eval: error: {error}", file=sys.stderr)
             return 2
         except FileNotFoundError as error:
             # A training process still running on the experiment prunes checkpoints that fall

@@ -140,11 +140,10 @@ class MetaStepGraphs:
         learner = self.learner
         config = learner.config
         use_msl = bool(config.use_multi_step_loss_optimization and epoch < config.multi_step_loss_num_epochs)
-        # Parameter and buffer addresses: a learner moved with .to() / .double() has new storage,
-        # and a graph recorded on the old storage must not be replayed.
-        storage = tuple(t.data_ptr() for t in (*learner.parameters(), *learner.buffers()))
-        # Which parameters the recorded backward pass (and Adam step) reaches.
-        trained = tuple(param.requires_grad for param in learner.parameters())
+        # Parameter and buffer addresses (a learner moved with .to() / .double() has new storage,
+        # and a graph recorded on the old storage must not be replayed) and which of them the
+        # recorded backward pass (and Adam step) reaches.
+        storage = tuple((t.data_ptr(), t.requires_grad) for t in (*learner.parameters(), *learner.buffers()))
         return (
             tuple((tuple(t.shape), t.dtype) for t in batch),
             bool(config.uses_second_order(epoch)),
@@ -152,7 +151,6 @@ class MetaStepGraphs:
             learner.backend,
             getattr(learner, "conv_strategy", None),
             storage,
-            trained,
             # The recorded Adam step refers to the optimizer state's storage (replaced by
             # load_state_dict) and to its betas and eps.
             None if adam is None else (id(adam), adam.state_addresses()),

@@ -119,9 +119,6 @@ class FewShotLearnerBase(nn.Module):
         im_shape: accepted for drop-in compatibility with the official constructor, which takes
             `(batch, C, H, W)`; it must agree with the config.
         args: alias of `config`, as in the official constructor.
-
-    The official positional form `cls(im_shape, device, args)` works too: a first argument that
-    is a 4-entry shape is read as im_shape, followed by device and args.
         validate_inputs: check each batch for shape, label range and finiteness before touching
             any state. On a GPU this costs one host-device synchronisation per call.
         official_outputs: return what the official `run_train_iter` / `run_validation_iter`
@@ -129,6 +126,9 @@ class FewShotLearnerBase(nn.Module):
             weights numpy scalars, the target logits a list of per-task numpy arrays [N*T, N].
             Off by default: then metrics stay 0-dim tensors and the logits one tensor
             [B, N*T, N], with no host synchronisation.
+
+    The official positional form `cls(im_shape, device, args)` works too: a first argument that
+    is a 4-entry shape is read as im_shape, followed by device and args.
     """
 
     # Scale-out hooks (issue "scale"): None keeps the plain single-process meta-step.
@@ -250,6 +250,32 @@ class FewShotLearnerBase(nn.Module):
         # A copy (a device op, no host-to-device transfer), as the official code builds a new
         # tensor per call: a caller editing it in place must not change later MSL weights.
         return cached.clone()
+
+    def net_forward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        weights: Dict[str, torch.Tensor],
+        backup_running_statistics: bool = False,
+        training: bool = True,
+        num_step: int = 0,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The official per-task forward pass: x [n, C, H, W], y [n], weights {name: tensor} (one
+        task's, as `get_inner_loop_parameter_dict` gives) -> (mean cross-entropy, logits [n, N]).
+
+        `backup_running_statistics` is accepted and ignored: the official backup aliases the live
+        statistics, so its restore does nothing (issue #42; `bn_restore_stats_after_evaluation`
+        is the working fix). BN normalises with the batch's statistics, as in the official code,
+        whatever `training` says; `training=False` (evaluation; the official code always passes
+        True) matters only with the fixes `bn_use_running_stats_in_evaluation` (normalise with
+        the running statistics) and `bn_restore_stats_after_evaluation` (leave them untouched).
+        """
+        return self._task_forward(x, y, weights, training, num_step)
+
+    def _task_forward(
+        self, x: torch.Tensor, y: torch.Tensor, weights: Dict[str, torch.Tensor], training: bool, num_step: int
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
 
     def apply_inner_loop_update(
         self,

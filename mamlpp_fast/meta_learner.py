@@ -192,24 +192,12 @@ class MetaLearner(FewShotLearnerBase):
         return not (self.config.bn_restore_stats_after_evaluation
                     or self.config.bn_use_running_stats_in_evaluation)
 
-    # ------------------------------------------------------------------ the official per-task calls
-    def net_forward(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        weights: Dict[str, torch.Tensor],
-        backup_running_statistics: bool = False,
-        training: bool = True,
-        num_step: int = 0,
+    # ------------------------------------------------------------------ the official per-task call
+    def _task_forward(
+        self, x: torch.Tensor, y: torch.Tensor, weights: Dict[str, torch.Tensor], training: bool, num_step: int
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The official per-task forward pass, for code that calls it directly: x [n, C, H, W],
-        y [n], weights {name: tensor} (one task's, as `get_inner_loop_parameter_dict` gives) ->
-        (mean cross-entropy, logits [n, N]). It runs as a meta-batch of one task, and folds its
-        batch statistics into step `num_step`'s running statistics as the official code does.
-        `backup_running_statistics` is accepted and ignored (the official backup is a no-op).
-        `training=False` is evaluation: it matters only with the fixes
-        `bn_use_running_stats_in_evaluation` (normalise with the running statistics) and
-        `bn_restore_stats_after_evaluation` (leave them untouched)."""
+        """`net_forward` (see the base class) as a meta-batch of one task; its batch statistics
+        are folded into step `num_step`'s running statistics, as the official forward does."""
         fast = {name: weight.unsqueeze(0) for name, weight in weights.items()}
         logits, stats = self._logits(x, fast, num_step, training)
         if self._tracks_running_statistics(training):

@@ -563,8 +563,8 @@ class Trainer:
         (`mamlpp-eval` gives runs with other settings another name, so that the official
         result is not overwritten)."""
         if not 1 <= int(top_n) <= self.keep_top_n:
-            raise ValueError(f"top_n must be between 1 and {self.keep_top_n} (the checkpoints kept: "
-                             f"max(5, max_models_to_save)), got {top_n}")
+            raise ValueError(f"top_n (--top-n) must be between 1 and {self.keep_top_n} (the checkpoints a "
+                             f"run keeps: max(5, max_models_to_save)), got {top_n}")
         stats = self.state["per_epoch_statistics"]
         epochs = top_epochs(stats["val_accuracy_mean"], top_n)
         if not epochs:

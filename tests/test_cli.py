@@ -58,9 +58,8 @@ def test_train_then_eval_end_to_end(tmp_path, capsys):
     assert "test_summary_top1_2tasks.json" in out and "ensemble of 1 model(s)" in out
     assert json.loads((folder / "logs" / "test_summary_top1_2tasks.json").read_text())["num_tasks"] == 2
     assert (folder / "logs" / "test_summary.json").read_text() == official
-    with pytest.raises(SystemExit):
-        eval_main(["--experiment", str(folder), "--threads", "1", "--top-n", "7"])
-    assert "--top-n: at most 5 (the checkpoints a run keeps" in capsys.readouterr().err
+    assert eval_main(["--experiment", str(folder), "--threads", "1", "--top-n", "7"]) == 2
+    assert "top_n (--top-n) must be between 1 and 5 (the checkpoints a run keeps" in capsys.readouterr().err
 
     assert eval_main(["--checkpoint", str(folder / "saved_models" / "train_model_2"), "--threads", "1"]) == 0
     out = capsys.readouterr().out

@@ -18,7 +18,6 @@ training task ``j`` of iteration ``it`` uses ``train_seed' + it * B + j``; valid
 
 from __future__ import annotations
 
-import functools
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -247,13 +246,13 @@ def _arg(name: str) -> str:
     return f"{name} ({key})" if key else name
 
 
-def _check_int(name: str, value, minimum: int) -> int:
+def _check_int(name: str, value, minimum: Optional[int] = None) -> int:
     try:
-        ok = not isinstance(value, bool) and int(value) == value and int(value) >= minimum
+        ok = not isinstance(value, bool) and int(value) == value and (minimum is None or int(value) >= minimum)
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        what = "a positive integer" if minimum == 1 else "a non-negative integer"
+        what = {None: "an integer", 0: "a non-negative integer", 1: "a positive integer"}[minimum]
         raise DataConfigError(f"{_arg(name)} must be {what}, got {value!r}")
     return int(value)
 
@@ -466,17 +465,6 @@ _DEFAULTS = dict(dataset_name="synthetic", dataset_path=None, num_classes_per_se
                  num_of_gpus=1, samples_per_iter=1, train_val_test_split=None)
 
 
-def _config_int(values: dict, key: str) -> int:
-    value = values[key]
-    try:
-        ok = not isinstance(value, bool) and int(value) == value
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise DataConfigError(f"{key} must be an integer, got {value!r}")
-    return int(value)
-
-
 def _where(dataset: FewShotDataset) -> str:
     root = (dataset.info or {}).get("root")
     return f"{dataset.name} at {root}" if root else dataset.name
@@ -504,7 +492,9 @@ class MetaLearningDataLoader:
         self.args = values
         for k, v in values.items():
             setattr(self, k, v)
-        ci = functools.partial(_config_int, values)
+        def ci(key: str) -> int:  # a config value that must be an integer
+            return _check_int(key, values[key])
+
         self.total_batch_size = ci("num_of_gpus") * ci("batch_size") * ci("samples_per_iter")
         if dataset is None:
             name = str(values["dataset_name"])

@@ -33,24 +33,11 @@ class MAMLFewShotClassifier(FewShotLearnerBase):
     """Per-task MAML++ with the official class name and API (see `FewShotLearnerBase`)."""
 
     # ------------------------------------------------------------------ network
-    def net_forward(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        weights: Dict[str, torch.Tensor],
-        backup_running_statistics: bool = False,
-        training: bool = True,
-        num_step: int = 0,
+    def _task_forward(
+        self, x: torch.Tensor, y: torch.Tensor, weights: Dict[str, torch.Tensor], training: bool, num_step: int
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """One task's forward pass: x [n, C, H, W] -> (mean cross-entropy, logits [n, N]).
-
-        The official signature. `backup_running_statistics` is accepted and ignored: the
-        official backup aliases the live statistics, so its restore does nothing (issue #42;
-        `bn_restore_stats_after_evaluation` is the working fix). BN always uses the batch's
-        statistics, as in the official code, whatever `training` says, unless
-        `bn_use_running_stats_in_evaluation` is set and `training` is False (this class passes
-        False in evaluation; the official code always passes True).
-        """
+        """`net_forward` (see the base class): conv, BN with the step's rows, leaky ReLU and
+        max-pool per stage, then the linear layer; F.batch_norm folds the running statistics."""
         use_running_stats = (not training) and self.config.bn_use_running_stats_in_evaluation
         out = x
         for stage in range(self.config.num_stages):
