@@ -14,6 +14,13 @@ have no effect, so it raises `ValueError`, like a key nobody knows.
 
 Two fixes of official quirks are available behind flags and are off by default:
 `bn_use_running_stats_in_evaluation` and `bn_restore_stats_after_evaluation` (spec 1c).
+
+The network options of the official code that no released config uses work too, as the
+official `VGGReLUNormNetwork` builds them: `max_pooling=false` (stride-2 convolutions and a final
+average pool instead of 2x2 max-pools; the official argparse default) and
+`norm_layer="layer_norm"` (MetaLayerNormLayer over each conv output [C, H, W], gamma frozen at 1,
+beta trained by the outer loop only, no per-step rows or running statistics). Both run on ATen
+kernels: the fused batch-norm stage needs batch norm followed by a max-pool.
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Tuple
 
-__all__ = ["MAMLConfig", "preset", "preset_names", "ARGPARSE_DEFAULTS", "IGNORED_KEYS"]
+__all__ = ["MAMLConfig", "preset", "preset_names", "ARGPARSE_DEFAULTS", "IGNORED_KEYS", "NORM_LAYERS",
+           "strided_conv_size"]
 
 # Defaults of the official argparse parser, used for keys a JSON file leaves out.
 ARGPARSE_DEFAULTS: Dict[str, Any] = {
@@ -93,6 +101,15 @@ IGNORED_KEYS = frozenset(
         "samples_per_iter",
     }
 )
+
+# The official MetaConvNormLayerReLU builds MetaBatchNormLayer or MetaLayerNormLayer.
+NORM_LAYERS = ("batch_norm", "layer_norm")
+
+
+def strided_conv_size(size: int) -> int:
+    """Output size of the official max_pooling=false convolution (3x3, stride 2, padding 1)."""
+    return (size - 1) // 2 + 1
+
 
 # Ignored keys that the official code does read: its data loader draws
 # num_of_gpus * batch_size * samples_per_iter tasks per iteration (spec section 4). mamlpp_fast
@@ -273,6 +290,17 @@ class MAMLConfig:
         return (self.image_channels, self.image_height, self.image_width)
 
     @property
+    def per_step_batch_norm(self) -> bool:
+        """Batch norm with one row of statistics, gamma and beta per inner step (BNRS + BNWB).
+        The official layer norm ignores `per_step_bn_statistics`."""
+        return self.norm_layer == "batch_norm" and bool(self.per_step_bn_statistics)
+
+    @property
+    def conv_stride(self) -> int:
+        """1 with max-pooling stages, 2 with the official max_pooling=false strided convolutions."""
+        return 1 if self.max_pooling else 2
+
+    @property
     def clamps_meta_gradients(self) -> bool:
         """The official code clamps classifier gradients to [-10, 10] for imagenet datasets."""
         return "imagenet" in self.dataset_name
@@ -326,21 +354,29 @@ class MAMLConfig:
             )
         if not math.isfinite(self.task_learning_rate):
             raise ValueError(f"task_learning_rate must be finite, got {self.task_learning_rate}")
-        if self.norm_layer != "batch_norm":
-            raise ValueError(
-                f"norm_layer: only 'batch_norm' is supported (every released config uses it), "
-                f"got {self.norm_layer!r}"
-            )
+        if self.norm_layer not in NORM_LAYERS:
+            raise ValueError(f"norm_layer must be one of {NORM_LAYERS}, got {self.norm_layer!r}")
         if not self.max_pooling:
-            raise ValueError(
-                "max_pooling: only max_pooling=true is supported (every released config uses it)"
-            )
+            height, width = self.image_height, self.image_width
+            for _ in range(self.num_stages):
+                height, width = strided_conv_size(height), strided_conv_size(width)
+            if width < height:
+                raise ValueError(
+                    f"max_pooling=false: the final average pool takes windows of the feature map's "
+                    f"height ({height}x{height}), wider than its width ({width}); use image_width >= "
+                    f"image_height"
+                )
         if not self.conv_padding:
             raise ValueError("conv_padding: only conv_padding=true is supported")
         if self.enable_inner_loop_optimizable_bn_params:
             raise ValueError(
                 "enable_inner_loop_optimizable_bn_params=true is not supported (no released "
                 "config uses it)"
+            )
+        if self.bn_use_running_stats_in_evaluation and self.norm_layer != "batch_norm":
+            raise ValueError(
+                "bn_use_running_stats_in_evaluation=true needs norm_layer='batch_norm': layer norm "
+                "keeps no running statistics"
             )
         if self.bn_use_running_stats_in_evaluation and not self.per_step_bn_statistics:
             # Without per-step statistics the official layer passes running_mean=None, so no
@@ -360,15 +396,15 @@ class MAMLConfig:
                 f"({self.number_of_evaluation_steps_per_iter} != "
                 f"{self.number_of_training_steps_per_iter}): the official code breaks otherwise"
             )
-        size = self.image_height
-        width = self.image_width
-        for stage in range(self.num_stages):
-            size, width = size // 2, width // 2
-            if size < 1 or width < 1:
-                raise ValueError(
-                    f"image_height x image_width {self.image_height}x{self.image_width} is too "
-                    f"small for num_stages={self.num_stages} 2x2 max-pools"
-                )
+        if self.max_pooling:
+            size, width = self.image_height, self.image_width
+            for stage in range(self.num_stages):
+                size, width = size // 2, width // 2
+                if size < 1 or width < 1:
+                    raise ValueError(
+                        f"image_height x image_width {self.image_height}x{self.image_width} is too "
+                        f"small for num_stages={self.num_stages} 2x2 max-pools"
+                    )
         self._validate_train_val_test_split()
         self._validate_dataset_name()
         self._validate_experiment_name()

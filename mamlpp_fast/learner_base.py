@@ -299,7 +299,10 @@ class FewShotLearnerBase(nn.Module):
         return [rates[learning_rate_key(name)] for name in names]
 
     def running_statistics(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        """(running_mean, running_var) of each stage; rows are steps when per-step BN is on."""
+        """(running_mean, running_var) of each stage; rows are steps when per-step BN is on.
+        Empty with layer norm, which keeps none."""
+        if self.config.norm_layer != "batch_norm":
+            return []
         return [
             (self.classifier.layer_dict[f"conv{i}"].norm_layer.running_mean,
              self.classifier.layer_dict[f"conv{i}"].norm_layer.running_var)
@@ -307,7 +310,8 @@ class FewShotLearnerBase(nn.Module):
         ]
 
     def bn_parameters(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        """(weight, bias) of each stage's norm layer, shape (S, C) or (C,)."""
+        """(weight, bias) of each stage's norm layer: batch norm (S, C) or (C,), layer norm
+        (C, H, W)."""
         return [
             (self.classifier.layer_dict[f"conv{i}"].norm_layer.weight,
              self.classifier.layer_dict[f"conv{i}"].norm_layer.bias)
@@ -315,8 +319,9 @@ class FewShotLearnerBase(nn.Module):
         ]
 
     def bn_row(self, tensor: torch.Tensor, step: int) -> torch.Tensor:
-        """The step's row of a per-step BN tensor, or the tensor itself without per-step BN."""
-        return tensor[step] if self.config.per_step_bn_statistics else tensor
+        """The step's row of a per-step BN tensor, or the tensor itself without per-step BN
+        (and for layer norm, which has no per-step rows)."""
+        return tensor[step] if self.config.per_step_batch_norm else tensor
 
     # ------------------------------------------------------------------ inputs
     def prepare_batch(self, data_batch: Sequence[ArrayLike]) -> TaskBatch:

@@ -19,7 +19,7 @@ from .cuda_graphs import MetaStepGraphs
 from .learner_base import ArrayLike, FewShotLearnerBase, TaskBatch
 from .ops.bn_lrelu_pool import bn_lrelu_pool, bn_lrelu_pool_backend
 from .ops.lslr_update import lslr_update, lslr_update_backend
-from .ops.task_conv import per_layer_requests, task_conv, task_conv_strategies
+from .ops.task_conv import STRIDED_STRATEGIES, per_layer_requests, task_conv, task_conv_strategies
 from .parameters import BN_EPS, BN_MOMENTUM, LEAKY_RELU_SLOPE
 from .task_batched import (
     StageStatistics,
@@ -114,8 +114,10 @@ class MetaLearner(FewShotLearnerBase):
         """The kernel each fused op runs on, for this learner's device and dtype."""
         probe = torch.empty(1, 1, 2, 2, device=self.device, dtype=self.dtype)
         rates = torch.empty(1, device=self.device, dtype=self.dtype)
+        fused_stage = self.config.norm_layer == "batch_norm" and self.config.max_pooling
         return {
-            "bn_lrelu_pool": bn_lrelu_pool_backend(probe, backend=self._op_backend()),
+            # Layer norm, or stages without a max-pool, run their ATen composition instead.
+            "bn_lrelu_pool": bn_lrelu_pool_backend(probe, backend=self._op_backend()) if fused_stage else "aten",
             "lslr_update": lslr_update_backend([probe], [probe], rates, backend=self._op_backend()),
             "task_conv": self._describe_conv_strategies(),
         }
@@ -127,7 +129,15 @@ class MetaLearner(FewShotLearnerBase):
 
     @conv_strategy.setter
     def conv_strategy(self, value: Union[str, Sequence[str]]) -> None:
-        self._conv_requests = per_layer_requests(value, self.config.num_stages, argument="conv_strategy")
+        requests = per_layer_requests(value, self.config.num_stages, argument="conv_strategy")
+        if self.config.conv_stride != 1:
+            unsupported = sorted({r for r in requests if r not in ("auto",) + STRIDED_STRATEGIES})
+            if unsupported:
+                raise ValueError(
+                    f"conv_strategy: max_pooling=false uses stride-2 convolutions, which run with "
+                    f"{('auto',) + STRIDED_STRATEGIES} only, got {value!r}"
+                )
+        self._conv_requests = requests
         # A tuple when per layer: hashable, so it can key the recorded CUDA graphs.
         self._conv_strategy = value if isinstance(value, str) else tuple(value)
 
@@ -137,7 +147,8 @@ class MetaLearner(FewShotLearnerBase):
 
     def _convs(self) -> List[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:
         """The task-batched convolution of each conv layer, with that layer's strategy."""
-        return [functools.partial(task_conv, strategy=request) for request in self._conv_requests]
+        stride = self.config.conv_stride
+        return [functools.partial(task_conv, strategy=request, stride=stride) for request in self._conv_requests]
 
     def _stage(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
         return bn_lrelu_pool(x, weight, bias, eps=BN_EPS, negative_slope=LEAKY_RELU_SLOPE,
@@ -164,6 +175,8 @@ class MetaLearner(FewShotLearnerBase):
             self._stage,
             running_stats=running,
             conv=self._convs(),
+            norm_layer=self.config.norm_layer,
+            max_pooling=self.config.max_pooling,
         )
 
     def _initial_fast_weights(self, num_tasks: int, track_meta_gradients: bool) -> FastWeights:
@@ -185,8 +198,8 @@ class MetaLearner(FewShotLearnerBase):
         return dict(zip(names, updated))
 
     def _tracks_running_statistics(self, training_phase: bool) -> bool:
-        if not self.config.per_step_bn_statistics:
-            return False  # the official layer passes running_mean=None then
+        if not self.config.per_step_batch_norm:
+            return False  # the official layer passes running_mean=None then (layer norm keeps none)
         if training_phase:
             return True
         return not (self.config.bn_restore_stats_after_evaluation

@@ -15,13 +15,13 @@ each run their own forward pass over them.
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from .config import MAMLConfig
+from .config import MAMLConfig, strided_conv_size
 
 __all__ = [
     "seed_like_official",
@@ -30,10 +30,12 @@ __all__ = [
     "inner_loop_parameter_names",
     "learning_rate_key",
     "feature_size",
+    "conv_output_shapes",
 ]
 
 BN_MOMENTUM = 0.1
 BN_EPS = 1e-5
+LAYER_NORM_EPS = 1e-5  # MetaLayerNormLayer's default
 LEAKY_RELU_SLOPE = 0.01
 
 
@@ -44,16 +46,42 @@ def seed_like_official(seed: int) -> np.random.RandomState:
     return rng
 
 
-def feature_size(config: MAMLConfig) -> int:
-    """Length of the flattened features that reach the linear layer."""
+def conv_output_shapes(config: MAMLConfig) -> List[Tuple[int, int, int]]:
+    """(C, H, W) of each stage's convolution output, where its norm layer acts: same-size 3x3
+    convolutions and 2x2 max-pools, or (max_pooling=false) stride-2 convolutions and no pool."""
     height, width = config.image_height, config.image_width
+    shapes = []
     for _ in range(config.num_stages):
-        height, width = height // 2, width // 2
-    return config.cnn_num_filters * height * width
+        if not config.max_pooling:
+            height, width = strided_conv_size(height), strided_conv_size(width)
+        shapes.append((config.cnn_num_filters, height, width))
+        if config.max_pooling:
+            height, width = height // 2, width // 2
+    return shapes
+
+
+def feature_size(config: MAMLConfig) -> int:
+    """Length of the flattened features that reach the linear layer. Without max-pooling the
+    official network average-pools the last map with windows of its height (`avg_pool2d(out,
+    out.shape[2])`): 1 x (W // H) positions per channel."""
+    channels, height, width = conv_output_shapes(config)[-1]
+    if config.max_pooling:
+        return channels * (height // 2) * (width // 2)
+    return channels * (width // height)
 
 
 class _Holder(nn.Module):
     """A plain container: the official names are attribute paths of nested holders."""
+
+
+def _layer_norm_holder(shape: Tuple[int, int, int]) -> nn.Module:
+    """The official MetaLayerNormLayer over one conv output [C, H, W]: gamma frozen at 1, beta
+    trained by the outer loop only (its name holds "norm_layer"); no running statistics and no
+    per-step rows, whatever per_step_bn_statistics says."""
+    norm = _Holder()
+    norm.weight = nn.Parameter(torch.ones(*shape), requires_grad=False)
+    norm.bias = nn.Parameter(torch.zeros(*shape))
+    return norm
 
 
 def _batch_norm_holder(config: MAMLConfig, channels: int) -> nn.Module:
@@ -80,13 +108,16 @@ def build_classifier(config: MAMLConfig) -> nn.Module:
     classifier = _Holder()
     classifier.layer_dict = nn.ModuleDict()
     in_channels = config.image_channels
-    for stage in range(config.num_stages):
+    for stage, shape in enumerate(conv_output_shapes(config)):
         block = _Holder()
         block.conv = _Holder()
         block.conv.weight = nn.Parameter(torch.empty(config.cnn_num_filters, in_channels, 3, 3))
         nn.init.xavier_uniform_(block.conv.weight)
         block.conv.bias = nn.Parameter(torch.zeros(config.cnn_num_filters))
-        block.norm_layer = _batch_norm_holder(config, config.cnn_num_filters)
+        if config.norm_layer == "layer_norm":
+            block.norm_layer = _layer_norm_holder(shape)
+        else:
+            block.norm_layer = _batch_norm_holder(config, config.cnn_num_filters)
         classifier.layer_dict[f"conv{stage}"] = block
         in_channels = config.cnn_num_filters
     linear = _Holder()
@@ -94,7 +125,7 @@ def build_classifier(config: MAMLConfig) -> nn.Module:
     nn.init.xavier_uniform_(linear.weights)
     linear.bias = nn.Parameter(torch.zeros(config.num_classes_per_set))
     classifier.layer_dict["linear"] = linear
-    if config.per_step_bn_statistics:
+    if config.per_step_batch_norm:
         # The official constructor runs an all-zeros dummy batch through each new block
         # (`build_block`) and then through the whole network (`build_network`), both at step 0
         # in training mode. Every conv output is 0, so the batch variance is 0 and each

@@ -7,6 +7,8 @@ as [N*K, B*C, H, W] (task b's channel c is channel b*C + c). Then
 - per-task batch norm is ordinary batch norm over the B*C channels: each channel's statistics
   are taken over its own task's N*K images only;
 - leaky ReLU and max-pool are elementwise/windowed and indifferent to the layout;
+- layer norm (norm_layer="layer_norm") normalises each image of each task over its own
+  channels: a view [n, B, C, H, W];
 - the linear head is one batched matmul over tasks.
 
 One launch per layer per step serves the whole meta-batch.
@@ -14,6 +16,7 @@ One launch per layer per step serves the whole meta-batch.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -21,13 +24,15 @@ import torch
 import torch.nn.functional as F
 
 from .ops.task_conv import task_conv
-from .parameters import BN_EPS, LEAKY_RELU_SLOPE
+from .parameters import BN_EPS, LAYER_NORM_EPS, LEAKY_RELU_SLOPE
 
 __all__ = [
     "to_task_channels",
     "StageStatistics",
     "StageFunction",
     "task_batched_logits",
+    "task_layer_norm",
+    "bn_lrelu",
     "per_task_cross_entropy",
     "fold_running_statistics",
 ]
@@ -65,6 +70,9 @@ def task_batched_logits(
     stage: StageFunction,
     running_stats: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]] = None,
     conv: Optional[Union[ConvFunction, Sequence[ConvFunction]]] = None,
+    *,
+    norm_layer: str = "batch_norm",
+    max_pooling: bool = True,
 ) -> Tuple[torch.Tensor, List[StageStatistics]]:
     """Logits of every task's images with every task's own weights.
 
@@ -73,21 +81,28 @@ def task_batched_logits(
         conv_weights: per stage, [B, C_out, C_in, 3, 3].
         conv_biases: per stage, [B, C_out].
         linear_weight: [B, N, F]; linear_bias: [B, N].
-        bn_weights, bn_biases: per stage, this step's BN row [C_out], shared by all tasks.
-        stage: the fused BN + leaky ReLU + max-pool function.
+        bn_weights, bn_biases: per stage, the norm layer's affine parameters, shared by all
+            tasks: batch norm, this step's row [C_out]; layer norm, [C_out, H', W'].
+        stage: the fused BN + leaky ReLU + max-pool function (batch norm with max-pooling; the
+            other architectures run their ATen composition).
         running_stats: per stage, (mean [C_out], var [C_out]) to normalise with instead of the
             batch statistics (evaluation with `bn_use_running_stats_in_evaluation`).
         conv: the task-batched convolution (x, weight, bias) -> out, or one per stage; default
-            `mamlpp_fast.ops.task_conv` with its "auto" strategy.
+            `mamlpp_fast.ops.task_conv` with its "auto" strategy (stride 2 without max-pooling).
+        norm_layer: "batch_norm" or "layer_norm" (the official MetaLayerNormLayer: each image
+            normalised over its C_out, H', W').
+        max_pooling: True: 2x2 max-pool after each stage. False (official max_pooling=false): the
+            convolutions are strided (as `conv` must be) and the last map is average-pooled with
+            windows of its height.
 
     Returns:
-        logits [B, n, N] and, unless `running_stats` is given, each stage's batch statistics.
+        logits [B, n, N] and, for batch norm without `running_stats`, each stage's batch
+        statistics (empty for layer norm, which keeps none).
     """
     num_tasks = linear_weight.shape[0]
-    if conv is None or callable(conv):
-        convs = [conv or task_conv] * len(conv_weights)
-    else:
-        convs = list(conv)
+    if conv is None:
+        conv = functools.partial(task_conv, stride=1 if max_pooling else 2)
+    convs = [conv] * len(conv_weights) if callable(conv) else list(conv)
     if len(convs) != len(conv_weights):
         raise ValueError(f"conv: expected one convolution per stage ({len(conv_weights)}), got {len(convs)}")
     out = images
@@ -95,21 +110,51 @@ def task_batched_logits(
     for index, (weight, bias) in enumerate(zip(conv_weights, conv_biases)):
         b, c_out = weight.shape[:2]
         out = convs[index](out, weight, bias)
-        gamma = bn_weights[index].repeat(num_tasks)
-        beta = bn_biases[index].repeat(num_tasks)
-        if running_stats is not None:
+        pooled = False
+        if norm_layer == "layer_norm":
+            out = F.leaky_relu(task_layer_norm(out, num_tasks, bn_weights[index], bn_biases[index]), LEAKY_RELU_SLOPE)
+        elif running_stats is not None:
             mean, var = running_stats[index]
-            out = F.batch_norm(out, mean.repeat(num_tasks), var.repeat(num_tasks), gamma, beta,
-                               training=False, eps=BN_EPS)
-            out = F.max_pool2d(F.leaky_relu(out, LEAKY_RELU_SLOPE), kernel_size=2, stride=2)
-            continue
-        count = out.shape[0] * out.shape[2] * out.shape[3]
-        out, mean, invstd = stage(out, gamma, beta)
-        statistics.append(StageStatistics(mean.view(b, c_out), invstd.view(b, c_out), count))
+            out = F.batch_norm(out, mean.repeat(num_tasks), var.repeat(num_tasks), bn_weights[index].repeat(num_tasks),
+                               bn_biases[index].repeat(num_tasks), training=False, eps=BN_EPS)
+            out = F.leaky_relu(out, LEAKY_RELU_SLOPE)
+        else:
+            count = out.shape[0] * out.shape[2] * out.shape[3]
+            gamma, beta = bn_weights[index].repeat(num_tasks), bn_biases[index].repeat(num_tasks)
+            if max_pooling:
+                out, mean, invstd = stage(out, gamma, beta)
+                pooled = True
+            else:
+                out, mean, invstd = bn_lrelu(out, gamma, beta)
+            statistics.append(StageStatistics(mean.view(b, c_out), invstd.view(b, c_out), count))
+        if max_pooling and not pooled:
+            out = F.max_pool2d(out, kernel_size=2, stride=2)
+    if not max_pooling:
+        out = F.avg_pool2d(out, out.shape[2])
     n = out.shape[0]
     features = out.reshape(n, num_tasks, -1).transpose(0, 1)
     logits = torch.baddbmm(linear_bias.unsqueeze(1), features, linear_weight.transpose(1, 2))
     return logits, statistics
+
+
+def task_layer_norm(x: torch.Tensor, num_tasks: int, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Layer norm of each image of each task over its own C, H, W: x [n, B*C, H, W], weight and
+    bias [C, H, W] (shared by the tasks) -> [n, B*C, H, W]."""
+    n, _, height, width = x.shape
+    per_task = x.reshape(n, num_tasks, -1, height, width)
+    normalised = F.layer_norm(per_task, weight.shape, weight, bias, eps=LAYER_NORM_EPS)
+    return normalised.reshape(x.shape)
+
+
+def bn_lrelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch norm (batch statistics) and leaky ReLU without the pool (max_pooling=false):
+    x [n, G, H, W], weight and bias [G] -> (y [n, G, H, W], mean [G], invstd [G]), the
+    statistics detached, as `bn_lrelu_pool` returns them."""
+    y = F.leaky_relu(F.batch_norm(x, None, None, weight, bias, training=True, eps=BN_EPS), LEAKY_RELU_SLOPE)
+    with torch.no_grad():
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+        invstd = torch.rsqrt(var + BN_EPS)
+    return y, mean, invstd
 
 
 def per_task_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

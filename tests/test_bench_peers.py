@@ -72,3 +72,14 @@ def test_peer_matches_reference(peer, second_order, dataset):
         floor = 1e-3 * scale if ("conv.bias" in name or "conv-bias" in name) else 0.0
         err = (a - e).norm().item()
         assert err <= RTOL * max(e.norm().item(), floor) + 1e-13, f"{peer} {name}: {err:.3e}"
+
+
+@pytest.mark.parametrize("variant, message", [
+    (dict(max_pooling=False), "max_pooling=true"),
+    (dict(norm_layer="layer_norm"), "per-step BN"),
+])
+def test_peers_refuse_networks_they_do_not_implement(variant, message):
+    """The peers build the released network only; another one must not be timed under its name."""
+    cls = peer_class("torchfunc")  # torch.func ships with torch: always importable
+    with pytest.raises(ValueError, match=message):
+        cls(tiny_config(True).replace(**variant))

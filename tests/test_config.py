@@ -62,8 +62,8 @@ def test_unknown_keys_and_bad_values_raise(tmp_path):
         MAMLConfig(second_order="maybe")
     with pytest.raises(ValueError, match="cnn_num_filters must be an integer"):
         MAMLConfig(cnn_num_filters=2.5)
-    with pytest.raises(ValueError, match="norm_layer"):
-        MAMLConfig(norm_layer="layer_norm")
+    with pytest.raises(ValueError, match="norm_layer must be one of"):
+        MAMLConfig(norm_layer="group_norm")
     with pytest.raises(ValueError, match="number_of_evaluation_steps_per_iter"):
         MAMLConfig(number_of_evaluation_steps_per_iter=3)
     with pytest.raises(ValueError, match="too small"):
@@ -113,3 +113,16 @@ def test_gates():
     assert config.uses_multi_step_loss(9, training_phase=True)
     assert not config.uses_multi_step_loss(10, training_phase=True)
     assert not config.uses_multi_step_loss(0, training_phase=False)
+
+
+def test_the_official_network_options_no_released_config_uses():
+    """max_pooling=false (the argparse default) and layer norm build; what cannot work is refused."""
+    config = MAMLConfig.from_dict({}, missing="argparse")  # every key at its argparse default
+    assert config.max_pooling is False and config.conv_stride == 2
+    assert MAMLConfig(norm_layer="layer_norm").per_step_batch_norm is False
+    assert MAMLConfig(max_pooling=False, image_height=8, image_width=8).conv_stride == 2  # no pools to run out of
+    MAMLConfig(max_pooling=False, image_height=28, image_width=84)  # wider than high: 1 x 3 pooled positions
+    with pytest.raises(ValueError, match="average pool"):
+        MAMLConfig(max_pooling=False, image_height=84, image_width=28)
+    with pytest.raises(ValueError, match="layer norm keeps no running statistics"):
+        MAMLConfig(norm_layer="layer_norm", bn_use_running_stats_in_evaluation=True)

@@ -61,6 +61,50 @@ def test_state_dict_has_the_official_names_and_shapes():
     assert trainable == 112_724 + 4 * 2 * 5 * 64 + 60
 
 
+@pytest.mark.parametrize("name, variant, linear_inputs, norm_shapes", [
+    # Strided convolutions, 28 -> 14 -> 7 -> 4 -> 2, then a 2x2 average pool: 64 features.
+    ("maml++_omniglot_20w1s", dict(max_pooling=False), 64, [(5, 64)] * 4),
+    # 84 -> 42 -> 21 -> 11 -> 6, then a 6x6 average pool: 48 features.
+    ("maml++_mini-imagenet_5w1s", dict(max_pooling=False), 48, [(5, 48)] * 4),
+    # Layer norm over each conv output, before its max-pool.
+    ("maml++_omniglot_20w1s", dict(norm_layer="layer_norm"), 64,
+     [(64, 28, 28), (64, 14, 14), (64, 7, 7), (64, 3, 3)]),
+    ("maml++_omniglot_20w1s", dict(norm_layer="layer_norm", max_pooling=False), 64,
+     [(64, 14, 14), (64, 7, 7), (64, 4, 4), (64, 2, 2)]),
+])
+def test_network_variants_have_the_official_parameters(name, variant, linear_inputs, norm_shapes):
+    """Shapes worked out by hand from the official VGGReLUNormNetwork (spec section 2)."""
+    config = preset(name, **variant)
+    learner = MetaLearner(config)
+    state = learner.state_dict()
+    assert state["classifier.layer_dict.linear.weights"].shape == (config.num_classes_per_set, linear_inputs)
+    layer_norm = variant.get("norm_layer") == "layer_norm"
+    for stage, shape in enumerate(norm_shapes):
+        prefix = f"classifier.layer_dict.conv{stage}.norm_layer."
+        names = [k[len(prefix):] for k in state if k.startswith(prefix)]
+        # MetaLayerNormLayer registers weight then bias and keeps no running statistics.
+        assert names == (["weight", "bias"] if layer_norm else ["running_mean", "running_var", "bias", "weight"])
+        assert state[prefix + "weight"].shape == state[prefix + "bias"].shape == shape
+    norm = learner.classifier.layer_dict["conv0"].norm_layer
+    if layer_norm:
+        assert not norm.weight.requires_grad and norm.bias.requires_grad  # gamma frozen at 1, as officially
+        assert torch.all(norm.weight == 1) and learner.running_statistics() == []
+    assert len(learner.inner_loop_parameter_names) == 10  # norm layers stay out of the inner loop
+    conv_and_linear = 64 * 9 + 64 + 3 * (64 * 64 * 9 + 64) if "omniglot" in name else 48 * 27 + 48 + 3 * (48 * 48 * 9 + 48)
+    conv_and_linear += config.num_classes_per_set * (linear_inputs + 1)
+    norm_parameters = sum(int(np.prod(s)) for s in norm_shapes) * (1 if layer_norm else 2)
+    assert sum(p.numel() for p in learner.trainable_parameters()) == conv_and_linear + norm_parameters + 60
+
+
+def test_strided_network_refuses_conv_strategies_without_a_stride():
+    config = preset("maml++_omniglot_5w1s", max_pooling=False, **TINY)
+    with pytest.raises(ValueError, match="conv_strategy: max_pooling=false"):
+        MetaLearner(config, conv_strategy="explicit")
+    learner = MetaLearner(config, conv_strategy=("blockdiag", "auto", "grouped", "auto"))
+    assert learner.active_backends["bn_lrelu_pool"] == "aten"  # no max-pool to fuse with
+    assert learner.active_backends["task_conv"] == "blockdiag,grouped,grouped,grouped"
+
+
 def test_same_seed_gives_the_same_init_as_the_reference(config):
     a, b = MetaLearner(config), MAMLFewShotClassifier(config)
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
@@ -181,9 +225,9 @@ def test_per_layer_conv_strategy_reaches_each_layer(config, monkeypatch):
     calls = []
     real_task_conv = meta_learner_module.task_conv
 
-    def recording_task_conv(x, weight, bias, strategy):
+    def recording_task_conv(x, weight, bias, strategy, stride):
         calls.append((weight.shape[2], strategy))  # (C_in, strategy): C_in tells the layers apart
-        return real_task_conv(x, weight, bias, strategy=strategy)
+        return real_task_conv(x, weight, bias, strategy=strategy, stride=stride)
 
     monkeypatch.setattr(meta_learner_module, "task_conv", recording_task_conv)
     learner = MetaLearner(config, conv_strategy=("bmm", "explicit", "auto", "grouped"))

@@ -122,6 +122,37 @@ def test_training_pass_matches_reference(name, overrides, num_tasks, second_orde
     compare_one_pass(config, num_tasks)
 
 
+# The official network options no released config uses (spec section 2): strided convolutions
+# with a final average pool instead of max-pools, and layer norm instead of batch norm.
+VARIANTS = [dict(max_pooling=False), dict(norm_layer="layer_norm"), dict(norm_layer="layer_norm", max_pooling=False)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(f"{k}={v}" for k, v in v.items()))
+@pytest.mark.parametrize("name, overrides", [
+    ("maml++_omniglot_20w1s", dict(SMALL, num_target_samples=2)),
+    ("maml++_mini-imagenet_5w1s", dict(SMALL, cnn_num_filters=8, num_target_samples=2)),
+])
+@pytest.mark.parametrize("second_order", [True, False])
+def test_network_variants_match_reference(variant, name, overrides, second_order):
+    config = preset(name, second_order=second_order, **{**overrides, **variant})
+    compare_one_pass(config, 2)
+    compare_one_pass(config, 2, training=False)
+
+
+def test_network_variant_trains_like_the_reference_over_iterations():
+    """Adam steps on the layer-norm biases (trained by the outer loop only) and the strided network."""
+    config = preset("maml++_omniglot_5w1s", total_epochs=4, max_pooling=False, norm_layer="layer_norm", **SMALL)
+    reference, learner = make_pair(config)
+    for iteration, epoch in enumerate([0, 1, 2]):
+        batch = make_batch(config, 2, seed=iteration)
+        ref_losses, _ = reference.run_train_iter(batch, epoch)
+        losses, _ = learner.run_train_iter(batch, epoch)
+        assert losses["loss"].item() == pytest.approx(ref_losses["loss"].item(), rel=RTOL)
+    moved = learner.state_dict()["classifier.layer_dict.conv1.norm_layer.bias"]
+    assert moved.abs().max() > 0, "the outer loop must train the layer-norm biases"
+    assert_states_match_after_adam(learner.state_dict(), reference.state_dict(), "parameters")
+
+
 @pytest.mark.parametrize("name, overrides", [
     ("maml++_omniglot_20w1s", dict(SMALL, num_target_samples=2)),
     ("maml++_mini-imagenet_5w1s", dict(SMALL, cnn_num_filters=8, num_target_samples=2)),
@@ -237,3 +268,11 @@ def test_gpu_meta_step_matches_cpu_reference_in_float64(name, overrides, second_
     for training in (True, False):
         compare_one_pass(config, num_tasks=4, backend=backend, device="cuda", conv_strategy=conv_strategy,
                          training=training)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(f"{k}={v}" for k, v in v.items()))
+def test_gpu_network_variants_match_cpu_reference_in_float64(variant):
+    config = preset("maml++_omniglot_20w1s", **{**SMALL, "num_target_samples": 2, **variant})
+    for training in (True, False):
+        compare_one_pass(config, num_tasks=4, device="cuda", training=training)

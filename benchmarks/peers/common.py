@@ -113,8 +113,10 @@ class PeerLearner:
 
     def __init__(self, config: MAMLConfig, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu") -> None:
-        if not config.per_step_bn_statistics or not config.learnable_per_layer_per_step_inner_loop_learning_rate:
+        if not config.per_step_batch_norm or not config.learnable_per_layer_per_step_inner_loop_learning_rate:
             raise ValueError("peer providers implement MAML++ (per-step BN, learnable LSLR) only")
+        if not config.max_pooling:
+            raise ValueError("peer providers implement the released network (max_pooling=true) only")
         self.config = config
         self.dtype, self.device = dtype, torch.device(device)
         self.num_steps = config.number_of_training_steps_per_iter

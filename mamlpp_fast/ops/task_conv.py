@@ -2,7 +2,8 @@
 
 Layout: tasks are channel groups, as everywhere in MetaLearner: x [n, B*C_in, H, W] holds the
 n images of each of B tasks, weight [B, C_out, C_in, 3, 3] and bias [B, C_out] are per task, and
-the result is [n, B*C_out, H, W] (stride 1, zero padding 1).
+the result is [n, B*C_out, H, W] (stride 1, zero padding 1; stride 2 for the official
+max_pooling=false network, with the ATen strategies only).
 
 Five strategies compute the same function:
 
@@ -49,9 +50,11 @@ from torch import Tensor
 
 from .. import _backend
 
-__all__ = ["task_conv", "task_conv_strategy", "task_conv_strategies", "STRATEGIES"]
+__all__ = ["task_conv", "task_conv_strategy", "task_conv_strategies", "STRATEGIES", "STRIDED_STRATEGIES"]
 
 STRATEGIES = ("grouped", "explicit", "bmm", "triton", "blockdiag")
+# The strategies whose kernels take a stride (ATen's convolutions under ATen's autograd).
+STRIDED_STRATEGIES = ("grouped", "blockdiag")
 _REQUESTS = ("auto",) + STRATEGIES
 
 
@@ -122,13 +125,13 @@ def _task_conv_bmm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     return out.view(b, c_out, n, h, w).permute(2, 0, 1, 3, 4).reshape(n, b * c_out, h, w).contiguous()
 
 
-def _task_conv_blockdiag(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+def _task_conv_blockdiag(x: Tensor, weight: Tensor, bias: Tensor, stride: int = 1) -> Tensor:
     b, c_out, c_in = weight.shape[:3]
     # dense[t, o, u, c] = weight[t, o, c] if u == t else 0, as [B*C_out, B*C_in, 3, 3]. Autograd
     # takes the dense weight gradient (B times the work) and keeps its diagonal blocks.
     same_task = torch.eye(b, dtype=weight.dtype, device=weight.device).view(b, 1, b, 1, 1, 1)
     dense = (weight.unsqueeze(2) * same_task).reshape(b * c_out, b * c_in, 3, 3)
-    return F.conv2d(x, dense, bias.reshape(-1), padding=1)
+    return F.conv2d(x, dense, bias.reshape(-1), stride=stride, padding=1)
 
 
 class _ConvKernels(NamedTuple):
@@ -147,10 +150,10 @@ def _bias_grad(grad_out: Tensor, num_tasks: int) -> Tensor:
     return grad_out.sum(dim=(0, 2, 3)).view(num_tasks, -1)
 
 
-def _grouped_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _grouped_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int = 1) -> Tensor:
     b, c_out, c_in = weight.shape[:3]
     flat_bias = None if bias is None else bias.reshape(b * c_out)
-    return F.conv2d(x, weight.reshape(b * c_out, c_in, 3, 3), flat_bias, padding=1, groups=b)
+    return F.conv2d(x, weight.reshape(b * c_out, c_in, 3, 3), flat_bias, stride=stride, padding=1, groups=b)
 
 
 def _grouped_input_grad(grad_out: Tensor, weight: Tensor) -> Tensor:
@@ -264,8 +267,8 @@ class _TaskConvWeightGrad(torch.autograd.Function):
         return d_x, d_grad_out, None, None
 
 
-def task_conv(x: Tensor, weight: Tensor, bias: Tensor, *, strategy: str = "auto") -> Tensor:
-    """Per-task 3x3 convolution (stride 1, padding 1) of task-channel-grouped images.
+def task_conv(x: Tensor, weight: Tensor, bias: Tensor, *, strategy: str = "auto", stride: int = 1) -> Tensor:
+    """Per-task 3x3 convolution (zero padding 1) of task-channel-grouped images.
 
     Args:
         x: [n, B*C_in, H, W], task t's channels at [t*C_in, (t+1)*C_in).
@@ -273,18 +276,28 @@ def task_conv(x: Tensor, weight: Tensor, bias: Tensor, *, strategy: str = "auto"
         bias: [B, C_out].
         strategy: "auto" (default; see the module docstring), "grouped", "explicit", "bmm",
             "triton" or "blockdiag".
+        stride: 1 (MAML++), or 2 for the official max_pooling=false network; stride 2 runs on
+            the ATen kernels only ("auto", "grouped" or "blockdiag").
 
     Returns:
-        [n, B*C_out, H, W], contiguous. Differentiable to any order in x, weight and bias.
+        [n, B*C_out, H', W'] (H' = H with stride 1, (H - 1) // 2 + 1 with stride 2), contiguous.
+        Differentiable to any order in x, weight and bias.
     """
     _check(x, weight, bias)
     name = task_conv_strategy(x.device, strategy)
+    if stride not in (1, 2):
+        raise ValueError(f"task_conv: stride must be 1 or 2, got {stride!r}")
+    if stride != 1 and name not in STRIDED_STRATEGIES:
+        raise ValueError(
+            f"task_conv: stride {stride} runs with the strategies {STRIDED_STRATEGIES} (or 'auto'), "
+            f"got {strategy!r}"
+        )
     if name == "bmm":
         return _task_conv_bmm(x, weight, bias)
     if name == "blockdiag":
-        return _task_conv_blockdiag(x, weight, bias)
+        return _task_conv_blockdiag(x, weight, bias, stride)
     if name == "triton":
         return _TaskConv.apply(x, weight, bias, _TRITON_KERNELS)
     if name == "explicit":
         return _TaskConv.apply(x, weight, bias, _GROUPED_KERNELS)
-    return _grouped_forward(x, weight, bias)  # ATen's autograd
+    return _grouped_forward(x, weight, bias, stride)  # ATen's autograd

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..learner_base import FewShotLearnerBase, TaskBatch
-from ..parameters import BN_EPS, BN_MOMENTUM, LEAKY_RELU_SLOPE
+from ..parameters import BN_EPS, BN_MOMENTUM, LAYER_NORM_EPS, LEAKY_RELU_SLOPE
 
 __all__ = ["MAMLFewShotClassifier"]
 
@@ -36,33 +36,45 @@ class MAMLFewShotClassifier(FewShotLearnerBase):
     def _task_forward(
         self, x: torch.Tensor, y: torch.Tensor, weights: Dict[str, torch.Tensor], training: bool, num_step: int
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """`net_forward` (see the base class): conv, BN with the step's rows, leaky ReLU and
-        max-pool per stage, then the linear layer; F.batch_norm folds the running statistics."""
-        use_running_stats = (not training) and self.config.bn_use_running_stats_in_evaluation
+        """`net_forward` (see the base class), the official `VGGReLUNormNetwork.forward`: per stage
+        conv, norm, leaky ReLU and (max_pooling) a 2x2 max-pool; without max-pooling the convs
+        have stride 2 and the last map is average-pooled. F.batch_norm folds the running statistics."""
         out = x
         for stage in range(self.config.num_stages):
             prefix = f"layer_dict.conv{stage}"
-            norm = self.classifier.layer_dict[f"conv{stage}"].norm_layer
-            out = F.conv2d(out, weights[f"{prefix}.conv.weight"], weights[f"{prefix}.conv.bias"], padding=1)
-            if self.config.per_step_bn_statistics:
-                running_mean, running_var = norm.running_mean[num_step], norm.running_var[num_step]
-            else:
-                running_mean = running_var = None
-            out = F.batch_norm(
-                out,
-                running_mean,
-                running_var,
-                self.bn_row(norm.weight, num_step),
-                self.bn_row(norm.bias, num_step),
-                training=not use_running_stats,
-                momentum=BN_MOMENTUM,
-                eps=BN_EPS,
-            )
+            out = F.conv2d(out, weights[f"{prefix}.conv.weight"], weights[f"{prefix}.conv.bias"],
+                           stride=self.config.conv_stride, padding=1)
+            out = self._normalise(out, stage, training, num_step)
             out = F.leaky_relu(out, LEAKY_RELU_SLOPE)
-            out = F.max_pool2d(out, kernel_size=2, stride=2, padding=0)
+            if self.config.max_pooling:
+                out = F.max_pool2d(out, kernel_size=2, stride=2, padding=0)
+        if not self.config.max_pooling:
+            out = F.avg_pool2d(out, out.shape[2])
         out = out.reshape(out.shape[0], -1)
         logits = F.linear(out, weights["layer_dict.linear.weights"], weights["layer_dict.linear.bias"])
         return F.cross_entropy(logits, y), logits
+
+    def _normalise(self, out: torch.Tensor, stage: int, training: bool, num_step: int) -> torch.Tensor:
+        """The stage's MetaBatchNormLayer (the step's rows; batch statistics unless the
+        evaluation fix says otherwise) or MetaLayerNormLayer (over each image's C, H, W)."""
+        norm = self.classifier.layer_dict[f"conv{stage}"].norm_layer
+        if self.config.norm_layer == "layer_norm":
+            return F.layer_norm(out, norm.weight.shape, norm.weight, norm.bias, eps=LAYER_NORM_EPS)
+        use_running_stats = (not training) and self.config.bn_use_running_stats_in_evaluation
+        if self.config.per_step_bn_statistics:
+            running_mean, running_var = norm.running_mean[num_step], norm.running_var[num_step]
+        else:
+            running_mean = running_var = None
+        return F.batch_norm(
+            out,
+            running_mean,
+            running_var,
+            self.bn_row(norm.weight, num_step),
+            self.bn_row(norm.bias, num_step),
+            training=not use_running_stats,
+            momentum=BN_MOMENTUM,
+            eps=BN_EPS,
+        )
 
     # ------------------------------------------------------------------ inner loop
     def forward(
