@@ -339,13 +339,14 @@ def _config_of_checkpoint(path: str) -> Dict[str, Any]:
     return state["config"]
 
 
-def _test_summary_name(args: argparse.Namespace) -> str:
-    """``test_summary`` for the official protocol (top 5, the run's own config); another name,
-    saying what differs, for anything else, so that the official result is never overwritten."""
+def _test_summary_name(args: argparse.Namespace, own_num_tasks: Optional[int]) -> str:
+    """``test_summary`` for the official protocol (top 5, the run's own config, whose
+    num_evaluation_tasks is ``own_num_tasks``); another name, saying what differs, for anything
+    else, so that the official result is never overwritten."""
     parts = []
     if args.top_n != 5:
         parts.append(f"top{args.top_n}")
-    if args.num_tasks is not None:
+    if args.num_tasks is not None and args.num_tasks != own_num_tasks:
         parts.append(f"{args.num_tasks}tasks")
     if args.sets or args.seed is not None or args.config is not None or args.preset is not None:
         parts.append("custom")
@@ -389,10 +390,12 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
             if args.num_tasks < 1:
                 raise CLIError(f"--num-tasks: must be >= 1, got {args.num_tasks}")
             sets.append(f"num_evaluation_tasks={args.num_tasks}")
+        own_num_tasks = None  # num_evaluation_tasks of the checkpoint's own config
         if args.config is not None or args.preset is not None:
             config = build_config(args.config, args.preset, sets, args.seed)
         else:
             values = _config_of_checkpoint(probe)
+            own_num_tasks = values.get("num_evaluation_tasks")
             if experiment_dir is not None:  # the folder names the experiment, wherever it moved
                 values["experiment_name"] = os.path.basename(os.path.abspath(experiment_dir))
             overridden = _parse_sets(sets)
@@ -421,7 +424,7 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
         if not trainer.finished:
             print(f"note: training is not finished ({trainer.epochs_done}/{config.total_epochs} epochs); "
                   f"testing the best epochs so far", file=sys.stderr)
-        summary_name = _test_summary_name(args)
+        summary_name = _test_summary_name(args, own_num_tasks)
         try:
             summary = trainer.run_test(top_n=args.top_n, summary_name=summary_name)
         except (DataError, DataNotFoundError) as error:

@@ -58,6 +58,10 @@ def test_train_then_eval_end_to_end(tmp_path, capsys):
     assert "test_summary_top1_2tasks.json" in out and "ensemble of 1 model(s)" in out
     assert json.loads((folder / "logs" / "test_summary_top1_2tasks.json").read_text())["num_tasks"] == 2
     assert (folder / "logs" / "test_summary.json").read_text() == official
+    # The run's own task count (4 here) is the official protocol again: its own summary name.
+    assert eval_main(["--experiment", str(folder), "--threads", "1", "--num-tasks", "4"]) == 0
+    assert f"written: {folder / 'logs' / 'test_summary'}.json" in capsys.readouterr().out
+    assert json.loads((folder / "logs" / "test_summary.json").read_text())["test_accuracy_mean"] == summary["test_accuracy_mean"]
     assert eval_main(["--experiment", str(folder), "--threads", "1", "--top-n", "7"]) == 2
     assert "top_n (--top-n) must be between 1 and 5 (the checkpoints a run keeps" in capsys.readouterr().err
 
