@@ -20,7 +20,9 @@ official `VGGReLUNormNetwork` builds them: `max_pooling=false` (stride-2 convolu
 average pool instead of 2x2 max-pools; the official argparse default) and
 `norm_layer="layer_norm"` (MetaLayerNormLayer over each conv output [C, H, W], gamma frozen at 1,
 beta trained by the outer loop only, no per-step rows or running statistics). Both run on ATen
-kernels: the fused batch-norm stage needs batch norm followed by a max-pool.
+kernels: the fused batch-norm stage needs batch norm followed by a max-pool. So does
+`enable_inner_loop_optimizable_bn_params=true`: the norm layers' trainable parameters join the
+inner loop (with LSLR rates of their own) as single (C,) rows, adapted per task.
 """
 
 from __future__ import annotations
@@ -291,9 +293,16 @@ class MAMLConfig:
 
     @property
     def per_step_batch_norm(self) -> bool:
-        """Batch norm with one row of statistics, gamma and beta per inner step (BNRS + BNWB).
-        The official layer norm ignores `per_step_bn_statistics`."""
+        """Batch norm with one row of running statistics per inner step (BNRS). The official
+        layer norm ignores `per_step_bn_statistics`."""
         return self.norm_layer == "batch_norm" and bool(self.per_step_bn_statistics)
+
+    @property
+    def per_step_bn_affine(self) -> bool:
+        """Batch norm with one row of gamma and beta per inner step (BNWB). With
+        `enable_inner_loop_optimizable_bn_params` the official layer keeps one (C,) gamma and
+        beta instead, which the inner loop adapts per task like the conv weights."""
+        return self.per_step_batch_norm and not self.enable_inner_loop_optimizable_bn_params
 
     @property
     def conv_stride(self) -> int:
@@ -368,10 +377,14 @@ class MAMLConfig:
                 )
         if not self.conv_padding:
             raise ValueError("conv_padding: only conv_padding=true is supported")
-        if self.enable_inner_loop_optimizable_bn_params:
+        if (self.enable_inner_loop_optimizable_bn_params and self.norm_layer == "batch_norm"
+                and self.learnable_bn_gamma != self.learnable_bn_beta):
+            # The official MetaBatchNormLayer then reads params["weight"] and params["bias"] from
+            # the inner-loop weights, which hold only the trainable one: a KeyError.
             raise ValueError(
-                "enable_inner_loop_optimizable_bn_params=true is not supported (no released "
-                "config uses it)"
+                "enable_inner_loop_optimizable_bn_params=true with batch norm needs learnable_bn_gamma "
+                "and learnable_bn_beta both true or both false (the official layer adapts gamma and "
+                "beta together and fails otherwise)"
             )
         if self.bn_use_running_stats_in_evaluation and self.norm_layer != "batch_norm":
             raise ValueError(

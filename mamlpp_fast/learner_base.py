@@ -182,7 +182,7 @@ class FewShotLearnerBase(nn.Module):
         # Parameter creation consumes the torch RNG exactly as the official constructor does.
         self.rng = seed_like_official(self.config.seed)
         self.classifier = build_classifier(self.config)
-        self.inner_loop_parameter_names: List[str] = inner_loop_parameter_names(self.classifier)
+        self.inner_loop_parameter_names: List[str] = inner_loop_parameter_names(self.classifier, self.config)
         self.inner_loop_optimizer = build_inner_loop_optimizer(self.config, self.inner_loop_parameter_names)
         self.to(device=torch.device(device) if device is not None else torch.device("cpu"))
         if dtype is not None:
@@ -226,8 +226,11 @@ class FewShotLearnerBase(nn.Module):
                 yield param
 
     def get_inner_loop_parameter_dict(self, params) -> Dict[str, torch.Tensor]:
-        """Official semantics: trainable parameters whose name has no "norm_layer"."""
-        return {name: param for name, param in params if param.requires_grad and "norm_layer" not in name}
+        """Official semantics: the trainable parameters, without the norm layers' unless
+        `enable_inner_loop_optimizable_bn_params`."""
+        with_norm = self.config.enable_inner_loop_optimizable_bn_params
+        return {name: param for name, param in params
+                if param.requires_grad and (with_norm or "norm_layer" not in name)}
 
     def get_per_step_loss_importance_vector(self) -> torch.Tensor:
         """MSL weights at `current_epoch`, shape (number_of_training_steps_per_iter,).
@@ -309,19 +312,24 @@ class FewShotLearnerBase(nn.Module):
             for i in range(self.config.num_stages)
         ]
 
-    def bn_parameters(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        """(weight, bias) of each stage's norm layer: batch norm (S, C) or (C,), layer norm
-        (C, H, W)."""
-        return [
-            (self.classifier.layer_dict[f"conv{i}"].norm_layer.weight,
-             self.classifier.layer_dict[f"conv{i}"].norm_layer.bias)
-            for i in range(self.config.num_stages)
-        ]
-
     def bn_row(self, tensor: torch.Tensor, step: int) -> torch.Tensor:
-        """The step's row of a per-step BN tensor, or the tensor itself without per-step BN
-        (and for layer norm, which has no per-step rows)."""
+        """The step's row of a per-step BN running statistic, or the tensor itself without
+        per-step BN statistics."""
         return tensor[step] if self.config.per_step_batch_norm else tensor
+
+    def norm_affine(self, weights: Dict[str, torch.Tensor], stage: int, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(gamma, beta) of a stage's norm layer at an inner step: the adapted ones of `weights`
+        where the inner loop adapts them (`enable_inner_loop_optimizable_bn_params`), else the
+        step's row of per-step BN parameters, else the shared tensors (layer norm: [C, H, W])."""
+        norm = self.classifier.layer_dict[f"conv{stage}"].norm_layer
+        prefix = f"layer_dict.conv{stage}.norm_layer."
+        affine = []
+        for name, tensor in (("weight", norm.weight), ("bias", norm.bias)):
+            if prefix + name in weights:
+                affine.append(weights[prefix + name])
+            else:
+                affine.append(tensor[step] if self.config.per_step_bn_affine else tensor)
+        return affine[0], affine[1]
 
     # ------------------------------------------------------------------ inputs
     def prepare_batch(self, data_batch: Sequence[ArrayLike]) -> TaskBatch:

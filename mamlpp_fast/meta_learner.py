@@ -160,7 +160,7 @@ class MetaLearner(FewShotLearnerBase):
     ) -> Tuple[torch.Tensor, List[StageStatistics]]:
         """images [n, B*C, H, W] -> (logits [B, n, N], per-stage batch statistics)."""
         stages = range(self.config.num_stages)
-        bn = self.bn_parameters()
+        affine = [self.norm_affine(fast, i, step) for i in stages]  # [C] or [B, C] (BN); [(B,) C, H, W] (LN)
         running = None
         if not training_phase and self.config.bn_use_running_stats_in_evaluation:
             running = [(self.bn_row(mean, step), self.bn_row(var, step)) for mean, var in self.running_statistics()]
@@ -170,8 +170,8 @@ class MetaLearner(FewShotLearnerBase):
             [fast[f"layer_dict.conv{i}.conv.bias"] for i in stages],
             fast["layer_dict.linear.weights"],
             fast["layer_dict.linear.bias"],
-            [self.bn_row(weight, step) for weight, _ in bn],
-            [self.bn_row(bias, step) for _, bias in bn],
+            [weight for weight, _ in affine],
+            [bias for _, bias in affine],
             self._stage,
             running_stats=running,
             conv=self._convs(),

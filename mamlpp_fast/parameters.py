@@ -87,6 +87,8 @@ def _layer_norm_holder(shape: Tuple[int, int, int]) -> nn.Module:
 def _batch_norm_holder(config: MAMLConfig, channels: int) -> nn.Module:
     norm = _Holder()
     rows = (config.number_of_training_steps_per_iter,) if config.per_step_bn_statistics else ()
+    # With inner-loop BN parameters the official layer replaces gamma and beta by single rows.
+    affine_rows = rows if config.per_step_bn_affine else ()
     # Registration order matches the official MetaBatchNormLayer: running stats, then bias, then
     # weight. The running statistics are Parameters with requires_grad=False in the official code.
     norm.running_mean = nn.Parameter(torch.zeros(*rows, channels), requires_grad=False)
@@ -94,8 +96,8 @@ def _batch_norm_holder(config: MAMLConfig, channels: int) -> nn.Module:
         torch.ones(*rows, channels) if config.per_step_bn_statistics else torch.zeros(channels),
         requires_grad=False,
     )
-    norm.bias = nn.Parameter(torch.zeros(*rows, channels), requires_grad=config.learnable_bn_beta)
-    norm.weight = nn.Parameter(torch.ones(*rows, channels), requires_grad=config.learnable_bn_gamma)
+    norm.bias = nn.Parameter(torch.zeros(*affine_rows, channels), requires_grad=config.learnable_bn_beta)
+    norm.weight = nn.Parameter(torch.ones(*affine_rows, channels), requires_grad=config.learnable_bn_gamma)
     return norm
 
 
@@ -137,13 +139,14 @@ def build_classifier(config: MAMLConfig) -> nn.Module:
     return classifier
 
 
-def inner_loop_parameter_names(classifier: nn.Module) -> List[str]:
-    """Names adapted in the inner loop: trainable and not part of a norm layer (official
-    `get_inner_loop_parameter_dict`)."""
+def inner_loop_parameter_names(classifier: nn.Module, config: MAMLConfig) -> List[str]:
+    """Names adapted in the inner loop (official `get_inner_loop_parameter_dict`): the trainable
+    parameters, without the norm layers' unless `enable_inner_loop_optimizable_bn_params`."""
+    with_norm = config.enable_inner_loop_optimizable_bn_params
     return [
         name
         for name, param in classifier.named_parameters()
-        if param.requires_grad and "norm_layer" not in name
+        if param.requires_grad and (with_norm or "norm_layer" not in name)
     ]
 
 

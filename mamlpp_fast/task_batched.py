@@ -31,6 +31,7 @@ __all__ = [
     "StageStatistics",
     "StageFunction",
     "task_batched_logits",
+    "task_channels",
     "task_layer_norm",
     "bn_lrelu",
     "per_task_cross_entropy",
@@ -81,8 +82,9 @@ def task_batched_logits(
         conv_weights: per stage, [B, C_out, C_in, 3, 3].
         conv_biases: per stage, [B, C_out].
         linear_weight: [B, N, F]; linear_bias: [B, N].
-        bn_weights, bn_biases: per stage, the norm layer's affine parameters, shared by all
-            tasks: batch norm, this step's row [C_out]; layer norm, [C_out, H', W'].
+        bn_weights, bn_biases: per stage, the norm layer's affine parameters: batch norm, this
+            step's row [C_out] shared by all tasks or [B, C_out] adapted per task; layer norm,
+            [C_out, H', W'] shared or [B, C_out, H', W'] per task.
         stage: the fused BN + leaky ReLU + max-pool function (batch norm with max-pooling; the
             other architectures run their ATen composition).
         running_stats: per stage, (mean [C_out], var [C_out]) to normalise with instead of the
@@ -115,12 +117,13 @@ def task_batched_logits(
             out = F.leaky_relu(task_layer_norm(out, num_tasks, bn_weights[index], bn_biases[index]), LEAKY_RELU_SLOPE)
         elif running_stats is not None:
             mean, var = running_stats[index]
-            out = F.batch_norm(out, mean.repeat(num_tasks), var.repeat(num_tasks), bn_weights[index].repeat(num_tasks),
-                               bn_biases[index].repeat(num_tasks), training=False, eps=BN_EPS)
+            out = F.batch_norm(out, mean.repeat(num_tasks), var.repeat(num_tasks),
+                               task_channels(bn_weights[index], num_tasks), task_channels(bn_biases[index], num_tasks),
+                               training=False, eps=BN_EPS)
             out = F.leaky_relu(out, LEAKY_RELU_SLOPE)
         else:
             count = out.shape[0] * out.shape[2] * out.shape[3]
-            gamma, beta = bn_weights[index].repeat(num_tasks), bn_biases[index].repeat(num_tasks)
+            gamma, beta = task_channels(bn_weights[index], num_tasks), task_channels(bn_biases[index], num_tasks)
             if max_pooling:
                 out, mean, invstd = stage(out, gamma, beta)
                 pooled = True
@@ -137,12 +140,22 @@ def task_batched_logits(
     return logits, statistics
 
 
+def task_channels(param: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """A per-channel BN parameter in the task-channel layout [B*C]: [C] (shared by the tasks)
+    is repeated, [B, C] (adapted per task) flattened."""
+    return param.repeat(num_tasks) if param.dim() == 1 else param.reshape(-1)
+
+
 def task_layer_norm(x: torch.Tensor, num_tasks: int, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Layer norm of each image of each task over its own C, H, W: x [n, B*C, H, W], weight and
-    bias [C, H, W] (shared by the tasks) -> [n, B*C, H, W]."""
+    """Layer norm of each image of each task over its own C, H, W: x [n, B*C, H, W], weight
+    [C, H, W] and bias [C, H, W] (shared by the tasks) or [B, C, H, W] (adapted per task) ->
+    [n, B*C, H, W]."""
     n, _, height, width = x.shape
     per_task = x.reshape(n, num_tasks, -1, height, width)
-    normalised = F.layer_norm(per_task, weight.shape, weight, bias, eps=LAYER_NORM_EPS)
+    if bias.dim() == weight.dim():
+        normalised = F.layer_norm(per_task, weight.shape, weight, bias, eps=LAYER_NORM_EPS)
+    else:
+        normalised = F.layer_norm(per_task, weight.shape, weight, None, eps=LAYER_NORM_EPS) + bias
     return normalised.reshape(x.shape)
 
 

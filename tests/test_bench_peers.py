@@ -77,6 +77,7 @@ def test_peer_matches_reference(peer, second_order, dataset):
 @pytest.mark.parametrize("variant, message", [
     (dict(max_pooling=False), "max_pooling=true"),
     (dict(norm_layer="layer_norm"), "per-step BN"),
+    (dict(enable_inner_loop_optimizable_bn_params=True), "outside the inner loop"),
 ])
 def test_peers_refuse_networks_they_do_not_implement(variant, message):
     """The peers build the released network only; another one must not be timed under its name."""

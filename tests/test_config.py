@@ -126,3 +126,8 @@ def test_the_official_network_options_no_released_config_uses():
         MAMLConfig(max_pooling=False, image_height=84, image_width=28)
     with pytest.raises(ValueError, match="layer norm keeps no running statistics"):
         MAMLConfig(norm_layer="layer_norm", bn_use_running_stats_in_evaluation=True)
+    inner = MAMLConfig(enable_inner_loop_optimizable_bn_params=True)
+    assert inner.per_step_batch_norm and not inner.per_step_bn_affine  # per-step statistics, one gamma/beta row
+    with pytest.raises(ValueError, match="learnable_bn_gamma and learnable_bn_beta both"):
+        MAMLConfig(enable_inner_loop_optimizable_bn_params=True, learnable_bn_gamma=False)
+    MAMLConfig(enable_inner_loop_optimizable_bn_params=True, norm_layer="layer_norm", learnable_bn_gamma=False)

@@ -96,6 +96,28 @@ def test_network_variants_have_the_official_parameters(name, variant, linear_inp
     assert sum(p.numel() for p in learner.trainable_parameters()) == conv_and_linear + norm_parameters + 60
 
 
+@pytest.mark.parametrize("norm_layer", ["batch_norm", "layer_norm"])
+def test_inner_loop_norm_parameters_have_the_official_layout(norm_layer):
+    """enable_inner_loop_optimizable_bn_params: the official MetaBatchNormLayer replaces gamma and
+    beta by (C,) rows (per-step running statistics stay), and get_inner_loop_parameter_dict, which
+    also names the LSLR rates, keeps the trainable norm parameters."""
+    config = preset("maml++_omniglot_20w1s", enable_inner_loop_optimizable_bn_params=True, norm_layer=norm_layer)
+    learner = MetaLearner(config)
+    state = learner.state_dict()
+    rates = "inner_loop_optimizer.names_learning_rates_dict."
+    adapted_norm = ["weight", "bias"] if norm_layer == "batch_norm" else ["bias"]  # layer-norm gamma is frozen
+    for stage in range(4):
+        for name in adapted_norm:
+            assert f"layer_dict.conv{stage}.norm_layer.{name}" in learner.inner_loop_parameter_names
+            assert state[f"{rates}layer_dict-conv{stage}-norm_layer-{name}"].shape == (6,)
+    assert len(learner.inner_loop_parameter_names) == 10 + 4 * len(adapted_norm)
+    if norm_layer == "batch_norm":
+        assert state["classifier.layer_dict.conv2.norm_layer.weight"].shape == (64,)
+        assert state["classifier.layer_dict.conv2.norm_layer.running_mean"].shape == (5, 64)
+    fast = learner.adapt(*numpy_batch(config, num_tasks=3)[0::2])
+    assert fast["layer_dict.conv1.norm_layer.bias"].shape[0] == 3  # adapted per task
+
+
 def test_strided_network_refuses_conv_strategies_without_a_stride():
     config = preset("maml++_omniglot_5w1s", max_pooling=False, **TINY)
     with pytest.raises(ValueError, match="conv_strategy: max_pooling=false"):

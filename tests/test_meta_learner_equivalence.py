@@ -123,8 +123,19 @@ def test_training_pass_matches_reference(name, overrides, num_tasks, second_orde
 
 
 # The official network options no released config uses (spec section 2): strided convolutions
-# with a final average pool instead of max-pools, and layer norm instead of batch norm.
-VARIANTS = [dict(max_pooling=False), dict(norm_layer="layer_norm"), dict(norm_layer="layer_norm", max_pooling=False)]
+# with a final average pool instead of max-pools, layer norm instead of batch norm, and the norm
+# layers' parameters adapted by the inner loop.
+INNER_BN = dict(enable_inner_loop_optimizable_bn_params=True)
+VARIANTS = [
+    dict(max_pooling=False),
+    dict(norm_layer="layer_norm"),
+    dict(norm_layer="layer_norm", max_pooling=False),
+    INNER_BN,                                                    # (C,) gamma and beta, per task
+    dict(INNER_BN, per_step_bn_statistics=False, bn_restore_stats_after_evaluation=True),
+    dict(INNER_BN, learnable_bn_gamma=False, learnable_bn_beta=False),  # nothing left to adapt
+    dict(INNER_BN, bn_use_running_stats_in_evaluation=True),
+    dict(INNER_BN, norm_layer="layer_norm"),                     # the layer-norm beta, per task
+]
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(f"{k}={v}" for k, v in v.items()))
@@ -148,6 +159,7 @@ def test_network_variant_trains_like_the_reference_over_iterations():
         ref_losses, _ = reference.run_train_iter(batch, epoch)
         losses, _ = learner.run_train_iter(batch, epoch)
         assert losses["loss"].item() == pytest.approx(ref_losses["loss"].item(), rel=RTOL)
+    assert "layer_dict.conv1.norm_layer.bias" not in learner.inner_loop_parameter_names
     moved = learner.state_dict()["classifier.layer_dict.conv1.norm_layer.bias"]
     assert moved.abs().max() > 0, "the outer loop must train the layer-norm biases"
     assert_states_match_after_adam(learner.state_dict(), reference.state_dict(), "parameters")

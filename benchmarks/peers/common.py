@@ -115,8 +115,9 @@ class PeerLearner:
                  device: str | torch.device = "cpu") -> None:
         if not config.per_step_batch_norm or not config.learnable_per_layer_per_step_inner_loop_learning_rate:
             raise ValueError("peer providers implement MAML++ (per-step BN, learnable LSLR) only")
-        if not config.max_pooling:
-            raise ValueError("peer providers implement the released network (max_pooling=true) only")
+        if not config.max_pooling or config.enable_inner_loop_optimizable_bn_params:
+            raise ValueError("peer providers implement the released network (max_pooling=true, BN "
+                             "parameters outside the inner loop) only")
         self.config = config
         self.dtype, self.device = dtype, torch.device(device)
         self.num_steps = config.number_of_training_steps_per_iter
@@ -126,7 +127,7 @@ class PeerLearner:
         # The official initialisation (same RNG use as the official constructor), then copied in.
         seed_like_official(config.seed)
         official = build_classifier(config)
-        rates = build_inner_loop_optimizer(config, inner_loop_parameter_names(official))
+        rates = build_inner_loop_optimizer(config, inner_loop_parameter_names(official, config))
         state = {f"classifier.{k}": v for k, v in official.state_dict().items()}
         with torch.no_grad():
             for ours, theirs in self.to_official.items():

@@ -44,7 +44,7 @@ class MAMLFewShotClassifier(FewShotLearnerBase):
             prefix = f"layer_dict.conv{stage}"
             out = F.conv2d(out, weights[f"{prefix}.conv.weight"], weights[f"{prefix}.conv.bias"],
                            stride=self.config.conv_stride, padding=1)
-            out = self._normalise(out, stage, training, num_step)
+            out = self._normalise(out, stage, weights, training, num_step)
             out = F.leaky_relu(out, LEAKY_RELU_SLOPE)
             if self.config.max_pooling:
                 out = F.max_pool2d(out, kernel_size=2, stride=2, padding=0)
@@ -54,12 +54,16 @@ class MAMLFewShotClassifier(FewShotLearnerBase):
         logits = F.linear(out, weights["layer_dict.linear.weights"], weights["layer_dict.linear.bias"])
         return F.cross_entropy(logits, y), logits
 
-    def _normalise(self, out: torch.Tensor, stage: int, training: bool, num_step: int) -> torch.Tensor:
+    def _normalise(
+        self, out: torch.Tensor, stage: int, weights: Dict[str, torch.Tensor], training: bool, num_step: int
+    ) -> torch.Tensor:
         """The stage's MetaBatchNormLayer (the step's rows; batch statistics unless the
-        evaluation fix says otherwise) or MetaLayerNormLayer (over each image's C, H, W)."""
+        evaluation fix says otherwise) or MetaLayerNormLayer (over each image's C, H, W), with
+        gamma and beta from `weights` where the inner loop adapts them."""
         norm = self.classifier.layer_dict[f"conv{stage}"].norm_layer
+        weight, bias = self.norm_affine(weights, stage, num_step)
         if self.config.norm_layer == "layer_norm":
-            return F.layer_norm(out, norm.weight.shape, norm.weight, norm.bias, eps=LAYER_NORM_EPS)
+            return F.layer_norm(out, norm.weight.shape, weight, bias, eps=LAYER_NORM_EPS)
         use_running_stats = (not training) and self.config.bn_use_running_stats_in_evaluation
         if self.config.per_step_bn_statistics:
             running_mean, running_var = norm.running_mean[num_step], norm.running_var[num_step]
@@ -69,8 +73,8 @@ class MAMLFewShotClassifier(FewShotLearnerBase):
             out,
             running_mean,
             running_var,
-            self.bn_row(norm.weight, num_step),
-            self.bn_row(norm.bias, num_step),
+            weight,
+            bias,
             training=not use_running_stats,
             momentum=BN_MOMENTUM,
             eps=BN_EPS,
