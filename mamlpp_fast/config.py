@@ -15,14 +15,19 @@ have no effect, so it raises `ValueError`, like a key nobody knows.
 Two fixes of official quirks are available behind flags and are off by default:
 `bn_use_running_stats_in_evaluation` and `bn_restore_stats_after_evaluation` (spec 1c).
 
-The network options of the official code that no released config uses work too, as the
-official `VGGReLUNormNetwork` builds them: `max_pooling=false` (stride-2 convolutions and a final
-average pool instead of 2x2 max-pools; the official argparse default) and
-`norm_layer="layer_norm"` (MetaLayerNormLayer over each conv output [C, H, W], gamma frozen at 1,
-beta trained by the outer loop only, no per-step rows or running statistics). Both run on ATen
-kernels: the fused batch-norm stage needs batch norm followed by a max-pool. So does
-`enable_inner_loop_optimizable_bn_params=true`: the norm layers' trainable parameters join the
-inner loop (with LSLR rates of their own) as single (C,) rows, adapted per task.
+The network options of the official code that no released config uses work too, built as the
+official `VGGReLUNormNetwork` builds them:
+
+- `max_pooling=false` (the official argparse default): stride-2 convolutions and a final average
+  pool instead of 2x2 max-pools;
+- `conv_padding=false`: unpadded convolutions;
+- `norm_layer="layer_norm"`: MetaLayerNormLayer over each conv output [C, H, W], gamma frozen at
+  1, beta trained by the outer loop only, no per-step rows or running statistics;
+- `enable_inner_loop_optimizable_bn_params=true`: the norm layers' trainable parameters join the
+  inner loop (with LSLR rates of their own) as single (C,) rows, adapted per task.
+
+The fused stage kernel serves batch norm followed by a max-pool; other stages run their ATen
+composition, and strided or unpadded convolutions run on ATen's grouped convolution.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Tuple
 
 __all__ = ["MAMLConfig", "preset", "preset_names", "ARGPARSE_DEFAULTS", "IGNORED_KEYS", "NORM_LAYERS",
-           "strided_conv_size"]
+           "conv_output_size"]
 
 # Defaults of the official argparse parser, used for keys a JSON file leaves out.
 ARGPARSE_DEFAULTS: Dict[str, Any] = {
@@ -108,9 +113,9 @@ IGNORED_KEYS = frozenset(
 NORM_LAYERS = ("batch_norm", "layer_norm")
 
 
-def strided_conv_size(size: int) -> int:
-    """Output size of the official max_pooling=false convolution (3x3, stride 2, padding 1)."""
-    return (size - 1) // 2 + 1
+def conv_output_size(size: int, stride: int, padding: int) -> int:
+    """Output size of the official 3x3 convolution along one axis."""
+    return (size + 2 * padding - 3) // stride + 1
 
 
 # Ignored keys that the official code does read: its data loader draws
@@ -310,6 +315,42 @@ class MAMLConfig:
         return 1 if self.max_pooling else 2
 
     @property
+    def conv_padding_size(self) -> int:
+        """The official `padding=args.conv_padding`: True pads by 1 pixel, False by none."""
+        return int(bool(self.conv_padding))
+
+    def conv_output_sizes(self) -> List[Tuple[int, int]]:
+        """(H, W) of each stage's convolution output, where its norm layer acts. Raises
+        ValueError where the official network could not be built (a map shrinks below one
+        pixel, or the final average pool does not fit)."""
+        height, width = self.image_height, self.image_width
+        sizes = []
+        for stage in range(self.num_stages):
+            height = conv_output_size(height, self.conv_stride, self.conv_padding_size)
+            width = conv_output_size(width, self.conv_stride, self.conv_padding_size)
+            if height < 1 or width < 1:
+                raise ValueError(
+                    f"image_height x image_width {self.image_height}x{self.image_width} is too small: "
+                    f"stage {stage}'s 3x3 convolution (stride {self.conv_stride}, padding "
+                    f"{self.conv_padding_size}) has no output"
+                )
+            sizes.append((height, width))
+            if self.max_pooling:
+                height, width = height // 2, width // 2
+                if height < 1 or width < 1:
+                    raise ValueError(
+                        f"image_height x image_width {self.image_height}x{self.image_width} is too "
+                        f"small for num_stages={self.num_stages} 2x2 max-pools (stage {stage})"
+                    )
+        if not self.max_pooling and width < height:
+            raise ValueError(
+                f"max_pooling=false: the final average pool takes windows of the feature map's "
+                f"height ({height}x{height}), wider than its width ({width}); use image_width >= "
+                f"image_height"
+            )
+        return sizes
+
+    @property
     def clamps_meta_gradients(self) -> bool:
         """The official code clamps classifier gradients to [-10, 10] for imagenet datasets."""
         return "imagenet" in self.dataset_name
@@ -365,18 +406,6 @@ class MAMLConfig:
             raise ValueError(f"task_learning_rate must be finite, got {self.task_learning_rate}")
         if self.norm_layer not in NORM_LAYERS:
             raise ValueError(f"norm_layer must be one of {NORM_LAYERS}, got {self.norm_layer!r}")
-        if not self.max_pooling:
-            height, width = self.image_height, self.image_width
-            for _ in range(self.num_stages):
-                height, width = strided_conv_size(height), strided_conv_size(width)
-            if width < height:
-                raise ValueError(
-                    f"max_pooling=false: the final average pool takes windows of the feature map's "
-                    f"height ({height}x{height}), wider than its width ({width}); use image_width >= "
-                    f"image_height"
-                )
-        if not self.conv_padding:
-            raise ValueError("conv_padding: only conv_padding=true is supported")
         if (self.enable_inner_loop_optimizable_bn_params and self.norm_layer == "batch_norm"
                 and self.learnable_bn_gamma != self.learnable_bn_beta):
             # The official MetaBatchNormLayer then reads params["weight"] and params["bias"] from
@@ -409,15 +438,7 @@ class MAMLConfig:
                 f"({self.number_of_evaluation_steps_per_iter} != "
                 f"{self.number_of_training_steps_per_iter}): the official code breaks otherwise"
             )
-        if self.max_pooling:
-            size, width = self.image_height, self.image_width
-            for stage in range(self.num_stages):
-                size, width = size // 2, width // 2
-                if size < 1 or width < 1:
-                    raise ValueError(
-                        f"image_height x image_width {self.image_height}x{self.image_width} is too "
-                        f"small for num_stages={self.num_stages} 2x2 max-pools"
-                    )
+        self.conv_output_sizes()  # raises where the network cannot be built
         self._validate_train_val_test_split()
         self._validate_dataset_name()
         self._validate_experiment_name()

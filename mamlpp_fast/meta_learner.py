@@ -19,7 +19,7 @@ from .cuda_graphs import MetaStepGraphs
 from .learner_base import ArrayLike, FewShotLearnerBase, TaskBatch
 from .ops.bn_lrelu_pool import bn_lrelu_pool, bn_lrelu_pool_backend
 from .ops.lslr_update import lslr_update, lslr_update_backend
-from .ops.task_conv import STRIDED_STRATEGIES, per_layer_requests, task_conv, task_conv_strategies
+from .ops.task_conv import FLEXIBLE_STRATEGIES, per_layer_requests, task_conv, task_conv_strategies
 from .parameters import BN_EPS, BN_MOMENTUM, LEAKY_RELU_SLOPE
 from .task_batched import (
     StageStatistics,
@@ -130,12 +130,13 @@ class MetaLearner(FewShotLearnerBase):
     @conv_strategy.setter
     def conv_strategy(self, value: Union[str, Sequence[str]]) -> None:
         requests = per_layer_requests(value, self.config.num_stages, argument="conv_strategy")
-        if self.config.conv_stride != 1:
-            unsupported = sorted({r for r in requests if r not in ("auto",) + STRIDED_STRATEGIES})
+        if (self.config.conv_stride, self.config.conv_padding_size) != (1, 1):
+            unsupported = sorted({r for r in requests if r not in ("auto",) + FLEXIBLE_STRATEGIES})
             if unsupported:
                 raise ValueError(
-                    f"conv_strategy: max_pooling=false uses stride-2 convolutions, which run with "
-                    f"{('auto',) + STRIDED_STRATEGIES} only, got {value!r}"
+                    f"conv_strategy: the official network options max_pooling=false (stride 2) and "
+                    f"conv_padding=false (padding 0) run with {('auto',) + FLEXIBLE_STRATEGIES} only, "
+                    f"got {value!r}"
                 )
         self._conv_requests = requests
         # A tuple when per layer: hashable, so it can key the recorded CUDA graphs.
@@ -147,8 +148,8 @@ class MetaLearner(FewShotLearnerBase):
 
     def _convs(self) -> List[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:
         """The task-batched convolution of each conv layer, with that layer's strategy."""
-        stride = self.config.conv_stride
-        return [functools.partial(task_conv, strategy=request, stride=stride) for request in self._conv_requests]
+        geometry = dict(stride=self.config.conv_stride, padding=self.config.conv_padding_size)
+        return [functools.partial(task_conv, strategy=request, **geometry) for request in self._conv_requests]
 
     def _stage(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
         return bn_lrelu_pool(x, weight, bias, eps=BN_EPS, negative_slope=LEAKY_RELU_SLOPE,

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import MAMLConfig, strided_conv_size
+from .config import MAMLConfig
 
 __all__ = [
     "seed_like_official",
@@ -47,17 +47,8 @@ def seed_like_official(seed: int) -> np.random.RandomState:
 
 
 def conv_output_shapes(config: MAMLConfig) -> List[Tuple[int, int, int]]:
-    """(C, H, W) of each stage's convolution output, where its norm layer acts: same-size 3x3
-    convolutions and 2x2 max-pools, or (max_pooling=false) stride-2 convolutions and no pool."""
-    height, width = config.image_height, config.image_width
-    shapes = []
-    for _ in range(config.num_stages):
-        if not config.max_pooling:
-            height, width = strided_conv_size(height), strided_conv_size(width)
-        shapes.append((config.cnn_num_filters, height, width))
-        if config.max_pooling:
-            height, width = height // 2, width // 2
-    return shapes
+    """(C, H, W) of each stage's convolution output, where its norm layer acts."""
+    return [(config.cnn_num_filters, height, width) for height, width in config.conv_output_sizes()]
 
 
 def feature_size(config: MAMLConfig) -> int:

@@ -103,7 +103,7 @@ def task_batched_logits(
     """
     num_tasks = linear_weight.shape[0]
     if conv is None:
-        conv = functools.partial(task_conv, stride=1 if max_pooling else 2)
+        conv = functools.partial(task_conv, stride=1 if max_pooling else 2)  # padding 1, as released
     convs = [conv] * len(conv_weights) if callable(conv) else list(conv)
     if len(convs) != len(conv_weights):
         raise ValueError(f"conv: expected one convolution per stage ({len(conv_weights)}), got {len(convs)}")

@@ -71,6 +71,9 @@ def test_state_dict_has_the_official_names_and_shapes():
      [(64, 28, 28), (64, 14, 14), (64, 7, 7), (64, 3, 3)]),
     ("maml++_omniglot_20w1s", dict(norm_layer="layer_norm", max_pooling=False), 64,
      [(64, 14, 14), (64, 7, 7), (64, 4, 4), (64, 2, 2)]),
+    # Unpadded: 84 -> 82 -> 41 -> 39 -> 19 -> 17 -> 8 -> 6 -> 3: 48 * 3 * 3 features.
+    ("maml++_mini-imagenet_5w1s", dict(conv_padding=False, norm_layer="layer_norm"), 432,
+     [(48, 82, 82), (48, 39, 39), (48, 17, 17), (48, 6, 6)]),
 ])
 def test_network_variants_have_the_official_parameters(name, variant, linear_inputs, norm_shapes):
     """Shapes worked out by hand from the official VGGReLUNormNetwork (spec section 2)."""
@@ -120,8 +123,10 @@ def test_inner_loop_norm_parameters_have_the_official_layout(norm_layer):
 
 def test_strided_network_refuses_conv_strategies_without_a_stride():
     config = preset("maml++_omniglot_5w1s", max_pooling=False, **TINY)
-    with pytest.raises(ValueError, match="conv_strategy: max_pooling=false"):
+    with pytest.raises(ValueError, match="conv_strategy: the official network options"):
         MetaLearner(config, conv_strategy="explicit")
+    with pytest.raises(ValueError, match="conv_strategy: the official network options"):
+        MetaLearner(preset("maml++_mini-imagenet_5w1s", conv_padding=False), conv_strategy="bmm")
     learner = MetaLearner(config, conv_strategy=("blockdiag", "auto", "grouped", "auto"))
     assert learner.active_backends["bn_lrelu_pool"] == "aten"  # no max-pool to fuse with
     assert learner.active_backends["task_conv"] == "blockdiag,grouped,grouped,grouped"

@@ -2,8 +2,8 @@
 
 Layout: tasks are channel groups, as everywhere in MetaLearner: x [n, B*C_in, H, W] holds the
 n images of each of B tasks, weight [B, C_out, C_in, 3, 3] and bias [B, C_out] are per task, and
-the result is [n, B*C_out, H, W] (stride 1, zero padding 1; stride 2 for the official
-max_pooling=false network, with the ATen strategies only).
+the result is [n, B*C_out, H, W] (stride 1, zero padding 1; the official network's other options,
+stride 2 and padding 0, run with the ATen strategies only).
 
 Five strategies compute the same function:
 
@@ -50,11 +50,12 @@ from torch import Tensor
 
 from .. import _backend
 
-__all__ = ["task_conv", "task_conv_strategy", "task_conv_strategies", "STRATEGIES", "STRIDED_STRATEGIES"]
+__all__ = ["task_conv", "task_conv_strategy", "task_conv_strategies", "STRATEGIES", "FLEXIBLE_STRATEGIES"]
 
 STRATEGIES = ("grouped", "explicit", "bmm", "triton", "blockdiag")
-# The strategies whose kernels take a stride (ATen's convolutions under ATen's autograd).
-STRIDED_STRATEGIES = ("grouped", "blockdiag")
+# The strategies whose kernels take any stride and padding (ATen's convolutions under ATen's
+# autograd); the others implement MAML++'s stride 1, padding 1 only.
+FLEXIBLE_STRATEGIES = ("grouped", "blockdiag")
 _REQUESTS = ("auto",) + STRATEGIES
 
 
@@ -125,13 +126,13 @@ def _task_conv_bmm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     return out.view(b, c_out, n, h, w).permute(2, 0, 1, 3, 4).reshape(n, b * c_out, h, w).contiguous()
 
 
-def _task_conv_blockdiag(x: Tensor, weight: Tensor, bias: Tensor, stride: int = 1) -> Tensor:
+def _task_conv_blockdiag(x: Tensor, weight: Tensor, bias: Tensor, stride: int = 1, padding: int = 1) -> Tensor:
     b, c_out, c_in = weight.shape[:3]
     # dense[t, o, u, c] = weight[t, o, c] if u == t else 0, as [B*C_out, B*C_in, 3, 3]. Autograd
     # takes the dense weight gradient (B times the work) and keeps its diagonal blocks.
     same_task = torch.eye(b, dtype=weight.dtype, device=weight.device).view(b, 1, b, 1, 1, 1)
     dense = (weight.unsqueeze(2) * same_task).reshape(b * c_out, b * c_in, 3, 3)
-    return F.conv2d(x, dense, bias.reshape(-1), stride=stride, padding=1)
+    return F.conv2d(x, dense, bias.reshape(-1), stride=stride, padding=padding)
 
 
 class _ConvKernels(NamedTuple):
@@ -150,10 +151,10 @@ def _bias_grad(grad_out: Tensor, num_tasks: int) -> Tensor:
     return grad_out.sum(dim=(0, 2, 3)).view(num_tasks, -1)
 
 
-def _grouped_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int = 1) -> Tensor:
+def _grouped_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int = 1, padding: int = 1) -> Tensor:
     b, c_out, c_in = weight.shape[:3]
     flat_bias = None if bias is None else bias.reshape(b * c_out)
-    return F.conv2d(x, weight.reshape(b * c_out, c_in, 3, 3), flat_bias, stride=stride, padding=1, groups=b)
+    return F.conv2d(x, weight.reshape(b * c_out, c_in, 3, 3), flat_bias, stride=stride, padding=padding, groups=b)
 
 
 def _grouped_input_grad(grad_out: Tensor, weight: Tensor) -> Tensor:
@@ -267,8 +268,9 @@ class _TaskConvWeightGrad(torch.autograd.Function):
         return d_x, d_grad_out, None, None
 
 
-def task_conv(x: Tensor, weight: Tensor, bias: Tensor, *, strategy: str = "auto", stride: int = 1) -> Tensor:
-    """Per-task 3x3 convolution (zero padding 1) of task-channel-grouped images.
+def task_conv(x: Tensor, weight: Tensor, bias: Tensor, *, strategy: str = "auto", stride: int = 1,
+              padding: int = 1) -> Tensor:
+    """Per-task 3x3 convolution of task-channel-grouped images.
 
     Args:
         x: [n, B*C_in, H, W], task t's channels at [t*C_in, (t+1)*C_in).
@@ -276,28 +278,31 @@ def task_conv(x: Tensor, weight: Tensor, bias: Tensor, *, strategy: str = "auto"
         bias: [B, C_out].
         strategy: "auto" (default; see the module docstring), "grouped", "explicit", "bmm",
             "triton" or "blockdiag".
-        stride: 1 (MAML++), or 2 for the official max_pooling=false network; stride 2 runs on
-            the ATen kernels only ("auto", "grouped" or "blockdiag").
+        stride, padding: 1 and 1 in MAML++. The official network's other options (stride 2 for
+            max_pooling=false, padding 0 for conv_padding=false) run with the ATen strategies
+            only: "auto", "grouped" or "blockdiag".
 
     Returns:
-        [n, B*C_out, H', W'] (H' = H with stride 1, (H - 1) // 2 + 1 with stride 2), contiguous.
+        [n, B*C_out, H', W'], H' = (H + 2 * padding - 3) // stride + 1, contiguous.
         Differentiable to any order in x, weight and bias.
     """
     _check(x, weight, bias)
     name = task_conv_strategy(x.device, strategy)
     if stride not in (1, 2):
         raise ValueError(f"task_conv: stride must be 1 or 2, got {stride!r}")
-    if stride != 1 and name not in STRIDED_STRATEGIES:
+    if padding not in (0, 1):
+        raise ValueError(f"task_conv: padding must be 0 or 1, got {padding!r}")
+    if (stride, padding) != (1, 1) and name not in FLEXIBLE_STRATEGIES:
         raise ValueError(
-            f"task_conv: stride {stride} runs with the strategies {STRIDED_STRATEGIES} (or 'auto'), "
-            f"got {strategy!r}"
+            f"task_conv: stride {stride} and padding {padding} run with the strategies "
+            f"{FLEXIBLE_STRATEGIES} (or 'auto'), got {strategy!r}"
         )
     if name == "bmm":
         return _task_conv_bmm(x, weight, bias)
     if name == "blockdiag":
-        return _task_conv_blockdiag(x, weight, bias, stride)
+        return _task_conv_blockdiag(x, weight, bias, stride, padding)
     if name == "triton":
         return _TaskConv.apply(x, weight, bias, _TRITON_KERNELS)
     if name == "explicit":
         return _TaskConv.apply(x, weight, bias, _GROUPED_KERNELS)
-    return _grouped_forward(x, weight, bias, stride)  # ATen's autograd
+    return _grouped_forward(x, weight, bias, stride, padding)  # ATen's autograd

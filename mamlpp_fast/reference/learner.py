@@ -43,7 +43,7 @@ class MAMLFewShotClassifier(FewShotLearnerBase):
         for stage in range(self.config.num_stages):
             prefix = f"layer_dict.conv{stage}"
             out = F.conv2d(out, weights[f"{prefix}.conv.weight"], weights[f"{prefix}.conv.bias"],
-                           stride=self.config.conv_stride, padding=1)
+                           stride=self.config.conv_stride, padding=self.config.conv_padding_size)
             out = self._normalise(out, stage, weights, training, num_step)
             out = F.leaky_relu(out, LEAKY_RELU_SLOPE)
             if self.config.max_pooling:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from mamlpp_fast import _backend
 from mamlpp_fast.ops import task_conv, task_conv_strategy
-from mamlpp_fast.ops.task_conv import STRATEGIES, STRIDED_STRATEGIES
+from mamlpp_fast.ops.task_conv import FLEXIBLE_STRATEGIES, STRATEGIES
 from mamlpp_fast.testing import task_conv_inputs as inputs
 
 ATEN_STRATEGIES = ("grouped", "explicit", "bmm", "blockdiag")  # the Triton kernels have their own tests in tests/kernels
@@ -20,10 +20,11 @@ def skip_unless_runnable(strategy, device):
         pytest.skip("the triton strategy runs on CUDA here (interpreter cases: tests/kernels)")
 
 
-def per_task_loop(x, weight, bias, stride=1):
+def per_task_loop(x, weight, bias, stride=1, padding=1):
     """The reference pattern: task t's channels through task t's own conv."""
     b, c_out, c_in = weight.shape[:3]
-    outs = [F.conv2d(x[:, t * c_in:(t + 1) * c_in], weight[t], bias[t], stride=stride, padding=1) for t in range(b)]
+    outs = [F.conv2d(x[:, t * c_in:(t + 1) * c_in], weight[t], bias[t], stride=stride, padding=padding)
+            for t in range(b)]
     return torch.cat(outs, dim=1)
 
 
@@ -150,16 +151,22 @@ def test_bad_inputs_name_the_argument():
             task_conv(x, weight, bias, strategy="triton")  # CPU tensors, no interpreter
 
 
-@pytest.mark.parametrize("strategy", ("auto",) + STRIDED_STRATEGIES)
-@pytest.mark.parametrize("shape", [(5, 2, 1, 4, 28, 28), (3, 3, 4, 5, 7, 7), (2, 2, 2, 3, 3, 6), (4, 1, 3, 2, 2, 2)])
-def test_stride_two_matches_per_task_loop_to_second_order(strategy, shape):
-    """The official max_pooling=false network's convolution: 3x3, stride 2, padding 1 (odd,
-    even and non-square sizes: 28 -> 14, 7 -> 4, 3x6 -> 2x3, 2 -> 1)."""
+# The official network's other convolutions: stride 2 (max_pooling=false), padding 0
+# (conv_padding=false), and both.
+GEOMETRIES = [(2, 1), (1, 0), (2, 0)]
+
+
+@pytest.mark.parametrize("strategy", ("auto",) + FLEXIBLE_STRATEGIES)
+@pytest.mark.parametrize("stride, padding", GEOMETRIES)
+@pytest.mark.parametrize("shape", [(5, 2, 1, 4, 28, 28), (3, 3, 4, 5, 7, 7), (2, 2, 2, 3, 3, 6), (4, 1, 3, 2, 4, 3)])
+def test_official_geometries_match_per_task_loop_to_second_order(strategy, stride, padding, shape):
+    """Odd, even and non-square sizes: with stride 2, 28 -> 14 and 7 -> 4; unpadded, 3x6 -> 1x4."""
     x, weight, bias = inputs(*shape)
-    out = task_conv(x, weight, bias, strategy=strategy, stride=2)
-    expected = per_task_loop(x, weight, bias, stride=2)
+    out = task_conv(x, weight, bias, strategy=strategy, stride=stride, padding=padding)
+    expected = per_task_loop(x, weight, bias, stride=stride, padding=padding)
     h, w = shape[4:]
-    assert out.shape == expected.shape == (shape[0], shape[1] * shape[3], (h - 1) // 2 + 1, (w - 1) // 2 + 1)
+    size = lambda n: (n + 2 * padding - 3) // stride + 1  # noqa: E731
+    assert out.shape == expected.shape == (shape[0], shape[1] * shape[3], size(h), size(w))
     assert relative_error(out, expected) < 1e-12
 
     def second_order(conv):
@@ -167,24 +174,32 @@ def test_stride_two_matches_per_task_loop_to_second_order(strategy, shape):
         gx, gw = torch.autograd.grad(y.square().sum(), (x, weight), create_graph=True)
         return torch.autograd.grad(gx.square().sum() + (gw * weight).sum(), (x, weight, bias))
 
-    strided = lambda *a: task_conv(*a, strategy=strategy, stride=2)  # noqa: E731
-    for name, g, e in zip(("x", "weight", "bias"), second_order(strided),
-                          second_order(lambda *a: per_task_loop(*a, stride=2))):
+    ours = lambda *a: task_conv(*a, strategy=strategy, stride=stride, padding=padding)  # noqa: E731
+    loop = lambda *a: per_task_loop(*a, stride=stride, padding=padding)  # noqa: E731
+    for name, g, e in zip(("x", "weight", "bias"), second_order(ours), second_order(loop)):
         assert relative_error(g, e) < 1e-12, name
 
 
-@pytest.mark.parametrize("strategy", STRIDED_STRATEGIES)
-def test_stride_two_gradcheck_and_gradgradcheck(strategy):
+@pytest.mark.parametrize("strategy", FLEXIBLE_STRATEGIES)
+@pytest.mark.parametrize("stride, padding", GEOMETRIES)
+def test_official_geometries_gradcheck_and_gradgradcheck(strategy, stride, padding):
     x, weight, bias = inputs(2, 2, 2, 3, 5, 4)
-    fn = lambda *a: task_conv(*a, strategy=strategy, stride=2)  # noqa: E731
+    fn = lambda *a: task_conv(*a, strategy=strategy, stride=stride, padding=padding)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, weight, bias))
     assert torch.autograd.gradgradcheck(fn, (x, weight, bias))
 
 
-@pytest.mark.parametrize("strategy", sorted(set(STRATEGIES) - set(STRIDED_STRATEGIES) - {"triton"}))
-def test_stride_two_is_refused_where_the_kernels_have_no_stride(strategy):
+@pytest.mark.parametrize("strategy", sorted(set(STRATEGIES) - set(FLEXIBLE_STRATEGIES) - {"triton"}))
+@pytest.mark.parametrize("stride, padding", GEOMETRIES)
+def test_official_geometries_are_refused_where_the_kernels_have_none(strategy, stride, padding):
     x, weight, bias = inputs(2, 2, 3, 4, 5, 5)
-    with pytest.raises(ValueError, match="stride 2 runs with the strategies"):
-        task_conv(x, weight, bias, strategy=strategy, stride=2)
+    with pytest.raises(ValueError, match=f"stride {stride} and padding {padding} run with the strategies"):
+        task_conv(x, weight, bias, strategy=strategy, stride=stride, padding=padding)
+
+
+def test_bad_stride_or_padding_names_the_argument():
+    x, weight, bias = inputs(2, 2, 3, 4, 5, 5)
     with pytest.raises(ValueError, match="stride must be 1 or 2"):
         task_conv(x, weight, bias, stride=3)
+    with pytest.raises(ValueError, match="padding must be 0 or 1"):
+        task_conv(x, weight, bias, padding=2)
