@@ -22,7 +22,8 @@ official `VGGReLUNormNetwork` builds them:
   pool instead of 2x2 max-pools;
 - `conv_padding=false`: unpadded convolutions;
 - `norm_layer="layer_norm"`: MetaLayerNormLayer over each conv output [C, H, W], gamma frozen at
-  1, beta trained by the outer loop only, no per-step rows or running statistics;
+  1, beta trained (outside the inner loop unless the next option says otherwise), no per-step
+  rows or running statistics;
 - `enable_inner_loop_optimizable_bn_params=true`: the norm layers' trainable parameters join the
   inner loop (with LSLR rates of their own) as single (C,) rows, adapted per task.
 

@@ -20,6 +20,7 @@ from torch import nn
 from .config import IGNORED_KEYS, MAMLConfig
 from .parameters import (
     build_classifier,
+    adapts_in_inner_loop,
     build_inner_loop_optimizer,
     inner_loop_parameter_names,
     learning_rate_key,
@@ -228,9 +229,7 @@ class FewShotLearnerBase(nn.Module):
     def get_inner_loop_parameter_dict(self, params) -> Dict[str, torch.Tensor]:
         """Official semantics: the trainable parameters, without the norm layers' unless
         `enable_inner_loop_optimizable_bn_params`."""
-        with_norm = self.config.enable_inner_loop_optimizable_bn_params
-        return {name: param for name, param in params
-                if param.requires_grad and (with_norm or "norm_layer" not in name)}
+        return {name: param for name, param in params if adapts_in_inner_loop(name, param, self.config)}
 
     def get_per_step_loss_importance_vector(self) -> torch.Tensor:
         """MSL weights at `current_epoch`, shape (number_of_training_steps_per_iter,).

@@ -28,6 +28,7 @@ __all__ = [
     "build_classifier",
     "build_inner_loop_optimizer",
     "inner_loop_parameter_names",
+    "adapts_in_inner_loop",
     "learning_rate_key",
     "feature_size",
     "conv_output_shapes",
@@ -67,8 +68,9 @@ class _Holder(nn.Module):
 
 def _layer_norm_holder(shape: Tuple[int, int, int]) -> nn.Module:
     """The official MetaLayerNormLayer over one conv output [C, H, W]: gamma frozen at 1, beta
-    trained by the outer loop only (its name holds "norm_layer"); no running statistics and no
-    per-step rows, whatever per_step_bn_statistics says."""
+    trained (by the outer loop, and by the inner loop too with
+    `enable_inner_loop_optimizable_bn_params`); no running statistics and no per-step rows,
+    whatever per_step_bn_statistics says."""
     norm = _Holder()
     norm.weight = nn.Parameter(torch.ones(*shape), requires_grad=False)
     norm.bias = nn.Parameter(torch.zeros(*shape))
@@ -130,15 +132,15 @@ def build_classifier(config: MAMLConfig) -> nn.Module:
     return classifier
 
 
+def adapts_in_inner_loop(name: str, param: nn.Parameter, config: MAMLConfig) -> bool:
+    """The official `get_inner_loop_parameter_dict` filter: trainable, and not part of a norm
+    layer unless `enable_inner_loop_optimizable_bn_params`."""
+    return param.requires_grad and (config.enable_inner_loop_optimizable_bn_params or "norm_layer" not in name)
+
+
 def inner_loop_parameter_names(classifier: nn.Module, config: MAMLConfig) -> List[str]:
-    """Names adapted in the inner loop (official `get_inner_loop_parameter_dict`): the trainable
-    parameters, without the norm layers' unless `enable_inner_loop_optimizable_bn_params`."""
-    with_norm = config.enable_inner_loop_optimizable_bn_params
-    return [
-        name
-        for name, param in classifier.named_parameters()
-        if param.requires_grad and (with_norm or "norm_layer" not in name)
-    ]
+    """Names of the classifier's parameters that the inner loop adapts (`adapts_in_inner_loop`)."""
+    return [name for name, param in classifier.named_parameters() if adapts_in_inner_loop(name, param, config)]
 
 
 def learning_rate_key(parameter_name: str) -> str:

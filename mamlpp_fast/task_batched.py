@@ -23,6 +23,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from .ops.bn_lrelu_pool import bn_lrelu_aten
 from .ops.task_conv import task_conv
 from .parameters import BN_EPS, LAYER_NORM_EPS, LEAKY_RELU_SLOPE
 
@@ -33,7 +34,6 @@ __all__ = [
     "task_batched_logits",
     "task_channels",
     "task_layer_norm",
-    "bn_lrelu",
     "per_task_cross_entropy",
     "fold_running_statistics",
 ]
@@ -128,7 +128,7 @@ def task_batched_logits(
                 out, mean, invstd = stage(out, gamma, beta)
                 pooled = True
             else:
-                out, mean, invstd = bn_lrelu(out, gamma, beta)
+                out, mean, invstd = bn_lrelu_aten(out, gamma, beta, BN_EPS, LEAKY_RELU_SLOPE)
             statistics.append(StageStatistics(mean.view(b, c_out), invstd.view(b, c_out), count))
         if max_pooling and not pooled:
             out = F.max_pool2d(out, kernel_size=2, stride=2)
@@ -152,22 +152,11 @@ def task_layer_norm(x: torch.Tensor, num_tasks: int, weight: torch.Tensor, bias:
     [n, B*C, H, W]."""
     n, _, height, width = x.shape
     per_task = x.reshape(n, num_tasks, -1, height, width)
-    if bias.dim() == weight.dim():
-        normalised = F.layer_norm(per_task, weight.shape, weight, bias, eps=LAYER_NORM_EPS)
-    else:
+    if bias.dim() == 4:  # [B, C, H, W]: adapted per task by the inner loop
         normalised = F.layer_norm(per_task, weight.shape, weight, None, eps=LAYER_NORM_EPS) + bias
+    else:
+        normalised = F.layer_norm(per_task, weight.shape, weight, bias, eps=LAYER_NORM_EPS)
     return normalised.reshape(x.shape)
-
-
-def bn_lrelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Batch norm (batch statistics) and leaky ReLU without the pool (max_pooling=false):
-    x [n, G, H, W], weight and bias [G] -> (y [n, G, H, W], mean [G], invstd [G]), the
-    statistics detached, as `bn_lrelu_pool` returns them."""
-    y = F.leaky_relu(F.batch_norm(x, None, None, weight, bias, training=True, eps=BN_EPS), LEAKY_RELU_SLOPE)
-    with torch.no_grad():
-        var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
-        invstd = torch.rsqrt(var + BN_EPS)
-    return y, mean, invstd
 
 
 def per_task_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

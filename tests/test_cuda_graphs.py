@@ -185,13 +185,16 @@ def test_learner_with_cuda_graphs_deep_copies():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("setting, conv_strategy", [
-    ("maml++_omniglot_5w1s", "auto"),
-    ("maml++_mini-imagenet_5w1s", "auto"),
-    ("maml++_omniglot_5w1s", ("triton", "auto", "auto", "auto")),  # Triton kernels inside the graph
+@pytest.mark.parametrize("setting, conv_strategy, variant", [
+    ("maml++_omniglot_5w1s", "auto", {}),
+    ("maml++_mini-imagenet_5w1s", "auto", {}),
+    ("maml++_omniglot_5w1s", ("triton", "auto", "auto", "auto"), {}),  # Triton kernels inside the graph
+    # Official options no released config uses: ATen stages, per-task BN parameters in the graph.
+    ("maml++_omniglot_5w1s", "auto", dict(max_pooling=False, norm_layer="layer_norm")),
+    ("maml++_omniglot_5w1s", "auto", dict(enable_inner_loop_optimizable_bn_params=True)),
 ])
-def test_cuda_graph_replay_matches_eager_float64(setting, conv_strategy):
-    config = preset(setting, **SMALL)
+def test_cuda_graph_replay_matches_eager_float64(setting, conv_strategy, variant):
+    config = preset(setting, **SMALL, **variant)
     shapes = [2] * 5 + [3] * 2  # the last two meta-steps have another batch shape: a new capture
     batches = [make_task_batch(config, b, seed=s) for s, b in enumerate(shapes)]
     eager, graphed = eager_and_graphed(config, "cuda", conv_strategy=conv_strategy)

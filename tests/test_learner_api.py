@@ -252,9 +252,9 @@ def test_per_layer_conv_strategy_reaches_each_layer(config, monkeypatch):
     calls = []
     real_task_conv = meta_learner_module.task_conv
 
-    def recording_task_conv(x, weight, bias, strategy, stride):
+    def recording_task_conv(x, weight, bias, strategy, **geometry):
         calls.append((weight.shape[2], strategy))  # (C_in, strategy): C_in tells the layers apart
-        return real_task_conv(x, weight, bias, strategy=strategy, stride=stride)
+        return real_task_conv(x, weight, bias, strategy=strategy, **geometry)
 
     monkeypatch.setattr(meta_learner_module, "task_conv", recording_task_conv)
     learner = MetaLearner(config, conv_strategy=("bmm", "explicit", "auto", "grouped"))

@@ -114,10 +114,12 @@ class PeerLearner:
     def __init__(self, config: MAMLConfig, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu") -> None:
         if not config.per_step_batch_norm or not config.learnable_per_layer_per_step_inner_loop_learning_rate:
-            raise ValueError("peer providers implement MAML++ (per-step BN, learnable LSLR) only")
-        if not config.max_pooling or config.enable_inner_loop_optimizable_bn_params:
-            raise ValueError("peer providers implement the released network (max_pooling=true, BN "
-                             "parameters outside the inner loop) only")
+            raise ValueError("peer providers implement MAML++ (per-step batch norm, learnable LSLR) only, "
+                             f"got norm_layer={config.norm_layer!r}, per_step_bn_statistics="
+                             f"{config.per_step_bn_statistics}")
+        if not (config.max_pooling and config.conv_padding) or config.enable_inner_loop_optimizable_bn_params:
+            raise ValueError("peer providers implement the released network (max_pooling=true, conv_padding="
+                             "true, BN parameters outside the inner loop) only")
         self.config = config
         self.dtype, self.device = dtype, torch.device(device)
         self.num_steps = config.number_of_training_steps_per_iter

@@ -41,7 +41,7 @@ from torch import Tensor
 from .. import _backend
 from ..reference.ops import bn_lrelu_pool_reference
 
-__all__ = ["bn_lrelu_pool", "bn_lrelu_pool_backend"]
+__all__ = ["bn_lrelu_pool", "bn_lrelu_pool_backend", "bn_lrelu_aten"]
 
 _FWD = "mamlpp_fast::bn_lrelu_pool_forward"
 _BWD = "mamlpp_fast::bn_lrelu_pool_backward"
@@ -115,13 +115,28 @@ def bn_lrelu_pool_backend(x: Tensor, *, backend: str | None = None) -> str:
     return name
 
 
+def bn_lrelu_aten(
+    x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5, negative_slope: float = 0.01
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Batch norm with batch statistics, then leaky ReLU, without the pool (the official
+    max_pooling=false stage), as an ATen composition differentiable to any order.
+
+    Args:
+        x: ``(n, G, H, W)``; weight, bias: ``(G,)``.
+
+    Returns:
+        ``y`` ``(n, G, H, W)``, and the batch ``mean`` and ``invstd`` ``(G,)``, detached.
+    """
+    # native_batch_norm returns the batch statistics for free; its backward is double-differentiable.
+    z, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+    return F.leaky_relu(z, negative_slope), mean.detach(), invstd.detach()
+
+
 def _bn_lrelu_pool_aten(
     x: Tensor, weight: Tensor, bias: Tensor, eps: float, slope: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    # native_batch_norm returns the batch statistics for free; its backward is double-differentiable.
-    z, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
-    y = F.max_pool2d(F.leaky_relu(z, slope), kernel_size=2, stride=2)
-    return y, mean.detach(), invstd.detach()
+    y, mean, invstd = bn_lrelu_aten(x, weight, bias, eps, slope)
+    return F.max_pool2d(y, kernel_size=2, stride=2), mean, invstd
 
 
 def _has_op() -> bool:
