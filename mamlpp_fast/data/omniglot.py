@@ -309,11 +309,27 @@ def apply_image_order(storage: np.ndarray, labels: Sequence[str], files: Sequenc
 # ----------------------------------------------------------------------------------------------
 # Entry point
 
+def _official_class_ids(labels: Sequence[str], class_folders: Sequence[int]) -> np.ndarray:
+    """Our class index (``labels`` are "Alphabet/characterNN", sorted) of each official class
+    index: the official code numbers the classes in sorted order of the label it joins from the
+    ``class_folders`` path parts (-3: alphabet, -2: character)."""
+    folders = tuple(int(i) for i in class_folders)
+    if folders not in ((-3, -2), (-2, -3)):
+        raise DataConfigError(
+            f"indexes_of_folders_indicating_class must be [-3, -2] (alphabet/character, as released) or "
+            f"[-2, -3] (the official argparse default) for Omniglot, got {list(class_folders)!r}"
+        )
+    parts = [label.split("/") for label in labels]
+    joined = ["/".join(p[1 if i == -2 else 0] for i in folders) for p in parts]
+    return np.asarray(sorted(range(len(labels)), key=joined.__getitem__), dtype=np.int64)
+
+
 def load_omniglot(root=None, *, image_size=(28, 28), val_seed: int = 0,
                   split_fractions: Sequence[float] = OMNIGLOT_SPLIT_FRACTIONS, use_cache: bool = True,
                   cache_folder: Optional[os.PathLike | str] = None, image_order: Optional[os.PathLike | str] = None,
                   workers: Optional[int] = None, download: bool = True,
-                  images_per_class: Optional[int] = 20, verbose: bool = False) -> FewShotDataset:
+                  images_per_class: Optional[int] = 20, class_folders: Sequence[int] = (-3, -2),
+                  verbose: bool = False) -> FewShotDataset:
     """Load Omniglot into memory and split it the official way.
 
     ``image_size`` is (height, width). The decoded pixels are cached (see :mod:`.cache`); the
@@ -323,6 +339,11 @@ def load_omniglot(root=None, *, image_size=(28, 28), val_seed: int = 0,
     otherwise). If the classes found are not the official 1623 x 20 images, one
     :class:`UnofficialDataWarning` says so (the split then differs from the official one).
     ``FewShotDataset.describe()`` gives a one-line summary of what was loaded.
+
+    ``class_folders`` is the official ``indexes_of_folders_indicating_class``: which path parts
+    name a class, in the order they are joined into the label whose sorted order the split
+    shuffles. (-3, -2) ("Alphabet/characterNN", every released config) or (-2, -3) (the official
+    argparse default: the same classes, another split).
     """
     height, width = (int(image_size), int(image_size)) if np.isscalar(image_size) else map(int, image_size)
     if len(split_fractions) != 3:
@@ -353,6 +374,7 @@ def load_omniglot(root=None, *, image_size=(28, 28), val_seed: int = 0,
     total = len(labels)
     order = np.arange(total, dtype=np.int32)
     np.random.RandomState(seed=official_seed(val_seed)).shuffle(order)
+    order = _official_class_ids(labels, class_folders)[order]
     a, b, c = split_counts(total, split_fractions)
     order = order.astype(np.int64)
     splits = {}

@@ -457,12 +457,36 @@ def make_dataset(name: str, root=None, **kwargs) -> FewShotDataset:
 _CONFIG_KEYS = ("dataset_name", "dataset_path", "num_classes_per_set", "num_samples_per_class",
                 "num_target_samples", "batch_size", "train_seed", "val_seed", "num_evaluation_tasks",
                 "image_height", "image_width", "image_channels", "num_of_gpus", "samples_per_iter",
-                "train_val_test_split")
+                "train_val_test_split", "sets_are_pre_split", "indexes_of_folders_indicating_class")
 
 _DEFAULTS = dict(dataset_name="synthetic", dataset_path=None, num_classes_per_set=5,
                  num_samples_per_class=1, num_target_samples=1, batch_size=8, train_seed=0, val_seed=0,
                  num_evaluation_tasks=600, image_height=28, image_width=28, image_channels=1,
-                 num_of_gpus=1, samples_per_iter=1, train_val_test_split=None)
+                 num_of_gpus=1, samples_per_iter=1, train_val_test_split=None, sets_are_pre_split=None,
+                 indexes_of_folders_indicating_class=None)
+
+# The folder layouts the loaders implement, in the official layout keys (spec section 4): Omniglot
+# is split by the loader, mini-ImageNet comes split in train/val/test folders. None: not given.
+_LAYOUTS = {"Omniglot": dict(sets_are_pre_split=False, class_folders=((-3, -2), (-2, -3))),
+            "mini-ImageNet": dict(sets_are_pre_split=True, class_folders=((-3, -2),))}
+
+
+def _check_layout(family: str, values: dict) -> None:
+    """Refuse layout keys whose official meaning the loader does not implement (they would be
+    silently ignored otherwise)."""
+    layout = _LAYOUTS[family]
+    pre_split = values["sets_are_pre_split"]
+    if pre_split is not None and bool(pre_split) != layout["sets_are_pre_split"]:
+        raise DataConfigError(
+            f"sets_are_pre_split={pre_split}: the {family} loader implements the official layout with "
+            f"sets_are_pre_split={layout['sets_are_pre_split']}"
+        )
+    folders = values["indexes_of_folders_indicating_class"]
+    if folders is not None and tuple(folders) not in layout["class_folders"]:
+        accepted = " or ".join(str(list(f)) for f in layout["class_folders"])
+        raise DataConfigError(
+            f"indexes_of_folders_indicating_class={list(folders)}: the {family} loader implements {accepted}"
+        )
 
 
 def _where(dataset: FewShotDataset) -> str:
@@ -499,11 +523,14 @@ class MetaLearningDataLoader:
         if dataset is None:
             name = str(values["dataset_name"])
             if "omniglot" in name.lower() or "imagenet" in name.lower():
+                _check_layout("Omniglot" if "omniglot" in name.lower() else "mini-ImageNet", values)
                 dataset_kwargs.setdefault("image_size", (ci("image_height"), ci("image_width")))
                 if "omniglot" in name.lower():
                     dataset_kwargs.setdefault("val_seed", ci("val_seed"))
                     if values["train_val_test_split"] is not None:
                         dataset_kwargs.setdefault("split_fractions", tuple(values["train_val_test_split"]))
+                    if values["indexes_of_folders_indicating_class"] is not None:
+                        dataset_kwargs.setdefault("class_folders", tuple(values["indexes_of_folders_indicating_class"]))
             elif "synthetic" in name.lower():
                 dataset_kwargs.setdefault("image_shape",
                                           (ci("image_channels"), ci("image_height"), ci("image_width")))

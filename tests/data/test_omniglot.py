@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from mamlpp_fast.data import (DataError, DataNotFoundError, EpisodeSampler, MetaLearningDataLoader,
-                              UnofficialDataWarning, official_seed, split_counts)
+from mamlpp_fast.data import (DataConfigError, DataError, DataNotFoundError, EpisodeSampler,
+                              MetaLearningDataLoader, UnofficialDataWarning, official_seed, split_counts)
 from mamlpp_fast.data import omniglot as omni
 from mamlpp_fast.data.omniglot import load_omniglot
 from mamlpp_fast.testing import call_collecting_warnings
@@ -29,14 +29,14 @@ def _unofficial_warnings(fn, *args, **kwargs):
     return call_collecting_warnings(UnofficialDataWarning, fn, *args, **kwargs)
 
 
-def _official_style_splits(folder, val_seed=0, fractions=FRACTIONS):
+def _official_style_splits(folder, val_seed=0, fractions=FRACTIONS, indexes=(-3, -2)):
     """Transcription of the official flow: sorted labels -> JSON-style string keys -> seeded shuffle."""
     paths = {}
     for dirpath, _, files in os.walk(folder):
         for f in files:
             if f.endswith(".png"):
                 bits = os.path.join(dirpath, f).split("/")
-                paths.setdefault("/".join(bits[-3:-1]), []).append(os.path.join(dirpath, f))
+                paths.setdefault("/".join(bits[i] for i in indexes), []).append(os.path.join(dirpath, f))
     labels = sorted(paths)
     data = {str(i): sorted(paths[lab]) for i, lab in enumerate(labels)}
     rng = np.random.RandomState(seed=np.random.RandomState(val_seed).randint(1, 999999))
@@ -100,6 +100,33 @@ def test_tiny_tree_split_values_and_parity(omniglot_tree, cache_tmp):
     batch = EpisodeSampler(ds, "train", 3, 1, 1, 2).batch(0)
     assert batch.x_support.dtype == np.float32 and set(np.unique(batch.x_support)) <= {0.0, 1.0}
     _check_parity(ds, omniglot_tree, n_way=3)
+
+
+def test_argparse_default_class_folders_give_the_official_split(omniglot_tree, cache_tmp):
+    """indexes_of_folders_indicating_class=[-2, -3] (the official argparse default) labels classes
+    "characterNN/Alphabet": the same classes, numbered in another sorted order, so another split."""
+    released = load_omniglot(omniglot_tree, download=False)
+    swapped = load_omniglot(omniglot_tree, download=False, class_folders=(-2, -3))
+    _, splits = _official_style_splits(omniglot_tree, indexes=(-2, -3))
+    labels = sorted({"/".join(reversed(label.split("/"))) for label in released.info["labels"]})
+    for name in ("train", "val", "test"):
+        expected = ["/".join(reversed(labels[int(k)].split("/"))) for k in splits[name]]
+        assert list(swapped.splits[name].class_names) == expected, name
+    assert list(swapped.splits["train"].class_names) != list(released.splits["train"].class_names)
+    with pytest.raises(DataConfigError, match=r"indexes_of_folders_indicating_class must be \[-3, -2\]"):
+        load_omniglot(omniglot_tree, download=False, class_folders=(-2,))
+
+
+@pytest.mark.parametrize("dataset_name, key, value", [
+    ("omniglot_dataset", "sets_are_pre_split", True),
+    ("omniglot_dataset", "indexes_of_folders_indicating_class", [-4, -2]),
+    ("mini_imagenet_full_size", "sets_are_pre_split", False),
+    ("mini_imagenet_full_size", "indexes_of_folders_indicating_class", [-2, -3]),
+])
+def test_layout_keys_the_loaders_do_not_implement_are_refused(dataset_name, key, value):
+    """The official loader would read another folder layout: refused before any data is read."""
+    with pytest.raises(DataConfigError, match=f"{key}="):
+        MetaLearningDataLoader(dataset_name=dataset_name, dataset_path="/nonexistent", **{key: value})
 
 
 def test_class_order_is_sorted_labels_across_both_zips(omniglot_tree, cache_tmp):
