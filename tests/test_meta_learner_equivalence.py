@@ -135,6 +135,7 @@ VARIANTS = [
     dict(INNER_BN, learnable_bn_gamma=False, learnable_bn_beta=False),  # nothing left to adapt
     dict(INNER_BN, bn_use_running_stats_in_evaluation=True),
     dict(INNER_BN, norm_layer="layer_norm"),                     # the layer-norm beta, per task
+    dict(num_stages=3),                                          # num_stages is an official key too
 ]
 
 

@@ -26,6 +26,7 @@ CASES = [
     ("maml++_omniglot_5w1s", dict(enable_inner_loop_optimizable_bn_params=True, norm_layer="layer_norm",
                                   max_pooling=False)),
     ("maml_omniglot_5w1s", {}),  # shared BN, no per-step rows
+    ("maml++_omniglot_5w1s", dict(num_stages=3)),
     ("maml++_mini-imagenet_5w1s", dict(conv_padding=False)),
     ("maml++_mini-imagenet_5w1s", dict(conv_padding=False, max_pooling=False)),
 ]
