@@ -41,7 +41,8 @@ import numpy as np
 from . import cache as _cache
 from .paths import (DataConfigError, DataError, DataNotFoundError, UnofficialDataWarning, cache_dir,
                     describe_search, find_dataset_dir)
-from .sampler import FewShotDataset, SplitData, count_text, identity_lut, official_seed, split_counts
+from .sampler import (OMNIGLOT_CLASS_FOLDERS, FewShotDataset, SplitData, count_text, identity_lut, official_seed,
+                      split_counts)
 
 OMNIGLOT_SPLIT_FRACTIONS = (0.70918052988, 0.03080714725, 0.2606284658)
 SUBFOLDERS = ("images_background", "images_evaluation")
@@ -314,7 +315,7 @@ def _official_class_ids(labels: Sequence[str], class_folders: Sequence[int]) -> 
     index: the official code numbers the classes in sorted order of the label it joins from the
     ``class_folders`` path parts (-3: alphabet, -2: character)."""
     folders = tuple(int(i) for i in class_folders)
-    if folders not in ((-3, -2), (-2, -3)):
+    if folders not in OMNIGLOT_CLASS_FOLDERS:
         raise DataConfigError(
             f"indexes_of_folders_indicating_class must be [-3, -2] (alphabet/character, as released) or "
             f"[-2, -3] (the official argparse default) for Omniglot, got {list(class_folders)!r}"

@@ -466,8 +466,10 @@ _DEFAULTS = dict(dataset_name="synthetic", dataset_path=None, num_classes_per_se
                  indexes_of_folders_indicating_class=None)
 
 # The folder layouts the loaders implement, in the official layout keys (spec section 4): Omniglot
-# is split by the loader, mini-ImageNet comes split in train/val/test folders. None: not given.
-_LAYOUTS = {"Omniglot": dict(sets_are_pre_split=False, class_folders=((-3, -2), (-2, -3))),
+# is split by the loader, mini-ImageNet comes split in train/val/test folders. Omniglot's class
+# label joins alphabet (-3) and character (-2) in either order (the order changes the split).
+OMNIGLOT_CLASS_FOLDERS = ((-3, -2), (-2, -3))
+_LAYOUTS = {"Omniglot": dict(sets_are_pre_split=False, class_folders=OMNIGLOT_CLASS_FOLDERS),
             "mini-ImageNet": dict(sets_are_pre_split=True, class_folders=((-3, -2),))}
 
 
