@@ -5,8 +5,10 @@ One program per channel g: two reduction loops (mean, then squared deviations) o
 ``n*H*W`` elements, then one loop over its ``n*(H/2)*(W/2)`` pooling windows writing ``y`` and the
 uint8 argmax (first max in row-major window order, NaN wins, as ATen).
 
-The backward here is plain PyTorch and first-order only (``once_differentiable``); second-order MAML
-uses the compiled op or the ATen composition. Run on CPU tensors with ``TRITON_INTERPRET=1``.
+The backward here is a PyTorch composition over the kernel's argmax. Under ``create_graph`` it
+recomputes the batch statistics from ``x`` with differentiable ops, so the backward is itself
+differentiable and the op works to any order (second-order MAML). Run on CPU tensors with
+``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 __all__ = ["BnLreluPoolFunction", "bn_lrelu_pool", "bn_lrelu_pool_forward"]
 
@@ -109,8 +110,8 @@ def _bn_lrelu_pool_backward_torch(gy, x, weight, bias, mean, invstd, indices, sl
     rows = torch.arange(Ho, device=x.device).view(1, 1, Ho, 1) * 2 + k // 2
     cols = torch.arange(Wo, device=x.device).view(1, 1, 1, Wo) * 2 + k % 2
     flat = (rows * W + cols).reshape(n, G, -1)
-    scattered = torch.zeros(n, G, H * W, dtype=x.dtype, device=x.device)
-    scattered.scatter_(2, flat, gy.reshape(n, G, -1))
+    # Out of place, so that autograd differentiates it in gy (double backward).
+    scattered = torch.zeros(n, G, H * W, dtype=x.dtype, device=x.device).scatter(2, flat, gy.reshape(n, G, -1))
     shape = (1, G, 1, 1)
     alpha = weight * invstd
     z = x * alpha.view(shape) + (bias - mean * alpha).view(shape)
@@ -125,20 +126,24 @@ def _bn_lrelu_pool_backward_torch(gy, x, weight, bias, mean, invstd, indices, sl
 
 
 class BnLreluPoolFunction(torch.autograd.Function):
-    """Triton forward, PyTorch backward (first order only)."""
+    """Triton forward, PyTorch backward (differentiable again under ``create_graph``)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, negative_slope):
         y, mean, invstd, indices = bn_lrelu_pool_forward(x, weight, bias, eps, negative_slope)
         ctx.mark_non_differentiable(mean, invstd)
         ctx.save_for_backward(x, weight, bias, mean, invstd, indices)
-        ctx.negative_slope = negative_slope
+        ctx.eps, ctx.negative_slope = eps, negative_slope
         return y, mean, invstd
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, gy, _gmean, _ginvstd):
         x, weight, bias, mean, invstd, indices = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph: the backward depends on x through the batch statistics too, which the
+            # kernel's saved values would hide from autograd.
+            var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+            invstd = torch.rsqrt(var + ctx.eps)
         gx, gw, gb = _bn_lrelu_pool_backward_torch(
             gy, x, weight, bias, mean, invstd, indices, ctx.negative_slope
         )
@@ -148,5 +153,5 @@ class BnLreluPoolFunction(torch.autograd.Function):
 def bn_lrelu_pool(
     x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5, negative_slope: float = 0.01
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(y, mean, invstd)`` with the Triton forward; differentiable once."""
+    """``(y, mean, invstd)`` with the Triton forward; differentiable to any order."""
     return BnLreluPoolFunction.apply(x.contiguous(), weight, bias, eps, negative_slope)

@@ -48,6 +48,19 @@ SCRIPT = textwrap.dedent(
     ref = torch.autograd.grad(bn_lrelu_pool_reference(x, w, b)[0], (x, w, b), gy)
     for g, r in zip(got, ref):
         assert (g - r).abs().max() <= 1e-12 * r.abs().max()
+    # second order (MAML's outer gradient through the inner one) against the reference, then
+    # gradcheck / gradgradcheck of the Triton path itself
+    def second_order(fn):
+        y = fn(x, w, b)[0]
+        gx, gw = torch.autograd.grad(y, (x, w), gy, create_graph=True)
+        # beta reaches the first-order gradients only through leaky ReLU's mask: no path to b
+        return torch.autograd.grad(gx.square().sum() + (gw * w).sum(), (x, w))
+    for g, r in zip(second_order(bn_lrelu_pool), second_order(bn_lrelu_pool_reference)):
+        assert (g - r).abs().max() <= 1e-10 * r.abs().max()
+    x, w, b = (t.detach()[:2, :2, :3, :4].clone().requires_grad_() if t.dim() == 4 else t.detach()[:2].clone().requires_grad_()
+               for t in (x, w, b))
+    assert torch.autograd.gradcheck(lambda *a: bn_lrelu_pool(*a)[0], (x, w, b))
+    assert torch.autograd.gradgradcheck(lambda *a: bn_lrelu_pool(*a)[0], (x, w, b))
     print("triton ok")
     """
 )

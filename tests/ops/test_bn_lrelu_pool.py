@@ -35,6 +35,8 @@ def fused_backends(device: str) -> list[str]:
     names = ["aten"]
     if _has_op():
         names.append("cpp" if device == "cpu" else "cuda")
+    if device == "cuda" and _backend.has_triton():
+        names.append("triton")  # on the CPU it runs under the interpreter only (tests/kernels)
     return names
 
 
