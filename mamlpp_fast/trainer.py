@@ -12,6 +12,7 @@
         summary.csv, summary.json      per-epoch statistics (rewritten atomically)
         test_summary.csv, .json        the test protocol's result
         learning_curves.png            train/val loss and accuracy per epoch
+        inner_loop_learning_rates.png  the LSLR rates learned so far, per tensor and step
 
 What it does, as the official code does:
 
@@ -61,6 +62,7 @@ import torch
 from .config import MAMLConfig
 from .experiment_lock import ExperimentLock, remove_stale_temp_files
 from .learner_base import atomic_torch_save, resolve_config
+from .plots import plot_inner_loop_learning_rates, plot_learning_curves
 
 __all__ = [
     "Trainer",
@@ -451,47 +453,33 @@ class Trainer:
             "per_epoch_statistics": rows,
         }
         _atomic_write_text(os.path.join(self.logs_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
-        # Every epoch, so that a run stopped at any point (kill -9 included) has its curves.
-        try:
-            self.plot_learning_curves()
-        except Exception as error:  # a plot must never lose a run
-            warnings.warn(f"could not write learning_curves.png: {error}", stacklevel=2)
+        # Every epoch, so that a run stopped at any point (kill -9 included) has its figures.
+        for plot, figure in ((self.plot_learning_curves, "learning_curves.png"),
+                             (self.plot_inner_loop_learning_rates, "inner_loop_learning_rates.png")):
+            try:
+                plot()
+            except Exception as error:  # a plot must never lose a run
+                warnings.warn(f"could not write {figure}: {error}", stacklevel=2)
 
     def plot_learning_curves(self) -> Optional[str]:
         """``logs/learning_curves.png``; skipped with a warning without matplotlib."""
         stats = self.state["per_epoch_statistics"]
         if not stats["epoch"] or not self.is_main:
             return None
-        try:
-            import matplotlib
+        return plot_learning_curves(stats, self.config.experiment_name,
+                                    os.path.join(self.logs_dir, "learning_curves.png"))
 
-            matplotlib.use("Agg", force=False)
-            import matplotlib.pyplot as plt
-        except Exception as error:  # ImportError, or a broken backend
-            warnings.warn(f"matplotlib unavailable ({error}); skipping learning_curves.png", stacklevel=2)
+    def plot_inner_loop_learning_rates(self) -> Optional[str]:
+        """``logs/inner_loop_learning_rates.png``: the learner's LSLR rates now, per inner-loop
+        tensor and step; skipped with a warning without matplotlib."""
+        if not self.is_main:
             return None
-        path = os.path.join(self.logs_dir, "learning_curves.png")
-        fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-        epochs = stats["epoch"]
-        ax_loss.plot(epochs, stats["train_loss_mean"], "o-", label="train")
-        ax_loss.plot(epochs, stats["val_loss_mean"], "s-", label="val")
-        ax_loss.set_xlabel("epoch")
-        ax_loss.set_ylabel("loss")
-        ax_loss.legend()
-        ax_loss.grid(alpha=0.3)
-        ax_acc.plot(epochs, stats["train_accuracy_mean"], "o-", label="train")
-        ax_acc.plot(epochs, stats["val_accuracy_mean"], "s-", label="val")
-        ax_acc.set_xlabel("epoch")
-        ax_acc.set_ylabel("accuracy")
-        ax_acc.legend()
-        ax_acc.grid(alpha=0.3)
-        fig.suptitle(self.config.experiment_name)
-        fig.tight_layout()
-        tmp = path + ".tmp.png"
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        os.replace(tmp, path)
-        return path
+        learner = self.learner
+        names = learner.inner_loop_parameter_names
+        steps = self.config.number_of_training_steps_per_iter
+        rates = {name: rate.detach()[:steps].tolist() for name, rate in zip(names, learner.learning_rates_for(names))}
+        title = f"{self.config.experiment_name}: inner-loop learning rates after epoch {self.epochs_done}"
+        return plot_inner_loop_learning_rates(rates, title, os.path.join(self.logs_dir, "inner_loop_learning_rates.png"))
 
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, batches) -> Tuple[List[float], List[float], List[np.ndarray], List[np.ndarray]]:

@@ -34,7 +34,8 @@ def test_train_then_eval_end_to_end(tmp_path, capsys):
     folder = tmp_path / EXPERIMENT
     for name in ("config.json", "saved_models/train_model_1", "saved_models/train_model_2",
                  "saved_models/train_model_latest", "logs/summary.csv", "logs/summary.json",
-                 "logs/test_summary.csv", "logs/test_summary.json", "logs/learning_curves.png"):
+                 "logs/test_summary.csv", "logs/test_summary.json", "logs/learning_curves.png",
+                 "logs/inner_loop_learning_rates.png"):
         assert (folder / name).is_file(), name
     summary = json.loads((folder / "logs" / "test_summary.json").read_text())
     assert summary["num_tasks"] == 4 and summary["num_models"] == 2

@@ -368,3 +368,24 @@ def test_kill_minus_9_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert a["current_iter"] == b["current_iter"] == 12
     assert_same_tensors(a["network"], b["network"], "network.")
     assert_same_tensors(a["optimizer"]["state"], b["optimizer"]["state"], "optimizer.")
+
+
+def test_inner_loop_learning_rates_figure_shows_the_learners_rates(tmp_path, monkeypatch):
+    """Each inner-loop tensor's rates at steps 0..S-1, by official name (the unused last entry
+    of the official vector left out), drawn after every epoch."""
+    import mamlpp_fast.trainer as trainer_module
+
+    drawn = []
+    monkeypatch.setattr(trainer_module, "plot_inner_loop_learning_rates",
+                        lambda rates, title, path: drawn.append((rates, path)))
+    trainer = make_trainer(tmp_path, total_epochs=1, total_iter_per_epoch=1, num_evaluation_tasks=2)
+    trainer.train()
+    assert len(drawn) == 1 and drawn[0][1].endswith("logs/inner_loop_learning_rates.png")
+    rates = drawn[0][0]
+    learner = trainer.learner
+    steps = trainer.config.number_of_training_steps_per_iter
+    assert list(rates) == learner.inner_loop_parameter_names
+    names = learner.inner_loop_parameter_names
+    for name, rate in zip(names, learner.learning_rates_for(names)):
+        assert rates[name] == rate.detach()[:steps].tolist()
+    assert any(v != trainer.config.task_learning_rate for values in rates.values() for v in values)  # trained
