@@ -77,7 +77,8 @@ ARGPARSE_DEFAULTS: Dict[str, Any] = {
 }
 
 # Keys that the official code accepts but never reads (spec section 3, "Unused keys"), plus
-# argparse options of the official parser that have no effect on MAML++.
+# argparse options of the official parser that have no effect on MAML++ at their released
+# values (the few whose other values matter are checked in from_dict).
 IGNORED_KEYS = frozenset(
     {
         "weight_decay",
@@ -123,6 +124,19 @@ def conv_output_size(size: int, stride: int, padding: int) -> int:
 # num_of_gpus * batch_size * samples_per_iter tasks per iteration (spec section 4). mamlpp_fast
 # draws batch_size tasks, so in an official file they are accepted only at their default, 1.
 _TASKS_PER_ITERATION_KEYS = ("samples_per_iter", "num_of_gpus")
+
+# Ignored keys whose true value the official data code acts on, which mamlpp_fast does not
+# implement, so only false is accepted: reverse_channels flips RGB to BGR, labels_as_int casts
+# the class labels to int (which fails on Omniglot's and mini-ImageNet's folder names), and
+# reset_stored_filepaths rebuilds the class lists the official code ships (datasets/*.json)
+# from indexes_of_folders_indicating_class.
+_FALSE_ONLY_KEYS = {
+    "reverse_channels": "the official loader would flip RGB images to BGR",
+    "labels_as_int": "the official loader would cast the class folder names to int (and fail)",
+    "reset_stored_filepaths": "the official loader would rebuild its shipped class lists from "
+                              "indexes_of_folders_indicating_class (load_omniglot(class_folders=...) "
+                              "gives that split)",
+}
 
 # Keys holding numpy RandomState seeds, which must lie in [0, 2**32).
 _SEED_KEYS = ("seed", "train_seed", "val_seed")
@@ -248,6 +262,9 @@ class MAMLConfig:
                     f"num_of_gpus * batch_size * samples_per_iter tasks per iteration, mamlpp_fast "
                     f"draws batch_size; set {key} to 1 and multiply batch_size instead"
                 )
+        for key, effect in _FALSE_ONLY_KEYS.items():
+            if key in ignored_found and _parse_bool_string(values[key]) is not False:
+                raise ValueError(f"{key}={values[key]!r} is not supported: {effect}; use false")
         if ignored_found and ignored == "reject":
             raise ValueError(
                 f"config key(s) {sorted(ignored_found)} would have no effect: mamlpp_fast does "
@@ -331,9 +348,10 @@ class MAMLConfig:
             width = conv_output_size(width, self.conv_stride, self.conv_padding_size)
             if height < 1 or width < 1:
                 raise ValueError(
-                    f"image_height x image_width {self.image_height}x{self.image_width} is too small: "
-                    f"stage {stage}'s 3x3 convolution (stride {self.conv_stride}, padding "
-                    f"{self.conv_padding_size}) has no output"
+                    f"image_height x image_width {self.image_height}x{self.image_width} is too small for "
+                    f"num_stages={self.num_stages} with conv_padding={str(bool(self.conv_padding)).lower()} "
+                    f"and max_pooling={str(bool(self.max_pooling)).lower()}: stage {stage}'s 3x3 "
+                    f"convolution has no output (use fewer stages, padded convolutions or larger images)"
                 )
             sizes.append((height, width))
             if self.max_pooling:

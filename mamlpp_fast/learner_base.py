@@ -65,8 +65,9 @@ def resolve_config(config: Any) -> MAMLConfig:
     if isinstance(config, (str, os.PathLike)):
         return MAMLConfig.from_json(config)
     if isinstance(config, dict):
-        # Read like an official JSON file's content (json.load of one is the common case): keys
-        # the official code ignores are accepted, recorded in ignored_keys.
+        # Keys the official code ignores are accepted (recorded in ignored_keys), as from an
+        # official JSON file; keys left out take this package's defaults (the released MAML++
+        # Omniglot 5w1s config), not the official argparse defaults a JSON *file* gets.
         return MAMLConfig.from_dict(config, ignored="accept")
     if hasattr(config, "__dict__"):
         # An official argparse namespace or Bunch: its config keys are read like an official

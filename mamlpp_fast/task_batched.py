@@ -90,7 +90,8 @@ def task_batched_logits(
         running_stats: per stage, (mean [C_out], var [C_out]) to normalise with instead of the
             batch statistics (evaluation with `bn_use_running_stats_in_evaluation`).
         conv: the task-batched convolution (x, weight, bias) -> out, or one per stage; default
-            `mamlpp_fast.ops.task_conv` with its "auto" strategy (stride 2 without max-pooling).
+            `mamlpp_fast.ops.task_conv` with its "auto" strategy, padding 1 and stride 1 (2
+            without max-pooling). For conv_padding=false pass convolutions with padding 0.
         norm_layer: "batch_norm" or "layer_norm" (the official MetaLayerNormLayer: each image
             normalised over its C_out, H', W').
         max_pooling: True: 2x2 max-pool after each stage. False (official max_pooling=false): the

@@ -181,6 +181,16 @@ def test_official_json_keeps_its_ignored_keys_but_not_a_changed_batch(tmp_path):
         path.write_text(json.dumps(dict(base, **{key: 2})))
         with pytest.raises(ValueError, match=rf"{key}=2 is not supported.*batch_size"):
             MAMLConfig.from_json(path)
+    # The official data code acts on these when true (flips channels, fails, rebuilds its class
+    # lists); false, as every released file has them, is what mamlpp_fast implements.
+    for key, effect in (("reverse_channels", "BGR"), ("labels_as_int", "int"), ("reset_stored_filepaths", "rebuild")):
+        path.write_text(json.dumps(dict(base, **{key: "false"})))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert key in MAMLConfig.from_json(path).ignored_keys
+        path.write_text(json.dumps(dict(base, **{key: "true"})))
+        with pytest.raises(ValueError, match=rf"{key}='true' is not supported: .*{effect}"):
+            MAMLConfig.from_json(path)
 
 
 def test_a_learner_takes_an_official_json_dict_as_it_is():

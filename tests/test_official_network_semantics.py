@@ -29,6 +29,7 @@ CASES = [
     ("maml++_omniglot_5w1s", dict(num_stages=3)),
     ("maml++_mini-imagenet_5w1s", dict(conv_padding=False)),
     ("maml++_mini-imagenet_5w1s", dict(conv_padding=False, max_pooling=False)),
+    ("maml++_mini-imagenet_5w1s", dict(conv_padding=False, norm_layer="layer_norm")),  # LN over unpadded maps
 ]
 
 

@@ -341,10 +341,12 @@ def load_omniglot(root=None, *, image_size=(28, 28), val_seed: int = 0,
     :class:`UnofficialDataWarning` says so (the split then differs from the official one).
     ``FewShotDataset.describe()`` gives a one-line summary of what was loaded.
 
-    ``class_folders`` is the official ``indexes_of_folders_indicating_class``: which path parts
-    name a class, in the order they are joined into the label whose sorted order the split
-    shuffles. (-3, -2) ("Alphabet/characterNN", every released config) or (-2, -3) (the official
-    argparse default: the same classes, another split).
+    ``class_folders`` plays the official ``indexes_of_folders_indicating_class``: which path
+    parts name a class, in the order they are joined into the label whose sorted order the split
+    shuffles: (-3, -2) ("Alphabet/characterNN") or (-2, -3) (the same classes, another split).
+    The official code reads the class lists committed with it (built with (-3, -2)) whatever the
+    key says, so the configs' value never reaches this argument; (-2, -3) gives the split the
+    official code computes on a fresh DATASET_DIR with its argparse default.
     """
     height, width = (int(image_size), int(image_size)) if np.isscalar(image_size) else map(int, image_size)
     if len(split_fractions) != 3:

@@ -457,37 +457,34 @@ def make_dataset(name: str, root=None, **kwargs) -> FewShotDataset:
 _CONFIG_KEYS = ("dataset_name", "dataset_path", "num_classes_per_set", "num_samples_per_class",
                 "num_target_samples", "batch_size", "train_seed", "val_seed", "num_evaluation_tasks",
                 "image_height", "image_width", "image_channels", "num_of_gpus", "samples_per_iter",
-                "train_val_test_split", "sets_are_pre_split", "indexes_of_folders_indicating_class")
+                "train_val_test_split", "sets_are_pre_split")
 
 _DEFAULTS = dict(dataset_name="synthetic", dataset_path=None, num_classes_per_set=5,
                  num_samples_per_class=1, num_target_samples=1, batch_size=8, train_seed=0, val_seed=0,
                  num_evaluation_tasks=600, image_height=28, image_width=28, image_channels=1,
-                 num_of_gpus=1, samples_per_iter=1, train_val_test_split=None, sets_are_pre_split=None,
-                 indexes_of_folders_indicating_class=None)
+                 num_of_gpus=1, samples_per_iter=1, train_val_test_split=None, sets_are_pre_split=None)
 
-# The folder layouts the loaders implement, in the official layout keys (spec section 4): Omniglot
-# is split by the loader, mini-ImageNet comes split in train/val/test folders. Omniglot's class
-# label joins alphabet (-3) and character (-2) in either order (the order changes the split).
+# The folder layout the loaders implement (spec section 4): Omniglot is split by the loader,
+# mini-ImageNet comes split in train/val/test folders. (indexes_of_folders_indicating_class has
+# no effect, as in the official code, which reads the class lists committed with it,
+# datasets/map_to_label_name_*.json, built with [-3, -2]; see load_omniglot's class_folders.)
+# Omniglot's class label joins alphabet (-3) and character (-2) in either order.
 OMNIGLOT_CLASS_FOLDERS = ((-3, -2), (-2, -3))
-_LAYOUTS = {"Omniglot": dict(sets_are_pre_split=False, class_folders=OMNIGLOT_CLASS_FOLDERS),
-            "mini-ImageNet": dict(sets_are_pre_split=True, class_folders=((-3, -2),))}
+PRE_SPLIT = {"Omniglot": False, "mini-ImageNet": True}
 
 
-def _check_layout(family: str, values: dict) -> None:
-    """Refuse layout keys whose official meaning the loader does not implement (they would be
-    silently ignored otherwise)."""
-    layout = _LAYOUTS[family]
-    pre_split = values["sets_are_pre_split"]
-    if pre_split is not None and bool(pre_split) != layout["sets_are_pre_split"]:
+def _check_layout(family: str, pre_split: Any) -> None:
+    """Refuse a sets_are_pre_split the loader does not implement (it would be ignored)."""
+    if pre_split is None:
+        return
+    if isinstance(pre_split, str) and pre_split.lower() in ("true", "false"):
+        pre_split = pre_split.lower() == "true"
+    if not isinstance(pre_split, (bool, int, np.integer)) or pre_split not in (0, 1):
+        raise DataConfigError(f"sets_are_pre_split must be true or false, got {pre_split!r}")
+    if bool(pre_split) != PRE_SPLIT[family]:
         raise DataConfigError(
-            f"sets_are_pre_split={pre_split}: the {family} loader implements the official layout with "
-            f"sets_are_pre_split={layout['sets_are_pre_split']}"
-        )
-    folders = values["indexes_of_folders_indicating_class"]
-    if folders is not None and tuple(folders) not in layout["class_folders"]:
-        accepted = " or ".join(str(list(f)) for f in layout["class_folders"])
-        raise DataConfigError(
-            f"indexes_of_folders_indicating_class={list(folders)}: the {family} loader implements {accepted}"
+            f"sets_are_pre_split={str(bool(pre_split)).lower()}: the {family} loader implements the official "
+            f"layout, sets_are_pre_split={str(PRE_SPLIT[family]).lower()}"
         )
 
 
@@ -525,14 +522,12 @@ class MetaLearningDataLoader:
         if dataset is None:
             name = str(values["dataset_name"])
             if "omniglot" in name.lower() or "imagenet" in name.lower():
-                _check_layout("Omniglot" if "omniglot" in name.lower() else "mini-ImageNet", values)
+                _check_layout("Omniglot" if "omniglot" in name.lower() else "mini-ImageNet", values["sets_are_pre_split"])
                 dataset_kwargs.setdefault("image_size", (ci("image_height"), ci("image_width")))
                 if "omniglot" in name.lower():
                     dataset_kwargs.setdefault("val_seed", ci("val_seed"))
                     if values["train_val_test_split"] is not None:
                         dataset_kwargs.setdefault("split_fractions", tuple(values["train_val_test_split"]))
-                    if values["indexes_of_folders_indicating_class"] is not None:
-                        dataset_kwargs.setdefault("class_folders", tuple(values["indexes_of_folders_indicating_class"]))
             elif "synthetic" in name.lower():
                 dataset_kwargs.setdefault("image_shape",
                                           (ci("image_channels"), ci("image_height"), ci("image_width")))

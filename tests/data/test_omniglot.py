@@ -102,9 +102,10 @@ def test_tiny_tree_split_values_and_parity(omniglot_tree, cache_tmp):
     _check_parity(ds, omniglot_tree, n_way=3)
 
 
-def test_argparse_default_class_folders_give_the_official_split(omniglot_tree, cache_tmp):
-    """indexes_of_folders_indicating_class=[-2, -3] (the official argparse default) labels classes
-    "characterNN/Alphabet": the same classes, numbered in another sorted order, so another split."""
+def test_class_folders_give_the_official_split_of_a_fresh_dataset_dir(omniglot_tree, cache_tmp):
+    """indexes_of_folders_indicating_class=[-2, -3] labels classes "characterNN/Alphabet": the
+    same classes, numbered in another sorted order, so another split, when the official code
+    builds its class lists anew (it ships them built with [-3, -2])."""
     released = load_omniglot(omniglot_tree, download=False)
     swapped = load_omniglot(omniglot_tree, download=False, class_folders=(-2, -3))
     _, splits = _official_style_splits(omniglot_tree, indexes=(-2, -3))
@@ -117,16 +118,16 @@ def test_argparse_default_class_folders_give_the_official_split(omniglot_tree, c
         load_omniglot(omniglot_tree, download=False, class_folders=(-2,))
 
 
-@pytest.mark.parametrize("dataset_name, key, value", [
-    ("omniglot_dataset", "sets_are_pre_split", True),
-    ("omniglot_dataset", "indexes_of_folders_indicating_class", [-4, -2]),
-    ("mini_imagenet_full_size", "sets_are_pre_split", False),
-    ("mini_imagenet_full_size", "indexes_of_folders_indicating_class", [-2, -3]),
+@pytest.mark.parametrize("dataset_name, value, message", [
+    ("omniglot_dataset", True, "sets_are_pre_split=true: the Omniglot loader implements"),
+    ("omniglot_dataset", "true", "sets_are_pre_split=true: the Omniglot loader implements"),
+    ("mini_imagenet_full_size", False, "sets_are_pre_split=false: the mini-ImageNet loader implements"),
+    ("mini_imagenet_full_size", "maybe", "sets_are_pre_split must be true or false"),
 ])
-def test_layout_keys_the_loaders_do_not_implement_are_refused(dataset_name, key, value):
-    """The official loader would read another folder layout: refused before any data is read."""
-    with pytest.raises(DataConfigError, match=f"{key}="):
-        MetaLearningDataLoader(dataset_name=dataset_name, dataset_path="/nonexistent", **{key: value})
+def test_a_layout_the_loaders_do_not_implement_is_refused(dataset_name, value, message):
+    """The official loader would build another data set (or fail): refused before any data is read."""
+    with pytest.raises(DataConfigError, match=message):
+        MetaLearningDataLoader(dataset_name=dataset_name, dataset_path="/nonexistent", sets_are_pre_split=value)
 
 
 def test_class_order_is_sorted_labels_across_both_zips(omniglot_tree, cache_tmp):
