@@ -31,6 +31,8 @@ What it does better:
   deleted by the next training run), and the logs are rewritten from the checkpoint on resume;
 - one process trains an experiment at a time (a lock on the folder); `mamlpp-eval` can test
   the best epochs so far while it runs;
+- checkpoints hold a fingerprint of each data split's classes: a run is not resumed on other
+  splits (another data folder, or a loader that splits it otherwise), and testing it on them warns;
 - checkpoints also hold the RNG states (torch, numpy, python ``random``, the learner's RNG) and
   the data position, so a resumed run continues bit for bit like an uninterrupted one (given
   the same ops and thread count: the compiled kernels and the pure-PyTorch fallback round
@@ -61,6 +63,7 @@ import torch
 
 from .config import MAMLConfig
 from .experiment_lock import ExperimentLock, remove_stale_temp_files
+from .data.paths import DataConfigError
 from .learner_base import atomic_torch_save, resolve_config
 from .plots import plot_inner_loop_learning_rates, plot_learning_curves
 
@@ -135,6 +138,13 @@ def ensemble_logits_accuracy(per_model_logits: Sequence[np.ndarray], targets: np
         "num_models": int(stacked.shape[0]),
         "per_task_accuracy": per_task,
     }
+
+
+def _split_fingerprints(data: Any) -> Optional[Dict[str, str]]:
+    """`FewShotDataset.split_fingerprints` of a data loader's data set; None for data objects
+    without one (a custom loader handed to the Trainer)."""
+    dataset = getattr(data, "dataset", None)
+    return dataset.split_fingerprints() if hasattr(dataset, "split_fingerprints") else None
 
 
 def _atomic_write_text(path: str, text: str) -> None:
@@ -284,6 +294,8 @@ class Trainer:
         self._data = data
         self.state: Dict[str, Any] = self._fresh_state()
         self.resumed_from: Optional[str] = None
+        self._resumed_data_splits: Optional[Dict[str, str]] = None
+        self._resuming_for_training = True
 
     # ------------------------------------------------------------------ lazily built parts
     @property
@@ -305,7 +317,25 @@ class Trainer:
                 self.config, current_iter=self.state["current_iter"], prefetch=self.prefetch,
                 dataset_path=root,
             )
+            self._check_data_splits()
         return self._data
+
+    def _check_data_splits(self) -> None:
+        """The splits must be those the resumed checkpoint was trained on: other classes would
+        mix into the run (training) or into its test (the test classes may have been trained on)."""
+        expected = self._resumed_data_splits
+        found = _split_fingerprints(self._data)
+        if not expected or found is None:
+            return  # a fresh run, a checkpoint from before fingerprints (or the official code's)
+        differing = sorted(name for name in expected if found.get(name) != expected[name])
+        if not differing:
+            return
+        message = (f"the data's {'/'.join(differing)} split(s) hold other classes (or image counts) than "
+                   f"the ones {self.resumed_from!r} was trained on ({self._data.describe()})")
+        if self._resuming_for_training:
+            raise DataConfigError(f"{message}: point the data path to the run's data, or use another "
+                                  f"experiment_name to start afresh")
+        warnings.warn(f"{message}: the results are not comparable with the run's", stacklevel=3)
 
     @property
     def keep_top_n(self) -> int:
@@ -378,6 +408,10 @@ class Trainer:
         self.state["per_epoch_statistics"] = self._complete_statistics(self.state["per_epoch_statistics"])
         if "rng_state" in state:
             _set_rng_state(self.learner, state["rng_state"])
+        self._resumed_data_splits = state.get("data_splits")
+        self._resuming_for_training = training
+        if self._data is not None:
+            self._check_data_splits()
         if self._data is not None:
             self._data.current_iter = int(state.get("data_current_iter", self.state["current_iter"]))
         self.resumed_from = path
@@ -411,6 +445,7 @@ class Trainer:
         state["config"] = self.config.to_dict()
         state["rng_state"] = _rng_state(self.learner)
         state["data_current_iter"] = int(self.state["current_iter"])
+        state["data_splits"] = _split_fingerprints(self.data)
         state["epoch"] = int(epoch)
         state["mamlpp_fast_checkpoint_version"] = 1
         self.learner.save_model(self.checkpoint_path(epoch), state)

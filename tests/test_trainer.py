@@ -389,3 +389,45 @@ def test_inner_loop_learning_rates_figure_shows_the_learners_rates(tmp_path, mon
     for name, rate in zip(names, learner.learning_rates_for(names)):
         assert rates[name] == rate.detach()[:steps].tolist()
     assert any(v != trainer.config.task_learning_rate for values in rates.values() for v in values)  # trained
+
+
+@pytest.mark.filterwarnings("ignore:resuming .* with a config that differs")  # total_epochs 1 -> 2
+def test_resuming_on_other_data_splits_is_refused_and_testing_warns(tmp_path, monkeypatch):
+    """Checkpoints keep a fingerprint of each split's classes: a resumed run never trains on, and
+    its test never silently uses, other classes than the run's."""
+    from mamlpp_fast.data import DataConfigError
+    from mamlpp_fast.data.sampler import FewShotDataset
+
+    settings = dict(total_epochs=2, total_iter_per_epoch=1, num_evaluation_tasks=2)
+    make_trainer(tmp_path, **dict(settings, total_epochs=1)).train()
+    state = torch.load(tmp_path / tiny_config().experiment_name / "saved_models" / "train_model_latest",
+                       weights_only=False)
+    assert set(state["data_splits"]) == {"train", "val", "test"}
+    real = FewShotDataset.split_fingerprints
+    # Other data: e.g. another copy of the data set, or a loader that splits it otherwise.
+    monkeypatch.setattr(FewShotDataset, "split_fingerprints",
+                        lambda self: {**real(self), "test": "0123456789abcdef"})
+    with pytest.raises(DataConfigError, match="test split\\(s\\) hold other classes"):
+        make_trainer(tmp_path, **settings).train()
+    evaluator = make_trainer(tmp_path, **settings)
+    assert evaluator.maybe_resume(training=False)
+    with pytest.warns(UserWarning, match="not comparable"):
+        evaluator.data
+    monkeypatch.setattr(FewShotDataset, "split_fingerprints", real)
+    same = make_trainer(tmp_path, **settings)
+    same.train()  # the run's own data resumes as before
+    assert same.epochs_done == 2
+
+
+def test_split_fingerprints_follow_the_classes_and_their_order():
+    from mamlpp_fast.data.sampler import FewShotDataset, SplitData
+
+    def dataset(names, counts):
+        split = SplitData(storage=np.zeros((len(names), 1, 1, 2, 2), np.uint8), class_ids=np.arange(len(names)),
+                          counts=np.asarray(counts), class_names=tuple(names))
+        return FewShotDataset(name="x", splits={"train": split}, lut=np.zeros((1, 256), np.float32))
+
+    base = dataset(["a", "b"], [2, 2]).split_fingerprints()
+    assert dataset(["a", "b"], [2, 2]).split_fingerprints() == base
+    assert dataset(["b", "a"], [2, 2]).split_fingerprints() != base  # task sampling follows the order
+    assert dataset(["a", "b"], [2, 1]).split_fingerprints() != base

@@ -18,6 +18,7 @@ training task ``j`` of iteration ``it`` uses ``train_seed' + it * B + j``; valid
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -105,6 +106,16 @@ class FewShotDataset:
         if name not in self.splits:
             raise ValueError(f"split must be one of {sorted(self.splits)}, got {name!r}")
         return self.splits[name]
+
+    def split_fingerprints(self) -> dict[str, str]:
+        """A short hash per split of its classes, in order, and their image counts: what task
+        sampling depends on besides the pixels. Checkpoints keep it, so that a run is never
+        resumed or tested on other splits without a word."""
+        out = {}
+        for name, split in sorted(self.splits.items()):
+            text = "\n".join(f"{cls}\t{int(count)}" for cls, count in zip(split.class_names, split.counts))
+            out[name] = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+        return out
 
     def describe(self) -> str:
         """One line saying what was loaded, for the start of a training log, e.g.::
