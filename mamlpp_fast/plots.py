@@ -1,8 +1,9 @@
 """Figures of an experiment: learning curves and the learned inner-loop learning rates.
 
 Both are drawn with matplotlib's Agg backend and written atomically (a temporary ``*.tmp.png``
-renamed over the target), so a run killed while plotting leaves the previous figure intact.
-Without matplotlib, or with a broken backend, they are skipped with one warning each call.
+renamed over the target), so a run killed while plotting leaves the previous figure intact. Each
+function returns the path it wrote, or None without matplotlib (or with a broken backend), which
+it says in a warning.
 """
 
 from __future__ import annotations
@@ -14,17 +15,19 @@ from typing import Dict, Mapping, Optional, Sequence
 __all__ = ["plot_learning_curves", "plot_inner_loop_learning_rates"]
 
 
-def _pyplot(figure: str):
-    """matplotlib.pyplot on the Agg backend, or None (with a warning naming the figure)."""
+def _two_panel_figure(path: str, **subplots_options):
+    """(pyplot, figure, (left, right) axes) on the Agg backend, or None (with a warning naming
+    the figure) without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
     except Exception as error:  # ImportError, or a broken backend
-        warnings.warn(f"matplotlib unavailable ({error}); skipping {figure}", stacklevel=3)
+        warnings.warn(f"matplotlib unavailable ({error}); skipping {os.path.basename(path)}", stacklevel=3)
         return None
-    return plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), **subplots_options)
+    return plt, fig, axes
 
 
 def _save(fig, plt, path: str) -> str:
@@ -44,14 +47,11 @@ def plot_learning_curves(stats: Mapping[str, Sequence[float]], title: str, path:
             ``train_accuracy_mean``, ``val_accuracy_mean`` (the trainer's summary).
         title: the figure's title (the experiment name).
         path: where the PNG goes.
-
-    Returns:
-        ``path``, or None when matplotlib is unavailable.
     """
-    plt = _pyplot(os.path.basename(path))
-    if plt is None:
+    figure = _two_panel_figure(path)
+    if figure is None:
         return None
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    plt, fig, (ax_loss, ax_acc) = figure
     epochs = stats["epoch"]
     for axis, metric, label in ((ax_loss, "loss", "loss"), (ax_acc, "accuracy", "accuracy")):
         axis.plot(epochs, stats[f"train_{metric}_mean"], "o-", label="train")
@@ -72,20 +72,17 @@ def plot_inner_loop_learning_rates(rates: Dict[str, Sequence[float]], title: str
             steps 0..S-1 (the official vector's unused last entry left out).
         title: the figure's title.
         path: where the PNG goes.
-
-    Returns:
-        ``path``, or None when matplotlib is unavailable.
     """
-    plt = _pyplot(os.path.basename(path))
-    if plt is None:
+    figure = _two_panel_figure(path, sharey=True)
+    if figure is None:
         return None
-    fig, (ax_weights, ax_biases) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    from matplotlib.ticker import MaxNLocator
+
+    plt, fig, (ax_weights, ax_biases) = figure
     for name, values in rates.items():
         axis = ax_biases if name.endswith("bias") else ax_weights
         label = name.replace("layer_dict.", "")
         axis.plot(range(len(values)), values, "o-", label=label)
-    from matplotlib.ticker import MaxNLocator
-
     for axis, kind in ((ax_weights, "weights"), (ax_biases, "biases")):
         axis.set_title(kind)
         axis.set_xlabel("inner step")
