@@ -439,7 +439,7 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"mamlpp-eval: error: {error} (if the experiment is still training, a newer "
                   f"epoch may have replaced it: run mamlpp-eval again)", file=sys.stderr)
             return 2
-        print(f"written: {os.path.join(trainer.logs_dir, summary_name)}.json", flush=True)
+        print(f"written: {os.path.join(trainer.logs_dir, trainer.test_summary_name)}.json", flush=True)
     else:
         trainer = Trainer(config, os.path.dirname(os.path.abspath(files[0])), device=device, dtype=dtype,
                           backend=args.backend, dataset_dir=args.dataset_dir, progress=False)

@@ -131,11 +131,10 @@ _TASKS_PER_ITERATION_KEYS = ("samples_per_iter", "num_of_gpus")
 # reset_stored_filepaths rebuilds the class lists the official code ships (datasets/*.json)
 # from indexes_of_folders_indicating_class.
 _FALSE_ONLY_KEYS = {
-    "reverse_channels": "the official loader would flip RGB images to BGR",
-    "labels_as_int": "the official loader would cast the class folder names to int (and fail)",
-    "reset_stored_filepaths": "the official loader would rebuild its shipped class lists from "
-                              "indexes_of_folders_indicating_class (load_omniglot(class_folders=...) "
-                              "gives that split)",
+    "reverse_channels": "the official loader flips RGB images to BGR then",
+    "labels_as_int": "the official loader casts the class folder names to int then (and fails)",
+    "reset_stored_filepaths": "the official loader then rebuilds the class lists it ships for "
+                              "dataset_name 'omniglot_dataset' from indexes_of_folders_indicating_class",
 }
 
 # Keys holding numpy RandomState seeds, which must lie in [0, 2**32).
@@ -263,8 +262,9 @@ class MAMLConfig:
                     f"draws batch_size; set {key} to 1 and multiply batch_size instead"
                 )
         for key, effect in _FALSE_ONLY_KEYS.items():
-            if key in ignored_found and _parse_bool_string(values[key]) is not False:
-                raise ValueError(f"{key}={values[key]!r} is not supported: {effect}; use false")
+            if key in ignored_found and _parse_bool_string(values[key]) not in (False, None):
+                advice = "set it to false" if ignored == "accept" else "remove it"
+                raise ValueError(f"{key}={values[key]!r} is not supported: {effect}; {advice}")
         if ignored_found and ignored == "reject":
             raise ValueError(
                 f"config key(s) {sorted(ignored_found)} would have no effect: mamlpp_fast does "

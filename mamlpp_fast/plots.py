@@ -32,10 +32,14 @@ def _two_panel_figure(path: str, **subplots_options):
 
 def _save(fig, plt, path: str) -> str:
     tmp = path + ".tmp.png"
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.tight_layout()
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:  # a failed save leaves neither an open figure nor a temporary file behind
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return path
 
 

@@ -296,6 +296,7 @@ class Trainer:
         self.resumed_from: Optional[str] = None
         self._resumed_data_splits: Optional[Dict[str, str]] = None
         self._resuming_for_training = True
+        self.data_matches_run = True  # False once evaluation found other splits than the run's
 
     # ------------------------------------------------------------------ lazily built parts
     @property
@@ -317,13 +318,16 @@ class Trainer:
                 self.config, current_iter=self.state["current_iter"], prefetch=self.prefetch,
                 dataset_path=root,
             )
-            self._check_data_splits()
+            self._check_data_splits(training=self._resuming_for_training)
         return self._data
 
-    def _check_data_splits(self) -> None:
-        """The splits must be those the resumed checkpoint was trained on: other classes would
-        mix into the run (training) or into its test (the test classes may have been trained on)."""
-        expected = self._resumed_data_splits
+    def _check_data_splits(self, training: bool, expected: Optional[Dict[str, str]] = None,
+                           source: Optional[str] = None) -> None:
+        """The splits must be those the run's checkpoints were trained on (`expected`, default
+        the resumed checkpoint's): other classes would mix into the run (training: refused) or
+        into its test, whose classes may have been trained on (evaluation: a warning, and
+        `data_matches_run` turns False, which gives the test summary another name)."""
+        expected = self._resumed_data_splits if expected is None else expected
         found = _split_fingerprints(self._data)
         if not expected or found is None:
             return  # a fresh run, a checkpoint from before fingerprints (or the official code's)
@@ -331,10 +335,11 @@ class Trainer:
         if not differing:
             return
         message = (f"the data's {'/'.join(differing)} split(s) hold other classes (or image counts) than "
-                   f"the ones {self.resumed_from!r} was trained on ({self._data.describe()})")
-        if self._resuming_for_training:
+                   f"the ones {source or self.resumed_from!r} was trained on ({self._data.describe()})")
+        if training:
             raise DataConfigError(f"{message}: point the data path to the run's data, or use another "
                                   f"experiment_name to start afresh")
+        self.data_matches_run = False
         warnings.warn(f"{message}: the results are not comparable with the run's", stacklevel=3)
 
     @property
@@ -410,11 +415,11 @@ class Trainer:
             _set_rng_state(self.learner, state["rng_state"])
         self._resumed_data_splits = state.get("data_splits")
         self._resuming_for_training = training
+        self.resumed_from = path
         if self._data is not None:
-            self._check_data_splits()
+            self._check_data_splits(training)
         if self._data is not None:
             self._data.current_iter = int(state.get("data_current_iter", self.state["current_iter"]))
-        self.resumed_from = path
         return True
 
     def _complete_statistics(self, stats: Dict[str, List[Any]]) -> Dict[str, List[Any]]:
@@ -445,7 +450,8 @@ class Trainer:
         state["config"] = self.config.to_dict()
         state["rng_state"] = _rng_state(self.learner)
         state["data_current_iter"] = int(self.state["current_iter"])
-        state["data_splits"] = _split_fingerprints(self.data)
+        # A custom data object has no fingerprint: keep the one the run was resumed with.
+        state["data_splits"] = _split_fingerprints(self.data) or self._resumed_data_splits
         state["epoch"] = int(epoch)
         state["mamlpp_fast_checkpoint_version"] = 1
         self.learner.save_model(self.checkpoint_path(epoch), state)
@@ -559,7 +565,9 @@ class Trainer:
             prefix, _, index = name.rpartition("_")
             if not prefix:
                 raise ValueError(f"checkpoint: {checkpoint_path!r} is not named <name>_<index>")
-            self.learner.load_model(folder or ".", prefix, index)
+            state = self.learner.load_model(folder or ".", prefix, index)
+            self.data  # noqa: B018 (build the data before checking it)
+            self._check_data_splits(training=False, expected=state.get("data_splits"), source=checkpoint_path)
         _, _, logits, targets = self._evaluate(self.data.get_test_batches())
         if not logits:
             raise ValueError(
@@ -597,6 +605,8 @@ class Trainer:
         if missing:
             raise FileNotFoundError(f"checkpoints of the top-{top_n} epochs are missing: {missing}")
         result = self.evaluate_checkpoints(paths)
+        if not self.data_matches_run:  # never over the run's own result
+            summary_name = f"{summary_name}_otherdata"
         summary = {
             "test_accuracy_mean": result["test_accuracy_mean"],
             "test_accuracy_std": result["test_accuracy_std"],
@@ -613,6 +623,7 @@ class Trainer:
         _atomic_write_text(os.path.join(self.logs_dir, f"{summary_name}.csv"), _csv_text([row], list(row)))
         _atomic_write_text(os.path.join(self.logs_dir, f"{summary_name}.json"), json.dumps(summary, indent=2) + "\n")
         self.test_summary = summary
+        self.test_summary_name = summary_name
         return summary
 
     # ------------------------------------------------------------------ training
@@ -647,6 +658,7 @@ class Trainer:
                 # A kill between a checkpoint and its log write left the logs an epoch behind.
                 self.write_logs()
         describe = getattr(self.data, "describe", None)
+        self._check_data_splits(training=True)  # also when this Trainer resumed for evaluation first
         if self.is_main and describe is not None:  # after the lock: a busy experiment loads nothing
             self.log(f"data: {describe()}")
         cfg = self.config

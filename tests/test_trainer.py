@@ -407,12 +407,23 @@ def test_resuming_on_other_data_splits_is_refused_and_testing_warns(tmp_path, mo
     # Other data: e.g. another copy of the data set, or a loader that splits it otherwise.
     monkeypatch.setattr(FewShotDataset, "split_fingerprints",
                         lambda self: {**real(self), "test": "0123456789abcdef"})
-    with pytest.raises(DataConfigError, match="test split\\(s\\) hold other classes"):
-        make_trainer(tmp_path, **settings).train()
+    refused = make_trainer(tmp_path, **settings)
+    for _ in range(2):  # calling train() again must not slip past the check
+        with pytest.raises(DataConfigError, match="test split\\(s\\) hold other classes .*than the ones "
+                                                  ".*train_model_latest' was trained on"):
+            refused.train()
     evaluator = make_trainer(tmp_path, **settings)
     assert evaluator.maybe_resume(training=False)
     with pytest.warns(UserWarning, match="not comparable"):
-        evaluator.data
+        summary = evaluator.run_test(top_n=1)
+    assert evaluator.test_summary_name == "test_summary_otherdata"  # never over the run's own result
+    assert not (tmp_path / tiny_config().experiment_name / "logs" / "test_summary.json").exists()
+    assert summary["num_models"] == 1
+    with pytest.raises(DataConfigError):  # nor does training after an evaluation's warning
+        evaluator.train()
+    single = make_trainer(tmp_path, **settings)  # one checkpoint file, as mamlpp-eval --checkpoint
+    with pytest.warns(UserWarning, match="train_model_1' was trained on"):
+        single.evaluate_checkpoints([str(tmp_path / tiny_config().experiment_name / "saved_models" / "train_model_1")])
     monkeypatch.setattr(FewShotDataset, "split_fingerprints", real)
     same = make_trainer(tmp_path, **settings)
     same.train()  # the run's own data resumes as before

@@ -344,9 +344,9 @@ def load_omniglot(root=None, *, image_size=(28, 28), val_seed: int = 0,
     ``class_folders`` plays the official ``indexes_of_folders_indicating_class``: which path
     parts name a class, in the order they are joined into the label whose sorted order the split
     shuffles: (-3, -2) ("Alphabet/characterNN") or (-2, -3) (the same classes, another split).
-    The official code reads the class lists committed with it (built with (-3, -2)) whatever the
-    key says, so the configs' value never reaches this argument; (-2, -3) gives the split the
-    official code computes on a fresh DATASET_DIR with its argparse default.
+    The official code builds its class lists from the key, except for dataset_name
+    'omniglot_dataset', whose lists it ships (built with (-3, -2)); `MetaLearningDataLoader`
+    passes the key accordingly.
     """
     height, width = (int(image_size), int(image_size)) if np.isscalar(image_size) else map(int, image_size)
     if len(split_fractions) != 3:

@@ -468,20 +468,39 @@ def make_dataset(name: str, root=None, **kwargs) -> FewShotDataset:
 _CONFIG_KEYS = ("dataset_name", "dataset_path", "num_classes_per_set", "num_samples_per_class",
                 "num_target_samples", "batch_size", "train_seed", "val_seed", "num_evaluation_tasks",
                 "image_height", "image_width", "image_channels", "num_of_gpus", "samples_per_iter",
-                "train_val_test_split", "sets_are_pre_split")
+                "train_val_test_split", "sets_are_pre_split", "indexes_of_folders_indicating_class")
 
 _DEFAULTS = dict(dataset_name="synthetic", dataset_path=None, num_classes_per_set=5,
                  num_samples_per_class=1, num_target_samples=1, batch_size=8, train_seed=0, val_seed=0,
                  num_evaluation_tasks=600, image_height=28, image_width=28, image_channels=1,
-                 num_of_gpus=1, samples_per_iter=1, train_val_test_split=None, sets_are_pre_split=None)
+                 num_of_gpus=1, samples_per_iter=1, train_val_test_split=None, sets_are_pre_split=None,
+                 indexes_of_folders_indicating_class=None)
 
 # The folder layout the loaders implement (spec section 4): Omniglot is split by the loader,
-# mini-ImageNet comes split in train/val/test folders. (indexes_of_folders_indicating_class has
-# no effect, as in the official code, which reads the class lists committed with it,
-# datasets/map_to_label_name_*.json, built with [-3, -2]; see load_omniglot's class_folders.)
-# Omniglot's class label joins alphabet (-3) and character (-2) in either order.
+# mini-ImageNet comes split in train/val/test folders. Omniglot's class label joins alphabet (-3)
+# and character (-2) in either order, and the order decides the split, except for dataset_name
+# 'omniglot_dataset' (the argparse default), whose class lists the official code ships
+# (datasets/omniglot_dataset.json and its label maps, built with [-3, -2]) and reads instead of
+# building them; the released configs' 'omniglot' has none, so its lists follow the key.
+# mini-ImageNet's label must start with the split folder ([-3, -2]) or the official loader fails.
 OMNIGLOT_CLASS_FOLDERS = ((-3, -2), (-2, -3))
+SHIPPED_CLASS_LISTS = ("omniglot_dataset",)
 PRE_SPLIT = {"Omniglot": False, "mini-ImageNet": True}
+
+
+def _omniglot_class_folders(dataset_name: str, indexes: Any) -> tuple[int, ...]:
+    """The class_folders that give the official split for this dataset_name and key value."""
+    if indexes is None or dataset_name in SHIPPED_CLASS_LISTS:
+        return OMNIGLOT_CLASS_FOLDERS[0]
+    return tuple(int(i) for i in indexes)  # load_omniglot refuses the values it does not implement
+
+
+def _check_mini_imagenet_class_folders(indexes: Any) -> None:
+    if indexes is not None and [int(i) for i in indexes] != [-3, -2]:
+        raise DataConfigError(
+            f"indexes_of_folders_indicating_class={list(indexes)}: mini-ImageNet's class label must be "
+            f"[-3, -2] (split folder, then class folder), or the official loader cannot tell the splits apart"
+        )
 
 
 def _check_layout(family: str, pre_split: Any) -> None:
@@ -539,6 +558,10 @@ class MetaLearningDataLoader:
                     dataset_kwargs.setdefault("val_seed", ci("val_seed"))
                     if values["train_val_test_split"] is not None:
                         dataset_kwargs.setdefault("split_fractions", tuple(values["train_val_test_split"]))
+                    dataset_kwargs.setdefault("class_folders", _omniglot_class_folders(
+                        name, values["indexes_of_folders_indicating_class"]))
+                else:
+                    _check_mini_imagenet_class_folders(values["indexes_of_folders_indicating_class"])
             elif "synthetic" in name.lower():
                 dataset_kwargs.setdefault("image_shape",
                                           (ci("image_channels"), ci("image_height"), ci("image_width")))

@@ -118,6 +118,26 @@ def test_class_folders_give_the_official_split_of_a_fresh_dataset_dir(omniglot_t
         load_omniglot(omniglot_tree, download=False, class_folders=(-2,))
 
 
+def test_the_class_folders_key_reaches_the_loader_as_officially(omniglot_tree, cache_tmp):
+    """The official code builds its class lists from indexes_of_folders_indicating_class, except
+    for dataset_name 'omniglot_dataset', whose lists (built with [-3, -2]) it ships."""
+    def train_classes(name, indexes):
+        loader = MetaLearningDataLoader(dataset_name=name, dataset_path=str(omniglot_tree), num_classes_per_set=1,
+                                        indexes_of_folders_indicating_class=indexes, prefetch=0)
+        return list(loader.dataset.splits["train"].class_names)
+
+    released = list(load_omniglot(omniglot_tree, download=False).splits["train"].class_names)
+    swapped = list(load_omniglot(omniglot_tree, download=False, class_folders=(-2, -3)).splits["train"].class_names)
+    assert train_classes("omniglot", [-3, -2]) == released
+    assert train_classes("omniglot", [-2, -3]) == swapped != released
+    assert train_classes("omniglot_dataset", [-2, -3]) == released  # the shipped lists
+    with pytest.raises(DataConfigError, match="indexes_of_folders_indicating_class must be"):
+        train_classes("omniglot", [-4, -2])
+    with pytest.raises(DataConfigError, match=r"mini-ImageNet's class label must be \[-3, -2\]"):
+        MetaLearningDataLoader(dataset_name="mini_imagenet_full_size", dataset_path="/nonexistent",
+                               indexes_of_folders_indicating_class=[-2, -3])
+
+
 @pytest.mark.parametrize("dataset_name, value, message", [
     ("omniglot_dataset", True, "sets_are_pre_split=true: the Omniglot loader implements"),
     ("omniglot_dataset", "true", "sets_are_pre_split=true: the Omniglot loader implements"),

@@ -170,12 +170,18 @@ def test_double_backward_matches_reference_at_realistic_shapes(device, shape):
     x, w, b = sample_inputs(device, shape=shape, seed=4)
     gy = torch.randn(*shape[:2], shape[2] // 2, shape[3] // 2, dtype=x.dtype, device=device)
     hx, hw, hb = torch.randn_like(x), torch.randn_like(w), torch.randn_like(b)
-    backend = "cpp" if device == "cpu" else "cuda"
-    fused = _second_order(lambda *a: bn_lrelu_pool(*a, backend=backend)[0], x, w, b, gy, hx, hw, hb)
     ref = _second_order(lambda *a: bn_lrelu_pool_reference(*a)[0], x, w, b, gy, hx, hw, hb)
-    for level, (got, expected) in enumerate(zip(fused, ref)):
-        for k, (g, e) in enumerate(zip(got, expected)):
-            assert_rel(g, e, 1e-10, f"order {level + 1}, input {k}")
+    for backend in second_order_backends(device):
+        fused = _second_order(lambda *a: bn_lrelu_pool(*a, backend=backend)[0], x, w, b, gy, hx, hw, hb)
+        for level, (got, expected) in enumerate(zip(fused, ref)):
+            for k, (g, e) in enumerate(zip(got, expected)):
+                assert_rel(g, e, 1e-10, f"{backend}, order {level + 1}, input {k}")
+
+
+def second_order_backends(device: str) -> list[str]:
+    """The kernels checked to second order at realistic shapes: the compiled op, and on CUDA the
+    Triton forward under its composed backward too."""
+    return fused_backends(device)[1:]
 
 
 def well_separated_inputs(shape, seed):
@@ -207,14 +213,14 @@ def test_float32_within_1e4_of_float64_to_second_order(device, shape):
     pooled = (*shape[:2], shape[2] // 2, shape[3] // 2)
     gy, hx = (torch.randn(s, generator=gen, dtype=torch.float64).to(device) for s in (pooled, shape))
     hw, hb = (torch.randn(shape[1], generator=gen, dtype=torch.float64).to(device) for _ in range(2))
-    backend = "cpp" if device == "cpu" else "cuda"
     as32 = [t.float() for t in (x, w, b, gy, hx, hw, hb)]
-    fused = _second_order(lambda *a: bn_lrelu_pool(*a, backend=backend)[0], *as32)
     ref = _second_order(lambda *a: bn_lrelu_pool_reference(*a)[0], x, w, b, gy, hx, hw, hb)
-    for level, (got, expected) in enumerate(zip(fused, ref)):
-        for k, (g, e) in enumerate(zip(got, expected)):
-            assert g.dtype == torch.float32
-            assert_rel(g, e, 1e-4, f"float32, order {level + 1}, output {k}")
+    for backend in second_order_backends(device):
+        fused = _second_order(lambda *a: bn_lrelu_pool(*a, backend=backend)[0], *as32)
+        for level, (got, expected) in enumerate(zip(fused, ref)):
+            for k, (g, e) in enumerate(zip(got, expected)):
+                assert g.dtype == torch.float32
+                assert_rel(g, e, 1e-4, f"{backend} float32, order {level + 1}, output {k}")
 
 
 @needs_op
