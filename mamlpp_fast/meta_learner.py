@@ -19,7 +19,7 @@ from .cuda_graphs import MetaStepGraphs
 from .learner_base import ArrayLike, FewShotLearnerBase, TaskBatch
 from .ops.bn_lrelu_pool import bn_lrelu_pool, bn_lrelu_pool_backend
 from .ops.lslr_update import lslr_update, lslr_update_backend
-from .ops.task_conv import FLEXIBLE_STRATEGIES, per_layer_requests, task_conv, task_conv_strategies
+from .ops.task_conv import check_conv_geometry, per_layer_requests, task_conv, task_conv_strategies
 from .parameters import BN_EPS, BN_MOMENTUM, LEAKY_RELU_SLOPE
 from .task_batched import (
     StageStatistics,
@@ -130,14 +130,9 @@ class MetaLearner(FewShotLearnerBase):
     @conv_strategy.setter
     def conv_strategy(self, value: Union[str, Sequence[str]]) -> None:
         requests = per_layer_requests(value, self.config.num_stages, argument="conv_strategy")
-        if (self.config.conv_stride, self.config.conv_padding_size) != (1, 1):
-            unsupported = sorted({r for r in requests if r not in ("auto",) + FLEXIBLE_STRATEGIES})
-            if unsupported:
-                raise ValueError(
-                    f"conv_strategy: the official network options max_pooling=false (stride 2) and "
-                    f"conv_padding=false (padding 0) run with {('auto',) + FLEXIBLE_STRATEGIES} only, "
-                    f"got {value!r}"
-                )
+        for request in requests:
+            check_conv_geometry(request, self.config.conv_stride, self.config.conv_padding_size,
+                                argument="conv_strategy")
         self._conv_requests = requests
         # A tuple when per layer: hashable, so it can key the recorded CUDA graphs.
         self._conv_strategy = value if isinstance(value, str) else tuple(value)

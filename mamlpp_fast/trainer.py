@@ -295,7 +295,6 @@ class Trainer:
         self.state: Dict[str, Any] = self._fresh_state()
         self.resumed_from: Optional[str] = None
         self._resumed_data_splits: Optional[Dict[str, str]] = None
-        self._resuming_for_training = True
         self.data_matches_run = True  # False once evaluation found other splits than the run's
 
     # ------------------------------------------------------------------ lazily built parts
@@ -318,29 +317,27 @@ class Trainer:
                 self.config, current_iter=self.state["current_iter"], prefetch=self.prefetch,
                 dataset_path=root,
             )
-            self._check_data_splits(training=self._resuming_for_training)
         return self._data
 
-    def _check_data_splits(self, training: bool, expected: Optional[Dict[str, str]] = None,
-                           source: Optional[str] = None) -> None:
-        """The splits must be those the run's checkpoints were trained on (`expected`, default
-        the resumed checkpoint's): other classes would mix into the run (training: refused) or
-        into its test, whose classes may have been trained on (evaluation: a warning, and
+    def _check_data_splits(self, expected: Optional[Dict[str, str]], source: str, training: bool) -> None:
+        """The data's splits must be those the checkpoint `source` was trained on (`expected`,
+        its fingerprints): other classes would mix into the run (training: refused) or into its
+        test, whose classes may have been trained on (evaluation: one warning, and
         `data_matches_run` turns False, which gives the test summary another name)."""
-        expected = self._resumed_data_splits if expected is None else expected
-        found = _split_fingerprints(self._data)
+        found = _split_fingerprints(self.data)
         if not expected or found is None:
             return  # a fresh run, a checkpoint from before fingerprints (or the official code's)
         differing = sorted(name for name in expected if found.get(name) != expected[name])
         if not differing:
             return
         message = (f"the data's {'/'.join(differing)} split(s) hold other classes (or image counts) than "
-                   f"the ones {source or self.resumed_from!r} was trained on ({self._data.describe()})")
+                   f"the ones {source!r} was trained on ({self.data.describe()})")
         if training:
             raise DataConfigError(f"{message}: point the data path to the run's data, or use another "
                                   f"experiment_name to start afresh")
+        if self.data_matches_run:
+            warnings.warn(f"{message}: the results are not comparable with the run's", stacklevel=3)
         self.data_matches_run = False
-        warnings.warn(f"{message}: the results are not comparable with the run's", stacklevel=3)
 
     @property
     def keep_top_n(self) -> int:
@@ -414,10 +411,7 @@ class Trainer:
         if "rng_state" in state:
             _set_rng_state(self.learner, state["rng_state"])
         self._resumed_data_splits = state.get("data_splits")
-        self._resuming_for_training = training
         self.resumed_from = path
-        if self._data is not None:
-            self._check_data_splits(training)
         if self._data is not None:
             self._data.current_iter = int(state.get("data_current_iter", self.state["current_iter"]))
         return True
@@ -566,8 +560,7 @@ class Trainer:
             if not prefix:
                 raise ValueError(f"checkpoint: {checkpoint_path!r} is not named <name>_<index>")
             state = self.learner.load_model(folder or ".", prefix, index)
-            self.data  # noqa: B018 (build the data before checking it)
-            self._check_data_splits(training=False, expected=state.get("data_splits"), source=checkpoint_path)
+            self._check_data_splits(state.get("data_splits"), checkpoint_path, training=False)
         _, _, logits, targets = self._evaluate(self.data.get_test_batches())
         if not logits:
             raise ValueError(
@@ -658,7 +651,7 @@ class Trainer:
                 # A kill between a checkpoint and its log write left the logs an epoch behind.
                 self.write_logs()
         describe = getattr(self.data, "describe", None)
-        self._check_data_splits(training=True)  # also when this Trainer resumed for evaluation first
+        self._check_data_splits(self._resumed_data_splits, self.resumed_from, training=True)
         if self.is_main and describe is not None:  # after the lock: a busy experiment loads nothing
             self.log(f"data: {describe()}")
         cfg = self.config

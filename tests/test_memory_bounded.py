@@ -42,17 +42,20 @@ def one_step(learner, batch, epoch=0):
     return losses, logits, grads, stats
 
 
-@pytest.mark.parametrize("options", [
+OPTIONS = [
     dict(task_chunk_size=1),
     dict(task_chunk_size=2),
     dict(task_chunk_size=3),          # uneven: chunks of 3, 2
     dict(checkpoint_inner_steps=True),
     dict(task_chunk_size=2, checkpoint_inner_steps=True),
-])
+]
+# The official network options: with the uneven chunking and with both mechanisms together.
+VARIANTS = [dict(max_pooling=False), dict(norm_layer="layer_norm"), dict(enable_inner_loop_optimizable_bn_params=True)]
+
+
+@pytest.mark.parametrize("options, variant", [(options, {}) for options in OPTIONS]
+                         + [(options, variant) for variant in VARIANTS for options in (OPTIONS[2], OPTIONS[4])])
 @pytest.mark.parametrize("second_order, epoch", [(True, 0), (False, 0), (True, 20)])
-@pytest.mark.parametrize("variant", [{}, dict(max_pooling=False), dict(norm_layer="layer_norm"),
-                                     dict(enable_inner_loop_optimizable_bn_params=True)],
-                         ids=["released", "strided", "layer_norm", "inner_loop_bn"])
 def test_memory_bounded_meta_step_matches_plain(options, second_order, epoch, variant):
     torch.set_num_threads(1)
     config = preset("maml++_omniglot_5w1s", second_order=second_order, **TINY, **variant)

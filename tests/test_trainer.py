@@ -385,9 +385,10 @@ def test_inner_loop_learning_rates_figure_shows_the_learners_rates(tmp_path, mon
     learner = trainer.learner
     steps = trainer.config.number_of_training_steps_per_iter
     assert list(rates) == learner.inner_loop_parameter_names
-    names = learner.inner_loop_parameter_names
-    for name, rate in zip(names, learner.learning_rates_for(names)):
-        assert rates[name] == rate.detach()[:steps].tolist()
+    state = learner.state_dict()  # by the official LSLR key, not through learning_rates_for
+    for name in learner.inner_loop_parameter_names:
+        key = "inner_loop_optimizer.names_learning_rates_dict." + name.replace(".", "-")
+        assert rates[name] == state[key][:steps].tolist()
     assert any(v != trainer.config.task_learning_rate for values in rates.values() for v in values)  # trained
 
 

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequ
 
 import numpy as np
 
+from ..config import _parse_bool_string
 from .paths import DataConfigError
 
 SPLITS = ("train", "val", "test")
@@ -507,8 +508,7 @@ def _check_layout(family: str, pre_split: Any) -> None:
     """Refuse a sets_are_pre_split the loader does not implement (it would be ignored)."""
     if pre_split is None:
         return
-    if isinstance(pre_split, str) and pre_split.lower() in ("true", "false"):
-        pre_split = pre_split.lower() == "true"
+    pre_split = _parse_bool_string(pre_split)  # "true"/"false" as the config reads them
     if not isinstance(pre_split, (bool, int, np.integer)) or pre_split not in (0, 1):
         raise DataConfigError(f"sets_are_pre_split must be true or false, got {pre_split!r}")
     if bool(pre_split) != PRE_SPLIT[family]:

@@ -50,7 +50,8 @@ from torch import Tensor
 
 from .. import _backend
 
-__all__ = ["task_conv", "task_conv_strategy", "task_conv_strategies", "STRATEGIES", "FLEXIBLE_STRATEGIES"]
+__all__ = ["task_conv", "task_conv_strategy", "task_conv_strategies", "check_conv_geometry", "STRATEGIES",
+           "FLEXIBLE_STRATEGIES"]
 
 STRATEGIES = ("grouped", "explicit", "bmm", "triton", "blockdiag")
 # The strategies whose kernels take any stride and padding (ATen's convolutions under ATen's
@@ -95,6 +96,21 @@ def per_layer_requests(strategy: Union[str, Sequence[str]], num_layers: int,
         if item not in _REQUESTS:
             raise ValueError(f"{argument}: expected one of {_REQUESTS}, got {item!r}")
     return requested
+
+
+def check_conv_geometry(strategy: str, stride: int, padding: int, argument: str = "task_conv") -> None:
+    """Raise ValueError (starting with `argument`) unless the requested strategy implements the
+    stride and padding: 1 and 1 everywhere, the official network's stride 2 / padding 0 on the
+    ATen strategies only ("auto" is one)."""
+    if stride not in (1, 2):
+        raise ValueError(f"{argument}: stride must be 1 or 2, got {stride!r}")
+    if padding not in (0, 1):
+        raise ValueError(f"{argument}: padding must be 0 or 1, got {padding!r}")
+    if (stride, padding) != (1, 1) and strategy not in ("auto",) + FLEXIBLE_STRATEGIES:
+        raise ValueError(
+            f"{argument}: stride {stride} and padding {padding} (the official max_pooling=false and "
+            f"conv_padding=false) run with the strategies {FLEXIBLE_STRATEGIES} (or 'auto'), got {strategy!r}"
+        )
 
 
 def _check(x: Tensor, weight: Tensor, bias: Tensor) -> None:
@@ -288,15 +304,7 @@ def task_conv(x: Tensor, weight: Tensor, bias: Tensor, *, strategy: str = "auto"
     """
     _check(x, weight, bias)
     name = task_conv_strategy(x.device, strategy)
-    if stride not in (1, 2):
-        raise ValueError(f"task_conv: stride must be 1 or 2, got {stride!r}")
-    if padding not in (0, 1):
-        raise ValueError(f"task_conv: padding must be 0 or 1, got {padding!r}")
-    if (stride, padding) != (1, 1) and name not in FLEXIBLE_STRATEGIES:
-        raise ValueError(
-            f"task_conv: stride {stride} and padding {padding} run with the strategies "
-            f"{FLEXIBLE_STRATEGIES} (or 'auto'), got {strategy!r}"
-        )
+    check_conv_geometry(strategy, stride, padding)
     if name == "bmm":
         return _task_conv_bmm(x, weight, bias)
     if name == "blockdiag":

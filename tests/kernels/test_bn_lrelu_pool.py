@@ -59,8 +59,9 @@ SCRIPT = textwrap.dedent(
         assert (g - r).abs().max() <= 1e-10 * r.abs().max()
     x, w, b = (t.detach()[:2, :2, :3, :4].clone().requires_grad_() if t.dim() == 4 else t.detach()[:2].clone().requires_grad_()
                for t in (x, w, b))
-    assert torch.autograd.gradcheck(lambda *a: bn_lrelu_pool(*a)[0], (x, w, b))
-    assert torch.autograd.gradgradcheck(lambda *a: bn_lrelu_pool(*a)[0], (x, w, b))
+    # fast_mode: the interpreter runs the kernel once per probe (the comparison above covers the maths)
+    assert torch.autograd.gradcheck(lambda *a: bn_lrelu_pool(*a)[0], (x, w, b), fast_mode=True)
+    assert torch.autograd.gradgradcheck(lambda *a: bn_lrelu_pool(*a)[0], (x, w, b), fast_mode=True)
     print("triton ok")
     """
 )
