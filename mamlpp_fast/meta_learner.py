@@ -25,6 +25,7 @@ from .task_batched import (
     StageStatistics,
     fold_running_statistics,
     per_task_cross_entropy,
+    runs_fused_stage,
     task_batched_logits,
     to_task_channels,
 )
@@ -114,9 +115,8 @@ class MetaLearner(FewShotLearnerBase):
         """The kernel each fused op runs on, for this learner's device and dtype."""
         probe = torch.empty(1, 1, 2, 2, device=self.device, dtype=self.dtype)
         rates = torch.empty(1, device=self.device, dtype=self.dtype)
-        fused_stage = self.config.norm_layer == "batch_norm" and self.config.max_pooling
+        fused_stage = runs_fused_stage(self.config.norm_layer, self.config.max_pooling)
         return {
-            # Layer norm, or stages without a max-pool, run their ATen composition instead.
             "bn_lrelu_pool": bn_lrelu_pool_backend(probe, backend=self._op_backend()) if fused_stage else "aten",
             "lslr_update": lslr_update_backend([probe], [probe], rates, backend=self._op_backend()),
             "task_conv": self._describe_conv_strategies(),

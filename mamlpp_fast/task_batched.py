@@ -32,6 +32,7 @@ __all__ = [
     "StageStatistics",
     "StageFunction",
     "task_batched_logits",
+    "runs_fused_stage",
     "task_channels",
     "task_layer_norm",
     "per_task_cross_entropy",
@@ -58,6 +59,12 @@ def to_task_channels(images: torch.Tensor) -> torch.Tensor:
     """[B, N, K, C, H, W] -> [N*K, B*C, H, W], keeping each task's class-major image order."""
     b, n, k, c, h, w = images.shape
     return images.reshape(b, n * k, c, h, w).transpose(0, 1).reshape(n * k, b * c, h, w)
+
+
+def runs_fused_stage(norm_layer: str, max_pooling: bool) -> bool:
+    """Whether a network's stages run the fused `stage` function (batch norm with batch
+    statistics, leaky ReLU, 2x2 max-pool); layer norm and unpooled stages run ATen ops."""
+    return norm_layer == "batch_norm" and max_pooling
 
 
 def task_batched_logits(
@@ -125,7 +132,7 @@ def task_batched_logits(
         else:
             count = out.shape[0] * out.shape[2] * out.shape[3]
             gamma, beta = task_channels(bn_weights[index], num_tasks), task_channels(bn_biases[index], num_tasks)
-            if max_pooling:
+            if runs_fused_stage(norm_layer, max_pooling):
                 out, mean, invstd = stage(out, gamma, beta)
                 pooled = True
             else:

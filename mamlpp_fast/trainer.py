@@ -47,6 +47,7 @@ What it does better:
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -62,7 +63,7 @@ import numpy as np
 import torch
 
 from .config import MAMLConfig
-from .experiment_lock import ExperimentLock, remove_stale_temp_files
+from .experiment_lock import LOCK_NAME, ExperimentLock, remove_stale_temp_files
 from .data.paths import DataConfigError
 from .learner_base import atomic_torch_save, resolve_config
 from .plots import plot_inner_loop_learning_rates, plot_learning_curves
@@ -147,6 +148,14 @@ def _split_fingerprints(data: Any) -> Optional[Dict[str, str]]:
     return dataset.split_fingerprints() if hasattr(dataset, "split_fingerprints") else None
 
 
+def _fingerprints_number(fingerprints: Optional[Dict[str, str]]) -> int:
+    """The split fingerprints as one int64 (for comparing them across ranks); 0 for None."""
+    if fingerprints is None:
+        return 0
+    digest = hashlib.sha256(json.dumps(fingerprints, sort_keys=True).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # 63 bits: fits a signed int64
+
+
 def _atomic_write_text(path: str, text: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -194,6 +203,17 @@ def _set_rng_state(learner, state: Dict[str, Any]) -> None:
             torch.cuda.set_rng_state_all(state["cuda"])
         except Exception as error:  # a different number of GPUs
             warnings.warn(f"could not restore the CUDA RNG state: {error}", stacklevel=2)
+
+
+def _remove_unstarted_experiment(experiment_dir: str) -> None:
+    """Remove a folder that `train()` created but never started a run in: it holds nothing but
+    the lock file. Anything else in it is left alone."""
+    try:
+        if os.listdir(experiment_dir) == [LOCK_NAME]:
+            os.unlink(os.path.join(experiment_dir, LOCK_NAME))
+        os.rmdir(experiment_dir)
+    except OSError:
+        pass  # not empty, or gone already: leave it
 
 
 def _to_float(value: Any) -> float:
@@ -637,11 +657,22 @@ class Trainer:
         """
         if not self.is_main:
             return self._train()
-        with ExperimentLock(self.experiment_dir):
-            # Holding the lock, no other trainer writes here: leftovers are a crash's.
-            remove_stale_temp_files(self.saved_models_dir, self.logs_dir, CHECKPOINT_PREFIX)
-            self._make_folders()
-            return self._train()
+        fresh = not os.path.exists(self.experiment_dir)
+        started = False
+        try:
+            with ExperimentLock(self.experiment_dir):
+                # Holding the lock, no other trainer writes here: leftovers are a crash's.
+                remove_stale_temp_files(self.saved_models_dir, self.logs_dir, CHECKPOINT_PREFIX)
+                # The data first: a data set that is missing or misconfigured must not leave an
+                # experiment folder behind that looks like a run (config.json and nothing else).
+                self.data  # noqa: B018  (builds it)
+                self._make_folders()
+                started = True
+                return self._train()
+        except BaseException:
+            if fresh and not started:
+                _remove_unstarted_experiment(self.experiment_dir)
+            raise
 
     def _train(self) -> Dict[str, Any]:
         if self.resumed_from is None and self.state["current_iter"] == 0:
@@ -665,6 +696,14 @@ class Trainer:
                     f"rank {self.distributed.rank}: the ranks resumed at different iterations (this one at "
                     f"{self.state['current_iter']}): every rank must see the same experiment folder "
                     f"{self.experiment_dir!r} (a shared file system), or all start afresh")
+            # Each rank compared its data with the checkpoint; a fresh run needs the ranks'
+            # copies compared with each other (one rank on other splits would mix classes).
+            fingerprints = _split_fingerprints(self.data)
+            if not self.distributed.same_on_all_ranks(_fingerprints_number(fingerprints)):
+                raise DataConfigError(
+                    f"rank {self.distributed.rank}: the ranks read different data (this one: "
+                    f"{self.data.describe() if hasattr(self.data, 'describe') else type(self.data).__name__}, "
+                    f"split fingerprints {fingerprints}): every rank must read the same data set")
             # Every rank resumed from the same file (or starts fresh): make them bit-identical.
             self.distributed.broadcast_module(learner)
             learner.distributed = self.distributed

@@ -62,6 +62,28 @@ def resume_from_unshared_folders(context) -> None:
     torch.save({"outcome": outcome}, os.environ["TEST_OUT"])
 
 
+def fresh_run_on_different_data(context) -> None:
+    """A fresh run (nothing to resume) where rank 1 reads a data set with other training classes
+    than rank 0's. Both ranks must refuse to train, naming the data."""
+    from mamlpp_fast.cli import CLI_PRESETS
+    from mamlpp_fast.config import MAMLConfig
+    from mamlpp_fast.data import DataConfigError, MetaLearningDataLoader
+    from mamlpp_fast.data.synthetic import SyntheticGlyphs
+    from mamlpp_fast.trainer import Trainer
+
+    config = MAMLConfig.from_dict(dict(CLI_PRESETS["synthetic-tiny"], total_epochs=1))
+    glyphs = SyntheticGlyphs(num_train_classes=40 + 10 * context.rank, num_val_classes=10, num_test_classes=10)
+    data = MetaLearningDataLoader(config, dataset=glyphs.build(use_cache=False), prefetch=0)
+    trainer = Trainer(config, os.environ["TEST_DIR"], progress=False, log=lambda message: None,
+                      distributed=context, data=data)
+    try:
+        trainer.train()
+        outcome = "trained"
+    except DataConfigError as error:
+        outcome = str(error)
+    torch.save({"outcome": outcome}, os.environ["TEST_OUT"])
+
+
 def main() -> None:
     torch.set_num_threads(1)
     from mamlpp_fast.distributed import destroy, init_from_env
@@ -69,6 +91,10 @@ def main() -> None:
     context = init_from_env(timeout_s=60)
     if os.environ.get("TEST_MODE") == "max_minutes":
         stop_on_time(context)
+        destroy()
+        return
+    if os.environ.get("TEST_MODE") == "different_data":
+        fresh_run_on_different_data(context)
         destroy()
         return
     if os.environ.get("TEST_MODE") == "unshared_folder":

@@ -99,6 +99,14 @@ def test_ranks_that_resume_from_different_checkpoints_refuse_to_train(tmp_path):
         assert "shared file system" in result["outcome"]
 
 
+def test_ranks_that_read_different_data_refuse_to_train(tmp_path):
+    results = _launch(tmp_path, 2, TEST_MODE="different_data", TEST_DIR=tmp_path / "runs")
+    for rank, result in enumerate(results):
+        assert f"rank {rank}: the ranks read different data" in result["outcome"]
+        assert f"(train {40 + 10 * rank} /" in result["outcome"]  # names its own copy
+    assert not os.path.exists(tmp_path / "runs" / "synthetic_tiny_5way_1shot" / "saved_models" / "train_model_latest")
+
+
 def test_world_size_must_divide_the_batch():
     batch = tuple(torch.zeros(5, 2) for _ in range(4))
     with pytest.raises(ValueError, match="5 tasks.*2 ranks"):

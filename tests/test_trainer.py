@@ -296,6 +296,30 @@ def test_one_training_process_per_experiment(tmp_path):
         pass
 
 
+def test_data_that_fails_to_load_leaves_no_experiment_folder_behind(tmp_path):
+    from mamlpp_fast.data import DataNotFoundError
+
+    config = tiny_config(dataset_name="omniglot_dataset", dataset_path="omniglot_dataset")
+    missing = str(tmp_path / "empty")  # a folder without the data set in it
+    os.makedirs(missing)
+    trainer = Trainer(config, tmp_path / "runs", dataset_dir=missing, progress=False, log=lambda m: None)
+    with pytest.raises(DataNotFoundError):
+        trainer.train()
+    assert not os.path.exists(trainer.experiment_dir)  # no folder that looks like a run
+
+    # A folder that was there before (a run's) is left as it was.
+    finished = make_trainer(tmp_path / "runs2", total_epochs=1)
+    assert finished.train()["finished"]
+    before = sorted(os.listdir(finished.experiment_dir))
+    again = Trainer(tiny_config(total_epochs=1, dataset_name="omniglot_dataset", dataset_path="omniglot_dataset",
+                                experiment_name=finished.config.experiment_name),
+                    tmp_path / "runs2", dataset_dir=missing, progress=False, log=lambda m: None)
+    with pytest.raises(DataNotFoundError):
+        again.train()
+    assert sorted(os.listdir(finished.experiment_dir)) == before
+    assert os.path.isfile(finished.checkpoint_path("latest"))
+
+
 def test_stale_temp_files_are_those_of_dead_writers(tmp_path):
     from mamlpp_fast.experiment_lock import remove_stale_temp_files
 
