@@ -59,4 +59,36 @@ inline int64_t check_lslr_update_args(at::TensorList params, at::TensorList grad
   return B;
 }
 
+// task_cross_entropy_forward(logits, labels): logits [B, n, N] float32/float64 with n, N >= 1,
+// labels [B, n] int64 on the same device.
+inline void check_task_cross_entropy_args(const at::Tensor& logits, const at::Tensor& labels) {
+  constexpr const char* op = "task_cross_entropy";
+  MAMLPP_CHECK_DIM("task_cross_entropy", logits, 3);
+  MAMLPP_CHECK_FLOATING("task_cross_entropy", logits);
+  TORCH_CHECK(logits.size(1) >= 1 && logits.size(2) >= 1, op,
+              ": logits must hold at least one sample and one class per task, got shape ", logits.sizes());
+  TORCH_CHECK(labels.scalar_type() == at::kLong, op, ": labels must be int64, got ", labels.scalar_type());
+  TORCH_CHECK(labels.dim() == 2 && labels.size(0) == logits.size(0) && labels.size(1) == logits.size(1), op,
+              ": labels must have shape [B, n] = [", logits.size(0), ", ", logits.size(1),
+              "] to match logits [B, n, N], got ", labels.sizes());
+  MAMLPP_CHECK_SAME_DEVICE("task_cross_entropy", logits, labels);
+}
+
+// task_cross_entropy_backward(grad_loss, logits, labels, lse): grad_loss [B] and lse [B, n] in the
+// dtype and on the device of logits.
+inline void check_task_cross_entropy_backward_args(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                                   const at::Tensor& labels, const at::Tensor& lse) {
+  constexpr const char* op = "task_cross_entropy_backward";
+  check_task_cross_entropy_args(logits, labels);
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == logits.size(0), op,
+              ": grad_loss must have shape [B] = [", logits.size(0), "], got ", grad_loss.sizes());
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == logits.size(0) && lse.size(1) == logits.size(1), op,
+              ": lse must have shape [B, n] = [", logits.size(0), ", ", logits.size(1), "], got ", lse.sizes());
+  TORCH_CHECK(grad_loss.scalar_type() == logits.scalar_type() && lse.scalar_type() == logits.scalar_type(), op,
+              ": grad_loss, logits and lse must share one dtype, got ", grad_loss.scalar_type(), ", ",
+              logits.scalar_type(), " and ", lse.scalar_type());
+  MAMLPP_CHECK_SAME_DEVICE("task_cross_entropy_backward", grad_loss, logits);
+  MAMLPP_CHECK_SAME_DEVICE("task_cross_entropy_backward", lse, logits);
+}
+
 }  // namespace mamlpp_fast

@@ -19,6 +19,12 @@ TORCH_LIBRARY(mamlpp_fast, m) {
         " Tensor mean, Tensor invstd, Tensor indices, Tensor? grad_grad_x, Tensor? grad_grad_weight,"
         " Tensor? grad_grad_bias, float negative_slope)"
         " -> (Tensor grad_grad_y, Tensor grad_x, Tensor grad_weight)");
+  // Per-task mean cross-entropy and accuracy of logits [B, n, N] with labels [B, n] (see
+  // ops/task_cross_entropy.py); lse [B, n] is saved for the backward.
+  m.def("task_cross_entropy_forward(Tensor logits, Tensor labels)"
+        " -> (Tensor loss, Tensor accuracy, Tensor lse)");
+  m.def("task_cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor labels, Tensor lse)"
+        " -> Tensor grad_logits");
 }
 
 // `import mamlpp_fast._C` only has to load this library so that the static registrars above run.

@@ -6,6 +6,6 @@
 """
 
 from .learner import MAMLFewShotClassifier
-from .ops import bn_lrelu_pool_reference
+from .ops import bn_lrelu_pool_reference, task_cross_entropy_reference
 
-__all__ = ["MAMLFewShotClassifier", "bn_lrelu_pool_reference"]
+__all__ = ["MAMLFewShotClassifier", "bn_lrelu_pool_reference", "task_cross_entropy_reference"]

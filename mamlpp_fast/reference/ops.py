@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["bn_lrelu_pool_reference"]
+__all__ = ["bn_lrelu_pool_reference", "task_cross_entropy_reference"]
 
 
 def bn_lrelu_pool_reference(
@@ -35,3 +35,18 @@ def bn_lrelu_pool_reference(
         var = x.var(dim=(0, 2, 3), unbiased=False)
         invstd = torch.rsqrt(var + eps)
     return y, mean, invstd
+
+
+def task_cross_entropy_reference(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Each task's mean cross-entropy and accuracy, written out.
+
+    Args:
+        logits: ``(B, n, N)``; labels: ``(B, n)`` int64 class indices.
+
+    Returns:
+        ``(loss, accuracy)``, each ``(B,)``: ``loss[b] = -mean_i log_softmax(z[b, i])[y[b, i]]``
+        and ``accuracy[b] = mean_i [argmax_c z[b, i, c] == y[b, i]]`` (no gradient).
+    """
+    loss = -F.log_softmax(logits, dim=2).gather(2, labels.unsqueeze(2)).squeeze(2).mean(dim=1)
+    accuracy = (logits.detach().argmax(dim=2) == labels).to(logits.dtype).mean(dim=1)
+    return loss, accuracy
