@@ -95,11 +95,15 @@ PROFILE_SETTING=maml++_omniglot_20w1s; [[ "$DRY" == 1 ]] && PROFILE_SETTING=maml
 run profile_meta_step 60 "$PY" benchmarks/profile_meta_step.py --device "$DEVICE" --setting "$PROFILE_SETTING"
 run bench_lslr_update 45 "$PY" benchmarks/bench_lslr_update.py --device "$DEVICE" --json "$LOG/bench_lslr_update.json"
 run bench_bn_lrelu_pool 60 "$PY" benchmarks/bench_bn_lrelu_pool.py --device "$DEVICE" --quick --json "$LOG/bench_bn_lrelu_pool.json"
+run bench_task_cross_entropy 30 "$PY" benchmarks/bench_task_cross_entropy.py --device "$DEVICE" \
+  --json "$LOG/bench_task_cross_entropy.json"
 if [[ "$DRY" != 1 ]]; then  # the same ops replayed from CUDA graphs: GPU time, as inside cuda_graphs=True
   run bench_lslr_update_graphed 45 "$PY" benchmarks/bench_lslr_update.py --device cuda --graphed \
     --json "$LOG/bench_lslr_update_graphed.json"
   run bench_bn_lrelu_pool_graphed 60 "$PY" benchmarks/bench_bn_lrelu_pool.py --device cuda --quick --graphed \
     --json "$LOG/bench_bn_lrelu_pool_graphed.json"
+  run bench_task_cross_entropy_graphed 30 "$PY" benchmarks/bench_task_cross_entropy.py --device cuda --graphed \
+    --json "$LOG/bench_task_cross_entropy_graphed.json"
 fi
 CONV_ARGS=(); [[ "$DRY" == 1 ]] && CONV_ARGS=(--quick --modes fwd)
 run bench_task_conv 60 "$PY" benchmarks/bench_task_conv.py --device "$DEVICE" "${CONV_ARGS[@]}" --json "$LOG/bench_task_conv.json"
@@ -182,5 +186,11 @@ for name, title in (("bench_lslr_update.json", "lslr_update B,theta,mode"),
     rows = [r for r in load(name) if r["config"]["batch"] == 8]
     if rows:
         pivot(title, rows, lambda r: (r["config"]["batch"], "shared" if r["config"]["shared"] else "batched", r["config"]["mode"]),
+              lambda r: r["provider"], value=lambda r: r["timing"]["p50_ms"])
+for name, title in (("bench_task_cross_entropy.json", "task_cross_entropy shapes,B,mode"),
+                    ("bench_task_cross_entropy_graphed.json", "task_cross_entropy graphed shapes,B,mode")):
+    rows = [r for r in load(name) if r["config"]["batch"] == 8]
+    if rows:
+        pivot(title, rows, lambda r: (r["config"]["set_name"], r["config"]["batch"], r["config"]["mode"]),
               lambda r: r["provider"], value=lambda r: r["timing"]["p50_ms"])
 PY

@@ -91,4 +91,19 @@ inline void check_task_cross_entropy_backward_args(const at::Tensor& grad_loss, 
   MAMLPP_CHECK_SAME_DEVICE("task_cross_entropy_backward", lse, logits);
 }
 
+// task_cross_entropy_double_backward(grad_grad_logits, grad_loss, logits, labels, lse): as the
+// backward, plus grad_grad_logits [B, n, N] in the dtype and on the device of logits.
+inline void check_task_cross_entropy_double_backward_args(const at::Tensor& grad_grad_logits,
+                                                          const at::Tensor& grad_loss, const at::Tensor& logits,
+                                                          const at::Tensor& labels, const at::Tensor& lse) {
+  constexpr const char* op = "task_cross_entropy_double_backward";
+  check_task_cross_entropy_backward_args(grad_loss, logits, labels, lse);
+  TORCH_CHECK(grad_grad_logits.sizes() == logits.sizes(), op, ": grad_grad_logits must have the shape of logits ",
+              logits.sizes(), ", got ", grad_grad_logits.sizes());
+  TORCH_CHECK(grad_grad_logits.scalar_type() == logits.scalar_type(), op,
+              ": grad_grad_logits and logits must share one dtype, got ", grad_grad_logits.scalar_type(), " and ",
+              logits.scalar_type());
+  MAMLPP_CHECK_SAME_DEVICE("task_cross_entropy_double_backward", grad_grad_logits, logits);
+}
+
 }  // namespace mamlpp_fast

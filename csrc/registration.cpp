@@ -25,6 +25,9 @@ TORCH_LIBRARY(mamlpp_fast, m) {
         " -> (Tensor loss, Tensor accuracy, Tensor lse)");
   m.def("task_cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor labels, Tensor lse)"
         " -> Tensor grad_logits");
+  // The backward's backward for second-order MAML (its own derivative is a torch composition).
+  m.def("task_cross_entropy_double_backward(Tensor grad_grad_logits, Tensor grad_loss, Tensor logits,"
+        " Tensor labels, Tensor lse) -> (Tensor grad_grad_loss, Tensor grad_logits)");
 }
 
 // `import mamlpp_fast._C` only has to load this library so that the static registrars above run.

@@ -1,13 +1,14 @@
 """Triton kernels for ``task_cross_entropy``: per-task mean cross-entropy, accuracy and row
-log-sum-exp of logits ``z [B, n, N]`` with int64 labels ``y [B, n]``, and the logits' gradient.
+log-sum-exp of logits ``z [B, n, N]`` with int64 labels ``y [B, n]``, the logits' gradient, and
+that gradient's derivative (the double backward).
 
 - ``task_cross_entropy_forward``: one program per task b (grid ``(B,)``). It walks the task's n
   rows in blocks of BLOCK_ROWS rows, each a ``[BLOCK_ROWS, BLOCK_N]`` tile (BLOCK_N = the next
   power of two >= N, so a row is one tile row), and computes per row
   ``lse = m + log(sum_c exp(z_c - m))`` (m the row maximum, also when infinite: a row holding
-  +inf, or only -inf, gets NaN, as ATen's ``log_softmax``/``cross_entropy``), the argmax (the first maximal index; a NaN counts as the maximum, as
-  ``torch.argmax``), and the terms ``lse - z_y`` and ``argmax == y``. Each tile row keeps its own
-  running sums, reduced once at the end: the n rows of a task are summed in a fixed order (no
+  +inf, or only -inf, gets NaN, as ATen's ``log_softmax``/``cross_entropy``), the argmax (the
+  first maximal index; a NaN counts as the maximum, as ``torch.argmax``), and the terms
+  ``lse - z_y`` and ``argmax == y``. Each tile row keeps its own running sums, reduced once at the end: the n rows of a task are summed in a fixed order (no
   atomics; deterministic). ``loss[b]`` and ``accuracy[b]`` are the sums over n. A label outside
   ``[0, N)`` is never dereferenced: its ``z_y`` reads as NaN (so ``loss[b]`` is NaN) and the row
   counts as wrong. Sums are in float32 for float32 logits, float64 for float64.
@@ -15,6 +16,15 @@ log-sum-exp of logits ``z [B, n, N]`` with int64 labels ``y [B, n]``, and the lo
   ``grad[b, i, c] = grad_loss[b] / n * (exp(z[b, i, c] - lse[b, i]) - [c == y[b, i]])``, over
   ``[BLOCK_ROWS, BLOCK_N]`` tiles of the ``[B*n, N]`` rows; a grid of row tiles, capped (each
   program then strides over further tiles). An out-of-range label adds no ``-1`` term.
+- ``task_cross_entropy_double_backward``: the derivative of that gradient
+  (``s_b (p - onehot(y))``, ``s_b = grad_loss[b] / n``, ``p = exp(z - lse)``) against an incoming
+  ``h = grad_grad_logits [B, n, N]``. One program per task b (grid ``(B,)``), walking its n rows in
+  ``[BLOCK_ROWS, BLOCK_N]`` tiles as the forward. Per row it forms ``hp = sum_c h p``, stores
+  ``grad_logits[b, i, c] = s_b * p * (h - hp)`` and adds ``sum_c h (p - [c == y]) = hp - h_y`` to
+  that tile row's running sum; the sums are reduced once at the end (fixed order, no atomics;
+  deterministic) into ``grad_grad_loss[b] = total / n``. An out-of-range label has no onehot
+  term (``h_y`` reads as 0; never dereferenced). Sums and ``p`` in float32 for float32 logits,
+  float64 for float64.
 
 Outputs have the logits' dtype. The differentiable op is ``mamlpp_fast.ops.task_cross_entropy``;
 this module holds only the kernels and their launchers (inputs validated by the caller). Run on
@@ -30,7 +40,11 @@ from torch import Tensor
 
 from ._utils import grid_blocks, num_warps_for
 
-__all__ = ["task_cross_entropy_backward", "task_cross_entropy_forward"]
+__all__ = [
+    "task_cross_entropy_backward",
+    "task_cross_entropy_double_backward",
+    "task_cross_entropy_forward",
+]
 
 MAX_CLASSES = 1024  # N per row tile; more classes would need a loop over column blocks
 TILE_ELEMENTS = 2048  # BLOCK_ROWS * BLOCK_N, at most
@@ -103,6 +117,40 @@ def _task_ce_bwd_kernel(
         tl.store(out_ptr + offs, (scale[:, None] * p).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _task_ce_dbwd_kernel(
+    h_ptr, g_ptr, z_ptr, y_ptr, lse_ptr, ggl_ptr, out_ptr, n, N,
+    BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
+):
+    b = tl.program_id(0)
+    first_row = b.to(tl.int64) * n
+    rows = tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    scale = tl.load(g_ptr + b).to(ACC) / n
+    task_sum = tl.zeros([BLOCK_ROWS], dtype=ACC)
+    for start in range(0, n, BLOCK_ROWS):
+        i = start + rows
+        row_ok = i < n
+        r = first_row + i
+        mask = row_ok[:, None] & col_ok[None, :]
+        offs = r[:, None] * N + cols[None, :]
+        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(ACC)
+        h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(ACC)
+        lse = tl.load(lse_ptr + r, mask=row_ok, other=0.0).to(ACC)
+        y = tl.load(y_ptr + r, mask=row_ok, other=-1)
+        # padding (rows or columns) holds p = 0 and h = 0: it adds nothing to the sums below
+        p = tl.where(mask, tl.exp(z - lse[:, None]), 0.0)
+        hp = tl.sum(h * p, axis=1)
+        grad = scale * p * (h - hp[:, None])
+        tl.store(out_ptr + offs, grad.to(out_ptr.dtype.element_ty), mask=mask)
+        # sum_c h (p - [c == y]) = hp - h_y; cols never equal an out-of-range label, so h_y = 0
+        h_y = tl.sum(tl.where(cols[None, :] == y[:, None], h, 0.0), axis=1)
+        task_sum += tl.where(row_ok, hp - h_y, 0.0)
+    total = tl.sum(task_sum, axis=0)
+    tl.store(ggl_ptr + b, (total / n).to(ggl_ptr.dtype.element_ty))
+
+
 def _blocks(n_rows: int, N: int) -> tuple[int, int]:
     """(BLOCK_ROWS, BLOCK_N) for rows of N classes; at most TILE_ELEMENTS per tile."""
     if N > MAX_CLASSES:
@@ -153,3 +201,26 @@ def task_cross_entropy_backward(
         num_warps=num_warps_for(block_rows * block_n),
     )
     return out
+
+
+def task_cross_entropy_double_backward(
+    grad_grad_logits: Tensor, grad_loss: Tensor, logits: Tensor, labels: Tensor, lse: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(grad_grad_loss [B], grad_logits [B, n, N])``: the derivative of the backward's
+    ``grad_logits`` against ``grad_grad_logits [B, n, N]``, for ``grad_loss [B]`` and the forward's
+    ``lse [B, n]`` (inputs validated by the caller), in the logits' dtype."""
+    z = logits.contiguous()
+    B, n, N = z.shape
+    block_rows, block_n = _blocks(n, N)
+    grad_grad_loss = z.new_empty(B)
+    grad_logits = torch.empty_like(z, memory_format=torch.contiguous_format)
+    if B == 0:
+        return grad_grad_loss, grad_logits
+    acc = tl.float64 if z.dtype == torch.float64 else tl.float32
+    _task_ce_dbwd_kernel[(B,)](
+        grad_grad_logits.contiguous(), grad_loss.contiguous(), z, labels.contiguous(),
+        lse.contiguous(), grad_grad_loss, grad_logits, n, N,
+        BLOCK_ROWS=block_rows, BLOCK_N=block_n, ACC=acc,
+        num_warps=num_warps_for(block_rows * block_n),
+    )
+    return grad_grad_loss, grad_logits

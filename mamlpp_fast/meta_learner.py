@@ -20,11 +20,11 @@ from .learner_base import ArrayLike, FewShotLearnerBase, TaskBatch
 from .ops.bn_lrelu_pool import bn_lrelu_pool, bn_lrelu_pool_backend
 from .ops.lslr_update import lslr_update, lslr_update_backend
 from .ops.task_conv import check_conv_geometry, per_layer_requests, task_conv, task_conv_strategies
+from .ops.task_cross_entropy import task_cross_entropy, task_cross_entropy_backend
 from .parameters import BN_EPS, BN_MOMENTUM, LEAKY_RELU_SLOPE
 from .task_batched import (
     StageStatistics,
     fold_running_statistics,
-    per_task_cross_entropy,
     runs_fused_stage,
     task_batched_logits,
     to_task_channels,
@@ -120,6 +120,7 @@ class MetaLearner(FewShotLearnerBase):
             "bn_lrelu_pool": bn_lrelu_pool_backend(probe, backend=self._op_backend()) if fused_stage else "aten",
             "lslr_update": lslr_update_backend([probe], [probe], rates, backend=self._op_backend()),
             "task_conv": self._describe_conv_strategies(),
+            "task_cross_entropy": task_cross_entropy_backend(probe, backend=self._op_backend()),
         }
 
     @property
@@ -145,6 +146,10 @@ class MetaLearner(FewShotLearnerBase):
         """The task-batched convolution of each conv layer, with that layer's strategy."""
         geometry = dict(stride=self.config.conv_stride, padding=self.config.conv_padding_size)
         return [functools.partial(task_conv, strategy=request, **geometry) for request in self._conv_requests]
+
+    def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Each task's mean cross-entropy and accuracy: logits [B, n, N], labels [B, n] -> [B], [B]."""
+        return task_cross_entropy(logits, labels, backend=self._op_backend())
 
     def _stage(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
         return bn_lrelu_pool(x, weight, bias, eps=BN_EPS, negative_slope=LEAKY_RELU_SLOPE,
@@ -243,6 +248,7 @@ class MetaLearner(FewShotLearnerBase):
         fast = self._initial_fast_weights(num_tasks, track_meta_gradients=training_phase)
         task_losses: Optional[torch.Tensor] = None
         target_logits: Optional[torch.Tensor] = None
+        target_accuracy: Optional[torch.Tensor] = None
         checkpointed = self.checkpoint_inner_steps and training_phase
         for step in range(num_steps):
             evaluate_target = use_msl or step == final_step
@@ -251,7 +257,7 @@ class MetaLearner(FewShotLearnerBase):
                     support, target, y_support, fast, step, create_graph, evaluate_target)
             else:
                 logits, support_stats = self._logits(support, fast, step, training_phase)
-                support_loss = per_task_cross_entropy(logits, y_support)
+                support_loss, _ = self._cross_entropy(logits, y_support)
                 fast = self._inner_update(support_loss, fast, step, create_graph)
             if not training_phase:
                 # Evaluation never differentiates the meta-parameters: drop the graph early.
@@ -264,16 +270,17 @@ class MetaLearner(FewShotLearnerBase):
                 else:
                     with torch.set_grad_enabled(training_phase):
                         target_logits, target_stats = self._logits(target, fast, step, training_phase)
-                target_loss = per_task_cross_entropy(target_logits, y_target)
+                target_loss, target_accuracy = self._cross_entropy(target_logits, y_target)
                 weighted = importance[step] * target_loss if use_msl else target_loss
                 task_losses = weighted if task_losses is None else task_losses + weighted
                 passes.append(target_stats)
             self._record(step, support_loss, fast, target_loss)
             if track_stats:
                 self._update_running_statistics(step, passes)
-        assert task_losses is not None and target_logits is not None
-        accuracy = target_logits.argmax(dim=2).eq(y_target).to(self.dtype).mean()
-        losses: Dict[str, Any] = {"loss": task_losses.mean(), "accuracy": accuracy.detach()}
+        assert task_losses is not None and target_logits is not None and target_accuracy is not None
+        # The last step's accuracy (every task has N*T targets: the mean of the task means is the
+        # official mean over all targets).
+        losses: Dict[str, Any] = {"loss": task_losses.mean(), "accuracy": target_accuracy.mean().detach()}
         for index, item in enumerate(importance):
             losses[f"loss_importance_vector_{index}"] = item.detach()
         return losses, target_logits.detach()
@@ -287,7 +294,7 @@ class MetaLearner(FewShotLearnerBase):
         def run(*values):
             weights = dict(zip(names, values))
             logits, support_stats = self._logits(support, weights, step, True)
-            support_loss = per_task_cross_entropy(logits, y_support)
+            support_loss, _ = self._cross_entropy(logits, y_support)
             updated = self._inner_update(support_loss, weights, step, create_graph)
             outputs = [support_loss, *[updated[n] for n in names]]
             stats = list(support_stats)
@@ -400,7 +407,7 @@ class MetaLearner(FewShotLearnerBase):
         fast = self._initial_fast_weights(x.shape[0], track_meta_gradients=True)
         for step in range(steps):
             logits, _ = self._logits(images, fast, step, training_phase=True)
-            fast = self._inner_update(per_task_cross_entropy(logits, labels), fast, step, second_order)
+            fast = self._inner_update(self._cross_entropy(logits, labels)[0], fast, step, second_order)
         return fast
 
     def predict(self, query_x: ArrayLike, fast_weights: FastWeights, step: Optional[int] = None) -> torch.Tensor:

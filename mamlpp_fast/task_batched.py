@@ -35,7 +35,6 @@ __all__ = [
     "runs_fused_stage",
     "task_channels",
     "task_layer_norm",
-    "per_task_cross_entropy",
     "fold_running_statistics",
 ]
 
@@ -165,13 +164,6 @@ def task_layer_norm(x: torch.Tensor, num_tasks: int, weight: torch.Tensor, bias:
     else:
         normalised = F.layer_norm(per_task, weight.shape, weight, bias, eps=LAYER_NORM_EPS)
     return normalised.reshape(x.shape)
-
-
-def per_task_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of each task: logits [B, n, N], labels [B, n] -> [B]."""
-    b, n, classes = logits.shape
-    losses = F.cross_entropy(logits.reshape(b * n, classes), labels.reshape(b * n), reduction="none")
-    return losses.view(b, n).mean(dim=1)
 
 
 @torch.no_grad()

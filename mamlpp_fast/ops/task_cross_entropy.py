@@ -8,23 +8,26 @@ N classes) and labels ``y`` of shape ``(B, n)``:
     loss[b]       = 1/n sum_i (lse[b, i] - z[b, i, y[b, i]])
     accuracy[b]   = 1/n #{i : argmax_c z[b, i, c] == y[b, i]}     (first maximum, as torch.argmax)
 
-Two registered ops (schemas in ``csrc/registration.cpp``, kernels in ``csrc/cpu``,
+Three registered ops (schemas in ``csrc/registration.cpp``, kernels in ``csrc/cpu``,
 ``csrc/cuda`` and ``kernels/task_cross_entropy.py``):
 
 * ``task_cross_entropy_forward(logits, labels) -> (loss, accuracy, lse)``; ``accuracy`` and the
   row log-sum-exp ``lse`` carry no gradient (``lse`` is saved for the backward);
 * ``task_cross_entropy_backward(grad_loss, logits, labels, lse) -> grad_logits``, with
-  ``grad_logits = grad_loss[b] / n * (p - onehot(y))`` and ``p = exp(z - lse)``.
+  ``grad_logits = grad_loss[b] / n * (p - onehot(y))`` and ``p = exp(z - lse)``;
+* ``task_cross_entropy_double_backward(grad_grad_logits, grad_loss, logits, labels, lse)
+  -> (grad_grad_loss, grad_logits)``: the backward op's derivative, which second-order MAML's
+  meta-gradient takes. With ``s = grad_loss[b] / n`` and incoming ``h = grad_grad_logits``:
 
-The backward op's own derivative (second-order MAML differentiates the inner-loop gradient) is
-written with differentiable torch ops, so every order is available. With ``s = grad_loss[b] / n``
-and incoming ``h`` (the gradient of ``grad_logits``):
+      d grad_loss[b] = 1/n sum_{i,c} h (p - onehot(y))
+      d logits       = s p (h - sum_c h p)
 
-    d grad_loss[b] = 1/n sum_{i,c} h (p - onehot(y))
-    d logits       = s p (h - sum_c h p)
+  (the softmax Jacobian applied to ``s h``; ``lse`` gets none: its dependence on the logits is
+  inside ``p``, which this formula differentiates in full).
 
-(the softmax Jacobian applied to ``s h``; ``lse`` gets none: its dependence on the logits is
-inside ``p``, which this formula differentiates in full).
+When a derivative of that derivative is being recorded (``create_graph=True`` in the backward
+pass that reaches the backward op), the same formulas run as differentiable torch ops instead, so
+every order is available.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ __all__ = ["task_cross_entropy", "task_cross_entropy_backend"]
 
 _FWD = "mamlpp_fast::task_cross_entropy_forward"
 _BWD = "mamlpp_fast::task_cross_entropy_backward"
+_DBWD = "mamlpp_fast::task_cross_entropy_double_backward"
 _OP_NAME = "task_cross_entropy"
 _FLOATS = (torch.float32, torch.float64)
 
@@ -139,6 +143,18 @@ def _check_backward_args(grad_loss: Tensor, logits: Tensor, labels: Tensor, lse:
     )
 
 
+def _check_double_backward_args(grad_grad_logits: Tensor, grad_loss: Tensor, logits: Tensor, labels: Tensor,
+                                lse: Tensor) -> None:
+    op = "task_cross_entropy_double_backward"
+    _check_backward_args(grad_loss, logits, labels, lse)
+    torch._check(grad_grad_logits.shape == logits.shape,
+                 lambda: f"{op}: grad_grad_logits must have the shape of logits {list(logits.shape)}, got "
+                 f"{list(grad_grad_logits.shape)}")
+    torch._check(grad_grad_logits.dtype == logits.dtype,
+                 lambda: f"{op}: grad_grad_logits and logits must share one dtype, got {grad_grad_logits.dtype} "
+                 f"and {logits.dtype}")
+
+
 def _forward_fake(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     _check_args(logits, labels)
     b, n = logits.shape[:2]
@@ -150,9 +166,17 @@ def _backward_fake(grad_loss: Tensor, logits: Tensor, labels: Tensor, lse: Tenso
     return logits.new_empty(logits.shape)
 
 
+def _double_backward_fake(grad_grad_logits: Tensor, grad_loss: Tensor, logits: Tensor, labels: Tensor,
+                          lse: Tensor) -> tuple[Tensor, Tensor]:
+    _check_double_backward_args(grad_grad_logits, grad_loss, logits, labels, lse)
+    return logits.new_empty(grad_loss.shape), logits.new_empty(logits.shape)
+
+
 # --- autograd (shared by the compiled ops and the Triton ops) ------------------------------------
 # forward op -> its backward calls the matching backward op;
-# backward op -> its backward is the torch composition of the module docstring (any order).
+# backward op -> its backward calls the matching double-backward op, or, when that derivative is
+#                itself being differentiated, runs the torch composition of the module docstring;
+# double-backward op: no autograd of its own (the composition covers higher orders).
 
 
 def _forward_setup_context(ctx, inputs, output) -> None:
@@ -174,14 +198,25 @@ def _make_forward_backward(backward_op):
 
 
 def _backward_setup_context(ctx, inputs, output) -> None:
-    grad_loss, logits, labels, _lse = inputs
+    grad_loss, logits, labels, lse = inputs
     if any(ctx.needs_input_grad[:2]):
-        ctx.save_for_backward(grad_loss, logits, labels)
+        ctx.save_for_backward(grad_loss, logits, labels, lse)
 
 
-def _backward_backward(ctx, grad_grad_logits):
-    grad_loss, logits, labels = ctx.saved_tensors
-    need_grad_loss, need_logits = ctx.needs_input_grad[:2]
+def _make_backward_backward(double_backward_op):
+    def backward_backward(ctx, grad_grad_logits):
+        grad_loss, logits, labels, lse = ctx.saved_tensors
+        need_grad_loss, need_logits = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():  # create_graph: a third derivative may follow
+            return _double_backward_composed(grad_grad_logits, grad_loss, logits, labels, need_grad_loss, need_logits)
+        d_grad_loss, d_logits = double_backward_op(grad_grad_logits.contiguous(), grad_loss, logits, labels, lse)
+        return (d_grad_loss if need_grad_loss else None), (d_logits if need_logits else None), None, None
+
+    return backward_backward
+
+
+def _double_backward_composed(grad_grad_logits, grad_loss, logits, labels, need_grad_loss, need_logits):
+    """The double-backward formulas as differentiable torch ops (recomputing p from the logits)."""
     n = logits.shape[1]
     p = torch.softmax(logits, dim=2)
     d_grad_loss = d_logits = None
@@ -194,13 +229,15 @@ def _backward_backward(ctx, grad_grad_logits):
     return d_grad_loss, d_logits, None, None
 
 
-def _register(forward_op, backward_op) -> None:
+def _register(forward_op, backward_op, double_backward_op) -> None:
     torch.library.register_fake(forward_op, _forward_fake)
     torch.library.register_fake(backward_op, _backward_fake)
-    backward_callable = backward_op if callable(backward_op) else _op_callable(backward_op)
-    torch.library.register_autograd(forward_op, _make_forward_backward(backward_callable),
+    torch.library.register_fake(double_backward_op, _double_backward_fake)
+    call = lambda op: op if callable(op) else _op_callable(op)  # noqa: E731
+    torch.library.register_autograd(forward_op, _make_forward_backward(call(backward_op)),
                                     setup_context=_forward_setup_context)
-    torch.library.register_autograd(backward_op, _backward_backward, setup_context=_backward_setup_context)
+    torch.library.register_autograd(backward_op, _make_backward_backward(call(double_backward_op)),
+                                    setup_context=_backward_setup_context)
 
 
 def _op_callable(qualified_name: str):
@@ -211,7 +248,7 @@ def _op_callable(qualified_name: str):
 # Decided once at import (the library is loaded by mamlpp_fast._backend before this module).
 _HAS_OP = _backend.has_extension() and hasattr(torch.ops.mamlpp_fast, "task_cross_entropy_forward")
 if _HAS_OP:
-    _register(_FWD, _BWD)
+    _register(_FWD, _BWD, _DBWD)
 
 
 @functools.cache
@@ -229,5 +266,11 @@ def _triton_ops():
         _check_backward_args(grad_loss, logits, labels, lse)
         return kernels.task_cross_entropy_backward(grad_loss, logits, labels, lse)
 
-    _register(forward_triton, backward_triton)
-    return forward_triton, backward_triton
+    @torch.library.custom_op("mamlpp_fast::task_cross_entropy_double_backward_triton", mutates_args=())
+    def double_backward_triton(grad_grad_logits: Tensor, grad_loss: Tensor, logits: Tensor, labels: Tensor,
+                               lse: Tensor) -> tuple[Tensor, Tensor]:
+        _check_double_backward_args(grad_grad_logits, grad_loss, logits, labels, lse)
+        return kernels.task_cross_entropy_double_backward(grad_grad_logits, grad_loss, logits, labels, lse)
+
+    _register(forward_triton, backward_triton, double_backward_triton)
+    return forward_triton, backward_triton, double_backward_triton

@@ -159,12 +159,88 @@ def check_out_of_range_labels(device, dtype):
     assert_close(grad, ref, dtype=dtype, msg=f"out-of-range labels backward {dtype}")
 
 
+def formula_double_grad(grad_grad_logits, grad_loss, logits, labels):
+    """(grad_grad_loss [B], grad_logits [B, n, N]) in float64: torch.autograd.grad of the backward
+    ``grad_loss[b] / n * (softmax(z) - onehot(y))`` (first taken by autograd, with create_graph)
+    against ``grad_outputs = grad_grad_logits``. An out-of-range label has no onehot term."""
+    z = logits.detach().double().requires_grad_()
+    g = grad_loss.detach().double().requires_grad_()
+    B, n, N = z.shape
+    valid = (labels >= 0) & (labels < N)
+    onehot = F.one_hot(torch.where(valid, labels, 0), N).double() * valid.unsqueeze(-1)
+    loss = (torch.logsumexp(z, -1) - (onehot * z).sum(-1)).mean(1)
+    grad_z = torch.autograd.grad(loss, z, g, create_graph=True)[0]
+    expected = g.view(B, 1, 1) / n * (torch.softmax(z, -1) - onehot)
+    assert_close(grad_z, expected, dtype=torch.float64, msg="reference backward")
+    grad_g, grad_zz = torch.autograd.grad(grad_z, (g, z), grad_grad_logits.double())
+    return grad_g.detach(), grad_zz.detach()
+
+
+def double_backward(grad_grad_logits, grad_loss, logits, labels, lse):
+    from mamlpp_fast.kernels.task_cross_entropy import task_cross_entropy_double_backward
+
+    out = task_cross_entropy_double_backward(grad_grad_logits, grad_loss, logits, labels, lse)
+    assert isinstance(out, tuple) and len(out) == 2
+    for t, size in zip(out, [logits.shape[:1], logits.shape]):
+        assert t.dtype == logits.dtype and t.device == logits.device and t.shape == size
+    again = task_cross_entropy_double_backward(grad_grad_logits, grad_loss, logits, labels, lse)
+    assert all(torch.equal(a, b) for a, b in zip(out, again)), \
+        "double backward is not deterministic"
+    return out
+
+
+def double_backward_inputs(logits, seed=3):
+    """(grad_grad_logits [B, n, N], non-contiguous; grad_loss [B]) in the logits' dtype/device."""
+    B, n, N = logits.shape
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, N, n, generator=gen, dtype=torch.float64).transpose(1, 2)
+    grad_loss = torch.randn(B, generator=gen, dtype=torch.float64)
+    return (h.to(device=logits.device, dtype=logits.dtype),
+            grad_loss.to(device=logits.device, dtype=logits.dtype))
+
+
+def check_double_backward(device, dtype, shape):
+    logits, labels = make_inputs(shape, device, dtype)
+    h, grad_loss = double_backward_inputs(logits)
+    lse = forward(logits, labels)[2]
+    out = double_backward(h, grad_loss, logits, labels, lse)
+    assert_close(list(out), list(formula_double_grad(h, grad_loss, logits, labels)), dtype=dtype,
+                 msg=f"double backward {dtype} {shape}")
+
+
+def check_double_backward_out_of_range(device, dtype):
+    B, n, N = 4, 7, 5
+    logits, labels = make_inputs((B, n, N), device, dtype)
+    labels[0, 3] = N
+    labels[2, 0] = -1
+    labels[3, 6] = 10**12  # far outside the tensor: must never be dereferenced
+    h, grad_loss = double_backward_inputs(logits)
+    lse = forward(logits, labels)[2]
+    out = double_backward(h, grad_loss, logits, labels, lse)
+    assert all(torch.isfinite(t).all() for t in out)
+    assert_close(list(out), list(formula_double_grad(h, grad_loss, logits, labels)), dtype=dtype,
+                 msg=f"out-of-range labels double backward {dtype}")
+
+
 @interpreted
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_forward_backward_interpreter(dtype, shape):
     check_forward("cpu", dtype, shape)
     check_backward("cpu", dtype, shape)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_double_backward_interpreter(dtype, shape):
+    check_double_backward("cpu", dtype, shape)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_double_backward_out_of_range_labels_interpreter(dtype):
+    check_double_backward_out_of_range("cpu", dtype)
 
 
 @interpreted
@@ -228,10 +304,18 @@ def test_forward_backward_cuda(dtype, shape):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=str)
+def test_double_backward_cuda(dtype, shape):
+    check_double_backward("cuda", dtype, shape)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_special_rows_cuda(dtype):
     check_ties("cuda", dtype)
     check_nan_row("cuda", dtype)
     check_out_of_range_labels("cuda", dtype)
+    check_double_backward_out_of_range("cuda", dtype)
 
 
 @pytest.mark.cuda

@@ -138,6 +138,19 @@ def test_gradient_of_the_backward_reaches_grad_loss(device):
         assert_close(got, expected, msg=backend)
 
 
+def test_second_derivatives_without_create_graph_use_the_double_backward(device):
+    # The meta-backward of second-order MAML: the inner gradient was taken with create_graph, the
+    # outer one is not (this is where the fused double-backward op runs), w.r.t. logits and grad_loss.
+    for backend in backends_for(device):
+        results = []
+        for impl in (lambda z, y: formula(z, y)[0], lambda z, y: task_cross_entropy(z, y, backend=backend)[0]):
+            logits, labels = make_inputs((4, 20, 5), device, seed=3, requires_grad=True)
+            weights = torch.linspace(0.5, 2.0, 4, dtype=torch.float64, device=device).requires_grad_()
+            (first,) = torch.autograd.grad((impl(logits, labels) * weights).sum(), logits, create_graph=True)
+            results.append(torch.autograd.grad((first.sin() * logits).sum(), (logits, weights)))
+        assert_close(list(results[1]), list(results[0]), msg=f"backend={backend}")
+
+
 def test_accuracy_has_no_gradient_and_non_contiguous_logits_work(device):
     logits, labels = make_inputs((3, 6, 4), device, requires_grad=True)
     strided = logits.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
@@ -157,6 +170,9 @@ def test_opcheck(device):
         grad_loss = torch.randn(3, dtype=torch.float64, device=device, requires_grad=requires_grad)
         torch.library.opcheck(torch.ops.mamlpp_fast.task_cross_entropy_backward.default,
                               (grad_loss, logits, labels, lse))
+        grad_grad_logits = torch.randn_like(logits.detach())
+        torch.library.opcheck(torch.ops.mamlpp_fast.task_cross_entropy_double_backward.default,
+                              (grad_grad_logits, grad_loss.detach(), logits.detach(), labels, lse))
 
 
 def test_torch_compile_fullgraph():
