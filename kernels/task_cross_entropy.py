@@ -8,10 +8,11 @@ that gradient's derivative (the double backward).
   ``lse = m + log(sum_c exp(z_c - m))`` (m the row maximum, also when infinite: a row holding
   +inf, or only -inf, gets NaN, as ATen's ``log_softmax``/``cross_entropy``), the argmax (the
   first maximal index; a NaN counts as the maximum, as ``torch.argmax``), and the terms
-  ``lse - z_y`` and ``argmax == y``. Each tile row keeps its own running sums, reduced once at the end: the n rows of a task are summed in a fixed order (no
-  atomics; deterministic). ``loss[b]`` and ``accuracy[b]`` are the sums over n. A label outside
-  ``[0, N)`` is never dereferenced: its ``z_y`` reads as NaN (so ``loss[b]`` is NaN) and the row
-  counts as wrong. Sums are in float32 for float32 logits, float64 for float64.
+  ``lse - z_y`` and ``argmax == y``. Each tile row keeps its own running sums, reduced once at
+  the end: the n rows of a task are summed in a fixed order (no atomics; deterministic).
+  ``loss[b]`` and ``accuracy[b]`` are the sums over n. A label outside ``[0, N)`` is never
+  dereferenced: its ``z_y`` reads as NaN (so ``loss[b]`` is NaN) and the row counts as wrong.
+  Sums are in float32 for float32 logits, float64 for float64.
 - ``task_cross_entropy_backward``: elementwise,
   ``grad[b, i, c] = grad_loss[b] / n * (exp(z[b, i, c] - lse[b, i]) - [c == y[b, i]])``, over
   ``[BLOCK_ROWS, BLOCK_N]`` tiles of the ``[B*n, N]`` rows; a grid of row tiles, capped (each
@@ -112,7 +113,7 @@ def _task_ce_bwd_kernel(
         y = tl.load(y_ptr + r, mask=row_ok, other=-1)
         scale = tl.load(g_ptr + r // n, mask=row_ok, other=0.0) / n
         p = tl.exp(z - lse[:, None])
-        # cols never equal an out-of-range label inside [0, N), the stored columns
+        # an out-of-range label matches no stored column (a padding column it may equal is masked)
         p = tl.where(cols[None, :] == y[:, None], p - 1.0, p)
         tl.store(out_ptr + offs, (scale[:, None] * p).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -144,7 +145,8 @@ def _task_ce_dbwd_kernel(
         hp = tl.sum(h * p, axis=1)
         grad = scale * p * (h - hp[:, None])
         tl.store(out_ptr + offs, grad.to(out_ptr.dtype.element_ty), mask=mask)
-        # sum_c h (p - [c == y]) = hp - h_y; cols never equal an out-of-range label, so h_y = 0
+        # sum_c h (p - [c == y]) = hp - h_y; an out-of-range label matches no stored column (h is
+        # 0 on padding columns), so h_y = 0
         h_y = tl.sum(tl.where(cols[None, :] == y[:, None], h, 0.0), axis=1)
         task_sum += tl.where(row_ok, hp - h_y, 0.0)
     total = tl.sum(task_sum, axis=0)

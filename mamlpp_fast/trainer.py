@@ -656,25 +656,29 @@ class Trainer:
         dict with ``finished``, ``stopped_because``, ``epochs_done`` and ``current_iter``.
         """
         if not self.is_main:
+            self._prepare_training()
             return self._train()
         fresh = not os.path.exists(self.experiment_dir)
-        started = False
-        try:
-            with ExperimentLock(self.experiment_dir):
+        with ExperimentLock(self.experiment_dir):
+            started = False
+            try:
                 # Holding the lock, no other trainer writes here: leftovers are a crash's.
                 remove_stale_temp_files(self.saved_models_dir, self.logs_dir, CHECKPOINT_PREFIX)
-                # The data first: a data set that is missing or misconfigured must not leave an
-                # experiment folder behind that looks like a run (config.json and nothing else).
-                self.data  # noqa: B018  (builds it)
+                # Resume and every check first, then config.json: data that fails to load or
+                # does not match the run's (or the other ranks') must not leave a folder behind
+                # that looks like a run, nor overwrite a run's config.json.
+                self._prepare_training()
                 self._make_folders()
                 started = True
                 return self._train()
-        except BaseException:
-            if fresh and not started:
-                _remove_unstarted_experiment(self.experiment_dir)
-            raise
+            except BaseException:
+                if fresh and not started:  # still holding the lock: no other trainer is here
+                    _remove_unstarted_experiment(self.experiment_dir)
+                raise
 
-    def _train(self) -> Dict[str, Any]:
+    def _prepare_training(self) -> None:
+        """Resume, build and check the data, and (torchrun) agree with the other ranks on the
+        checkpoint and the data, then make the ranks' learners bit-identical."""
         if self.resumed_from is None and self.state["current_iter"] == 0:
             if self.maybe_resume() and self.is_main:
                 self.log(f"resumed from {self.resumed_from} at iteration {self.state['current_iter']} "
@@ -685,8 +689,6 @@ class Trainer:
         self._check_data_splits(self._resumed_data_splits, self.resumed_from, training=True)
         if self.is_main and describe is not None:  # after the lock: a busy experiment loads nothing
             self.log(f"data: {describe()}")
-        cfg = self.config
-        per_epoch = int(cfg.total_iter_per_epoch)
         learner = self.learner
         if self.distributed is not None:
             # Every rank must have resumed from the same checkpoint (or none): the experiment
@@ -707,6 +709,12 @@ class Trainer:
             # Every rank resumed from the same file (or starts fresh): make them bit-identical.
             self.distributed.broadcast_module(learner)
             learner.distributed = self.distributed
+
+    def _train(self) -> Dict[str, Any]:
+        """The training loop (after `_prepare_training`)."""
+        cfg = self.config
+        per_epoch = int(cfg.total_iter_per_epoch)
+        learner = self.learner
         data = self.data
         start_time = time.time()
         iters_this_run = 0

@@ -296,6 +296,7 @@ def test_one_training_process_per_experiment(tmp_path):
         pass
 
 
+@pytest.mark.filterwarnings("ignore:resuming .* with a config that differs")
 def test_data_that_fails_to_load_leaves_no_experiment_folder_behind(tmp_path):
     from mamlpp_fast.data import DataNotFoundError
 
@@ -318,6 +319,41 @@ def test_data_that_fails_to_load_leaves_no_experiment_folder_behind(tmp_path):
         again.train()
     assert sorted(os.listdir(finished.experiment_dir)) == before
     assert os.path.isfile(finished.checkpoint_path("latest"))
+
+
+def test_a_trainer_that_finds_the_experiment_busy_removes_nothing(tmp_path, monkeypatch):
+    # Two trainers start on a new experiment at once: both saw no folder, the other one created
+    # it and holds the lock while it loads its data. This one must fail without touching either.
+    from mamlpp_fast import trainer as trainer_module
+    from mamlpp_fast.experiment_lock import LOCK_NAME, ExperimentBusyError, ExperimentLock
+
+    trainer = make_trainer(tmp_path, total_epochs=1)
+    with ExperimentLock(trainer.experiment_dir):
+        real_exists = os.path.exists
+        monkeypatch.setattr(trainer_module.os.path, "exists",
+                            lambda path: False if path == trainer.experiment_dir else real_exists(path))
+        with pytest.raises(ExperimentBusyError):
+            trainer.train()
+        monkeypatch.undo()
+        assert os.listdir(trainer.experiment_dir) == [LOCK_NAME]
+
+
+@pytest.mark.filterwarnings("ignore:resuming .* with a config that differs")
+def test_data_that_differs_from_the_checkpoints_leaves_the_run_untouched(tmp_path, monkeypatch):
+    # A refused resume (other splits) must not rewrite the run's config.json either.
+    from mamlpp_fast import trainer as trainer_module
+    from mamlpp_fast.data import DataConfigError
+
+    finished = make_trainer(tmp_path, total_epochs=1)
+    assert finished.train()["finished"]
+    config_path = os.path.join(finished.experiment_dir, "config.json")
+    before = open(config_path).read()
+    other = make_trainer(tmp_path, total_epochs=1, batch_size=1)  # another config.json, same run
+    monkeypatch.setattr(trainer_module, "_split_fingerprints",
+                        lambda data: {"train": "0" * 16, "val": "0" * 16, "test": "0" * 16})
+    with pytest.raises(DataConfigError, match="hold other classes"):
+        other.train()
+    assert open(config_path).read() == before
 
 
 def test_stale_temp_files_are_those_of_dead_writers(tmp_path):

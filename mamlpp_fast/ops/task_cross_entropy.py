@@ -221,7 +221,10 @@ def _double_backward_composed(grad_grad_logits, grad_loss, logits, labels, need_
     p = torch.softmax(logits, dim=2)
     d_grad_loss = d_logits = None
     if need_grad_loss:
-        onehot = F.one_hot(labels, logits.shape[2]).to(logits.dtype)
+        # An out-of-range label (a NaN loss on the GPU backends) has no one-hot term, as in the kernels.
+        classes = logits.shape[2]
+        valid = (labels >= 0) & (labels < classes)
+        onehot = F.one_hot(labels.where(valid, 0), classes).to(logits.dtype) * valid.unsqueeze(2)
         d_grad_loss = (grad_grad_logits * (p - onehot)).sum(dim=(1, 2)) / n
     if need_logits:
         weighted = grad_grad_logits * (grad_loss / n).view(-1, 1, 1)

@@ -262,8 +262,8 @@ def test_out_of_range_labels_interpreter(dtype):
 
 
 def check_op_gradients(device):
-    # The Triton kernels under the op's autograd: gradcheck and gradgradcheck (the double backward
-    # is the torch composition in mamlpp_fast.ops.task_cross_entropy, fed by the Triton backward).
+    # The Triton kernels under the op's autograd: gradcheck and gradgradcheck (gradgradcheck's
+    # analytical second derivatives run the Triton double backward).
     from mamlpp_fast.ops import task_cross_entropy
 
     logits, labels = make_inputs((2, 5, 3), device)

@@ -15,11 +15,13 @@ import torch.nn.functional as F
 from mamlpp_fast import _backend
 from mamlpp_fast.ops import task_cross_entropy, task_cross_entropy_backend
 from mamlpp_fast.testing import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
 
 needs_ext = pytest.mark.skipif(not _backend.has_extension(), reason="compiled extension not loaded")
 
 # (B, n, N): Omniglot 20w1s support/target, mini-ImageNet 5w5s target, and odd sizes.
-SHAPES = [(8, 20, 20), (2, 75, 5), (3, 7, 5), (1, 1, 1), (4, 5, 3), (2, 13, 37)]
+# (3, 300, 5): more rows per task than a CUDA block has threads; (2, 6, 1000): many classes.
+SHAPES = [(8, 20, 20), (2, 75, 5), (3, 7, 5), (1, 1, 1), (4, 5, 3), (2, 13, 37), (3, 300, 5), (2, 6, 1000)]
 
 
 def backends_for(device: str) -> list[str]:
@@ -138,17 +140,36 @@ def test_gradient_of_the_backward_reaches_grad_loss(device):
         assert_close(got, expected, msg=backend)
 
 
-def test_second_derivatives_without_create_graph_use_the_double_backward(device):
+class _OpLog(TorchDispatchMode):
+    """Records the name of every op dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("create_graph", [False, True], ids=["meta_backward", "recorded"])
+def test_second_derivatives_and_which_double_backward_runs(device, create_graph):
     # The meta-backward of second-order MAML: the inner gradient was taken with create_graph, the
-    # outer one is not (this is where the fused double-backward op runs), w.r.t. logits and grad_loss.
+    # outer one is not; there the fused double-backward op runs (w.r.t. logits and grad_loss). When
+    # the outer one records a graph too, the torch composition runs instead (any order).
     for backend in backends_for(device):
         results = []
         for impl in (lambda z, y: formula(z, y)[0], lambda z, y: task_cross_entropy(z, y, backend=backend)[0]):
             logits, labels = make_inputs((4, 20, 5), device, seed=3, requires_grad=True)
             weights = torch.linspace(0.5, 2.0, 4, dtype=torch.float64, device=device).requires_grad_()
             (first,) = torch.autograd.grad((impl(logits, labels) * weights).sum(), logits, create_graph=True)
-            results.append(torch.autograd.grad((first.sin() * logits).sum(), (logits, weights)))
+            with _OpLog() as log:
+                results.append(torch.autograd.grad((first.sin() * logits).sum(), (logits, weights),
+                                                   create_graph=create_graph))
         assert_close(list(results[1]), list(results[0]), msg=f"backend={backend}")
+        fused = any("task_cross_entropy_double_backward" in name for name in log.names)
+        if backend in ("cpp", "cuda", "triton"):
+            assert fused != create_graph, f"backend={backend}: fused double backward ran: {fused}"
 
 
 def test_accuracy_has_no_gradient_and_non_contiguous_logits_work(device):
@@ -246,3 +267,21 @@ def test_fallback_without_extension(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "fallback ok" in run.stdout
+
+
+@pytest.mark.cuda
+def test_out_of_range_labels_on_the_gpu_give_a_nan_loss_without_stopping_the_device():
+    # The GPU kernels cannot raise without a host sync: that task's loss is NaN, the row counts as
+    # wrong, and neither derivative reads past the row (no one-hot term), on every order.
+    logits, labels = make_inputs((3, 7, 5), "cuda", requires_grad=True)
+    labels[1, 2] = 5
+    for backend in [b for b in backends_for("cuda") if b in ("cuda", "triton")]:
+        loss, accuracy = task_cross_entropy(logits, labels, backend=backend)
+        assert loss[1].isnan() and loss[[0, 2]].isfinite().all(), backend
+        assert accuracy.isfinite().all(), backend
+        weights = torch.ones(3, dtype=torch.float64, device="cuda", requires_grad=True)
+        for create_graph in (False, True):
+            (first,) = torch.autograd.grad((loss * weights).sum(), logits, create_graph=True)
+            second = torch.autograd.grad(first.square().sum(), (logits, weights), create_graph=create_graph)
+            assert first[[0, 2]].isfinite().all() and all(t[[0, 2]].isfinite().all() for t in second), backend
+        torch.cuda.synchronize()
