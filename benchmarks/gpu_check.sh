@@ -71,7 +71,7 @@ run backends 60 bash -c "cd /tmp && $PY -c 'import mamlpp_fast, torch; print(mam
 if [[ "$DRY" == 1 ]]; then
   run tests 300 "$PY" -P -m pytest -q -p no:cacheprovider -x tests/kernels -k "not cuda"
 else
-  run tests 200 "$PY" -P -m pytest -q -p no:cacheprovider -rfE -m "cuda or triton" tests/ops tests/kernels \
+  run tests 240 "$PY" -P -m pytest -q -p no:cacheprovider -rfE -m "cuda or triton" tests/ops tests/kernels \
     tests/test_meta_learner_equivalence.py tests/test_cuda_graphs.py
 fi
 
