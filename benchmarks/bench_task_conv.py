@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from utils import env_info, markdown_table, measure, write_json  # noqa: E402
+from mamlpp_fast.tf32 import disable_tf32  # noqa: E402
 
 STRATEGIES = ("grouped", "explicit", "bmm", "loop", "triton", "blockdiag")
 BLOCKDIAG_MAX_CIN = 3  # blockdiag does B times the work: timed on few-channel first layers only
@@ -171,8 +172,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    disable_tf32()
     print(f"# {env_info()}")
     gen = torch.Generator(device="cpu").manual_seed(0)
     results: List[Result] = []

@@ -14,8 +14,8 @@ out [n, B*C_out, H, W], stride 1, zero padding 1.
   task's weights transposed (C_in <-> C_out) and flipped (kh, kw -> 2-kh, 2-kw).
 
 The differentiable op is ``mamlpp_fast.ops.task_conv(..., strategy="triton")``; this module holds
-the kernels and their launchers only. float32 products use TF32 only when
-``torch.backends.cudnn.allow_tf32`` allows it (the same switch as the cuDNN path), else IEEE fp32.
+the kernels and their launchers only. float32 products use TF32 only when cuDNN's convolutions
+may (``mamlpp_fast.tf32.conv_tf32_enabled``: the same switch as the cuDNN path), else IEEE fp32.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..tf32 import conv_tf32_enabled
 from ._utils import cdiv
 
 BLOCK_M = 64
@@ -124,7 +125,7 @@ def _task_conv_wgrad_kernel(x_ptr, gy_ptr, gw_ptr, N_IMG, H, W, C_IN, C_OUT, G_I
 
 
 def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+    if dtype == torch.float32 and conv_tf32_enabled():
         return "tf32"
     return "ieee"
 

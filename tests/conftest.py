@@ -31,3 +31,12 @@ def _seed():
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def device(request) -> str:
     return request.param
+
+
+@pytest.fixture
+def no_tf32():
+    """TF32 off for CUDA convolutions and matmuls during the test, on every torch version."""
+    from mamlpp_fast.tf32 import ieee_fp32
+
+    with ieee_fp32():
+        yield

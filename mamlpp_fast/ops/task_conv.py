@@ -35,9 +35,10 @@ layer, TF32 off), but inside whole meta-steps, where cuDNN runs in TF32 and the 
 kept for the outer backward, a per-layer rule built on that was slower (mini-ImageNet 5w1s 242 vs 106 ms, Omniglot
 20w1s under CUDA graphs 29.9 vs 25.3 ms); ``explicit`` has not been measured on a GPU yet.
 
-Note on precision: on CUDA, cuDNN convolutions run in TF32 by default
-(``torch.backends.cudnn.allow_tf32``) while matmuls do not (``torch.backends.cuda.matmul.allow_tf32``),
-so in float32 the strategies round differently; in float64 they agree to rounding.
+Note on precision: on CUDA, cuDNN convolutions run in TF32 by default while matmuls do not
+(``torch.backends.cudnn.conv.fp32_precision`` and ``torch.backends.cuda.matmul.fp32_precision``;
+``mamlpp_fast.tf32`` reads and sets them on every torch), so in float32 the strategies round
+differently; in float64 they agree to rounding.
 """
 
 from __future__ import annotations

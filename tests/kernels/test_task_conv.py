@@ -142,8 +142,7 @@ def test_matches_grouped_cuda(shape):
 
 
 @pytest.mark.cuda
-def test_float32_within_1e4_of_float64_cuda(monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the kernels then use IEEE fp32
+def test_float32_within_1e4_of_float64_cuda(no_tf32):  # the kernels then use IEEE fp32
     check_against_grouped("cuda", (20, 8, 64, 64, 14, 14), dtype=torch.float32, rtol=1e-4)
 
 

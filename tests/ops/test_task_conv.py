@@ -94,10 +94,8 @@ def test_broadcast_step_zero_weights():
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_float32_within_1e4_of_float64(device, strategy, monkeypatch):
+def test_float32_within_1e4_of_float64(device, strategy, no_tf32):
     skip_unless_runnable(strategy, device)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # TF32 off, restored after
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     x, weight, bias = inputs(20, 8, 64, 64, 14, 14, device=device, seed=3)
     expected = task_conv(x, weight, bias, strategy=strategy)
     with torch.no_grad():
@@ -107,11 +105,9 @@ def test_float32_within_1e4_of_float64(device, strategy, monkeypatch):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_float32_gradients_within_1e4_of_float64(device, strategy, monkeypatch):
+def test_float32_gradients_within_1e4_of_float64(device, strategy, no_tf32):
     # First and second order (the MAML pattern), Omniglot's second layer with 8 tasks.
     skip_unless_runnable(strategy, device)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     x, weight, bias = inputs(20, 8, 64, 64, 14, 14, device=device, seed=4)
     cotangent = torch.randn(20, 8 * 64, 14, 14, dtype=torch.float64, device=device)
 
