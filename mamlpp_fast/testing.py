@@ -190,6 +190,22 @@ def run_interpreted_cases(test_file: str, cwd) -> None:
     assert " passed" in run.stdout and "skipped" not in last, run.stdout[-2000:]
 
 
+def run_without_extension(script: str, cwd) -> str:
+    """Run ``script`` (Python source, dedented here) in a fresh interpreter with
+    ``MAMLPP_FAST_DISABLE_EXT=1``, i.e. on the pure-PyTorch paths, from ``cwd`` (not the source
+    tree, so the installed package is imported); assert it exits 0 and return its stdout."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    env = {**os.environ, "MAMLPP_FAST_DISABLE_EXT": "1"}
+    run = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
 def triton_interpreter_broken() -> str:
     """Why Triton's CPU interpreter cannot run our kernels here, or "" when it can: triton 3.6's
     interpreter fails on `range` loops with numpy >= 2.4 ("only 0-dimensional arrays can be

@@ -3,11 +3,6 @@ composition in mamlpp_fast.reference.ops, to second order."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +10,7 @@ import torch.nn.functional as F
 from mamlpp_fast import _backend
 from mamlpp_fast.ops.bn_lrelu_pool import bn_lrelu_pool, bn_lrelu_pool_backend
 from mamlpp_fast.reference.ops import bn_lrelu_pool_reference
-from mamlpp_fast.testing import error_summary
+from mamlpp_fast.testing import error_summary, run_without_extension
 
 EPS, SLOPE = 1e-5, 0.01
 # (n, G, H, W): odd and even sizes, H != W, odd n*H*W (3*5*7), a 3x5 plane with one pooled row.
@@ -390,8 +385,7 @@ def test_backend_choice():
 
 def test_fallback_without_extension(tmp_path):
     """With MAMLPP_FAST_DISABLE_EXT=1 the op runs (and differentiates twice) on the ATen path."""
-    script = textwrap.dedent(
-        """
+    script = """
         import torch
         from mamlpp_fast import _backend
         from mamlpp_fast.ops.bn_lrelu_pool import bn_lrelu_pool, bn_lrelu_pool_backend
@@ -407,9 +401,4 @@ def test_fallback_without_extension(tmp_path):
         assert torch.autograd.gradgradcheck(lambda *a: bn_lrelu_pool(*a)[0], (x, w, b))
         print("fallback ok")
         """
-    )
-    env = {**os.environ, "MAMLPP_FAST_DISABLE_EXT": "1"}
-    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    assert "fallback ok" in run.stdout
+    assert "fallback ok" in run_without_extension(script, tmp_path)

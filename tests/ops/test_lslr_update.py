@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
 from mamlpp_fast import _backend
 from mamlpp_fast.ops import lslr_update, lslr_update_backend
-from mamlpp_fast.testing import OMNIGLOT_20WAY_SHAPES, assert_close, lslr_update_inputs
+from mamlpp_fast.testing import (OMNIGLOT_20WAY_SHAPES, assert_close, lslr_update_inputs,
+                                 run_without_extension)
 
 ODD_SHAPES = [(3, 5, 7), (1,), (64, 1, 3, 3)]
 needs_ext = pytest.mark.skipif(not _backend.has_extension(), reason="compiled extension not loaded")
@@ -165,8 +161,7 @@ def test_backend_choice_is_observable_and_overridable():
 
 def test_fallback_without_extension(tmp_path):
     """With MAMLPP_FAST_DISABLE_EXT=1 the op runs (and differentiates) on the pure-torch path."""
-    script = textwrap.dedent(
-        """
+    script = """
         import torch
         from mamlpp_fast import _backend
         from mamlpp_fast.ops import lslr_update, lslr_update_backend
@@ -181,9 +176,4 @@ def test_fallback_without_extension(tmp_path):
         assert torch.autograd.gradgradcheck(f, (lr, *p, *g))
         print("fallback ok")
         """
-    )
-    env = {**os.environ, "MAMLPP_FAST_DISABLE_EXT": "1"}
-    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    assert "fallback ok" in run.stdout
+    assert "fallback ok" in run_without_extension(script, tmp_path)

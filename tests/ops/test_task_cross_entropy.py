@@ -3,18 +3,13 @@ order (second-order MAML differentiates the inner-loop gradient of this loss).""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mamlpp_fast import _backend
 from mamlpp_fast.ops import task_cross_entropy, task_cross_entropy_backend
-from mamlpp_fast.testing import assert_close
+from mamlpp_fast.testing import assert_close, run_without_extension
 from torch.utils._python_dispatch import TorchDispatchMode
 
 needs_ext = pytest.mark.skipif(not _backend.has_extension(), reason="compiled extension not loaded")
@@ -246,8 +241,7 @@ def test_backend_choice_is_observable_and_overridable():
 
 def test_fallback_without_extension(tmp_path):
     """With MAMLPP_FAST_DISABLE_EXT=1 the op runs (and differentiates) on the pure-torch path."""
-    script = textwrap.dedent(
-        """
+    script = """
         import torch
         from mamlpp_fast import _backend
         from mamlpp_fast.ops import task_cross_entropy, task_cross_entropy_backend
@@ -261,12 +255,7 @@ def test_fallback_without_extension(tmp_path):
         assert torch.autograd.gradgradcheck(lambda z: task_cross_entropy(z, y)[0], (z,))
         print("fallback ok")
         """
-    )
-    env = {**os.environ, "MAMLPP_FAST_DISABLE_EXT": "1"}
-    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    assert "fallback ok" in run.stdout
+    assert "fallback ok" in run_without_extension(script, tmp_path)
 
 
 @pytest.mark.cuda
