@@ -190,6 +190,20 @@ def run_interpreted_cases(test_file: str, cwd) -> None:
     assert " passed" in run.stdout and "skipped" not in last, run.stdout[-2000:]
 
 
+def op_backends(device: str) -> list[str]:
+    """The backends an op test compares on ``device``: the pure-PyTorch ones, the compiled
+    kernels when loaded (C++ on the CPU, CUDA on a GPU) and Triton on a GPU (the interpreter
+    cases live in tests/kernels)."""
+    from . import _backend
+
+    names = ["reference", "aten"]
+    if _backend.has_extension():
+        names.append("cpp" if device == "cpu" else "cuda")
+    if device == "cuda" and _backend.has_triton():
+        names.append("triton")
+    return names
+
+
 def run_without_extension(script: str, cwd) -> str:
     """Run ``script`` (Python source, dedented here) in a fresh interpreter with
     ``MAMLPP_FAST_DISABLE_EXT=1``, i.e. on the pure-PyTorch paths, from ``cwd`` (not the source

@@ -8,7 +8,7 @@ import torch
 from mamlpp_fast import _backend
 from mamlpp_fast.ops import lslr_update, lslr_update_backend
 from mamlpp_fast.testing import (OMNIGLOT_20WAY_SHAPES, assert_close, lslr_update_inputs,
-                                 run_without_extension)
+                                 op_backends, run_without_extension)
 
 ODD_SHAPES = [(3, 5, 7), (1,), (64, 1, 3, 3)]
 needs_ext = pytest.mark.skipif(not _backend.has_extension(), reason="compiled extension not loaded")
@@ -18,21 +18,12 @@ def formula(params, grads, lr):
     return [p - lr[k] * g for k, (p, g) in enumerate(zip(params, grads))]
 
 
-def backends_for(device: str) -> list[str]:
-    names = ["reference", "aten"]
-    if _backend.has_extension():
-        names.append("cpp" if device == "cpu" else "cuda")
-    if device == "cuda" and _backend.has_triton():
-        names.append("triton")
-    return names
-
-
 @pytest.mark.parametrize("shared", [False, True, [True, False, True]], ids=["batched", "shared", "mixed"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_matches_formula(device, shared, batch):
     params, grads, lr = lslr_update_inputs(ODD_SHAPES, batch, shared=shared, device=device)
     expected = formula(params, grads, lr)
-    for backend in backends_for(device):
+    for backend in op_backends(device):
         out = lslr_update(params, grads, lr, backend=backend)
         assert [o.shape for o in out] == [torch.Size([batch, *s]) for s in ODD_SHAPES]
         assert_close(out, expected, msg=f"backend={backend}")
@@ -42,7 +33,7 @@ def test_omniglot_shapes_float32_vs_float64(device):
     params64, grads64, lr64 = lslr_update_inputs(OMNIGLOT_20WAY_SHAPES, 8, shared=True, device=device)
     expected = formula(params64, grads64, lr64)
     to32 = lambda ts: [t.float() for t in ts]  # noqa: E731
-    for backend in backends_for(device):
+    for backend in op_backends(device):
         out = lslr_update(to32(params64), to32(grads64), lr64.float(), backend=backend)
         assert all(o.dtype == torch.float32 for o in out)
         assert_close(out, expected, dtype=torch.float32, msg=f"float32 backend={backend}")
@@ -52,7 +43,7 @@ def test_omniglot_shapes_float32_vs_float64(device):
 def test_gradcheck_and_gradgradcheck(device, shared):
     # fast_mode checks random projections of the Jacobian: the full one of [2, 64, 1, 3, 3] is big.
     shapes = [(3, 5, 7), (1,), (64, 1, 3, 3)]
-    for backend in backends_for(device):
+    for backend in op_backends(device):
         params, grads, lr = lslr_update_inputs(
             shapes, 2, shared=shared, device=device, requires_grad=True, seed=1
         )
@@ -75,7 +66,7 @@ def test_grads_match_formula_autograd(device):
     # The MAML++ shapes, B=4, shared params: compare first and second derivatives with autograd of
     # the formula, as second-order MAML uses them.
     shapes = [(4, 1, 3, 3), (4,), (5, 4)]
-    for backend in backends_for(device):
+    for backend in op_backends(device):
         results = []
         for impl in (formula, lambda p, g, lr: lslr_update(p, g, lr, backend=backend)):
             params, grads, lr = lslr_update_inputs(shapes, 4, shared=True, device=device,
@@ -93,7 +84,7 @@ def test_grads_match_formula_autograd(device):
 @pytest.mark.parametrize("needs", ["params", "grads", "lr", "params+lr"])
 def test_partial_requires_grad(device, needs):
     # First-order MAML: grads are constants; only some inputs need gradients.
-    for backend in backends_for(device):
+    for backend in op_backends(device):
         params, grads, lr = lslr_update_inputs([(3, 5), (2,)], 2, shared=[True, False], device=device)
         wanted = {"params": params, "grads": grads, "lr": [lr]}
         leaves = [t.requires_grad_() for key in needs.split("+") for t in wanted[key]]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from mamlpp_fast import _backend
 from mamlpp_fast.ops import task_cross_entropy, task_cross_entropy_backend
-from mamlpp_fast.testing import assert_close, run_without_extension
+from mamlpp_fast.testing import assert_close, op_backends, run_without_extension
 from torch.utils._python_dispatch import TorchDispatchMode
 
 needs_ext = pytest.mark.skipif(not _backend.has_extension(), reason="compiled extension not loaded")
@@ -17,15 +17,6 @@ needs_ext = pytest.mark.skipif(not _backend.has_extension(), reason="compiled ex
 # (B, n, N): Omniglot 20w1s support/target, mini-ImageNet 5w5s target, and odd sizes.
 # (3, 300, 5): more rows per task than a CUDA block has threads; (2, 6, 1000): many classes.
 SHAPES = [(8, 20, 20), (2, 75, 5), (3, 7, 5), (1, 1, 1), (4, 5, 3), (2, 13, 37), (3, 300, 5), (2, 6, 1000)]
-
-
-def backends_for(device: str) -> list[str]:
-    names = ["reference", "aten"]
-    if _backend.has_extension():
-        names.append("cpp" if device == "cpu" else "cuda")
-    if device == "cuda" and _backend.has_triton():
-        names.append("triton")
-    return names
 
 
 def make_inputs(shape, device="cpu", dtype=torch.float64, seed=0, requires_grad=False):
@@ -48,7 +39,7 @@ def formula(logits, labels):
 def test_matches_cross_entropy_and_argmax(device, shape):
     logits, labels = make_inputs(shape, device)
     loss_ref, acc_ref = formula(logits, labels)
-    for backend in backends_for(device):
+    for backend in op_backends(device):
         loss, accuracy = task_cross_entropy(logits, labels, backend=backend)
         assert loss.shape == accuracy.shape == (shape[0],) and loss.dtype == accuracy.dtype == logits.dtype
         assert_close(loss, loss_ref, msg=f"loss, backend={backend}")
@@ -59,7 +50,7 @@ def test_float32_within_tolerance_of_float64(device):
     logits64, labels = make_inputs((8, 20, 20), device, requires_grad=True)
     loss64, _ = formula(logits64, labels)
     (grad64,) = torch.autograd.grad(loss64.sum(), logits64)
-    for backend in backends_for(device):
+    for backend in op_backends(device):
         logits32 = logits64.detach().float().requires_grad_()
         loss32, acc32 = task_cross_entropy(logits32, labels, backend=backend)
         (grad32,) = torch.autograd.grad(loss32.sum(), logits32)
@@ -73,7 +64,7 @@ def test_ties_go_to_the_first_maximum_and_nan_rows_to_their_first_nan(device):
                           device=device)
     labels = torch.tensor([[1, 1, 1], [0, 2, 2]], device=device)
     expected_acc = (logits.argmax(dim=2) == labels).double().mean(dim=1)  # [2/3, 2/3]
-    for backend in backends_for(device):
+    for backend in op_backends(device):
         loss, accuracy = task_cross_entropy(logits, labels, backend=backend)
         assert torch.equal(accuracy, expected_acc), backend
         assert loss[0].isnan() and loss[1].isfinite(), backend  # a NaN row spoils its task only
@@ -84,7 +75,7 @@ def test_infinite_logits_follow_aten(device):
                           dtype=torch.float64, device=device)
     labels = torch.tensor([[1, 1], [1, 0]], device=device)
     loss_ref, acc_ref = formula(logits, labels)
-    for backend in backends_for(device):
+    for backend in op_backends(device):
         loss, accuracy = task_cross_entropy(logits, labels, backend=backend)
         torch.testing.assert_close(loss, loss_ref, equal_nan=True, msg=backend)  # [NaN, finite]
         assert torch.equal(accuracy, acc_ref), backend
@@ -92,7 +83,7 @@ def test_infinite_logits_follow_aten(device):
 
 @pytest.mark.parametrize("shape", [(3, 7, 5), (2, 4, 1)], ids=str)
 def test_gradcheck_and_gradgradcheck(device, shape):
-    for backend in backends_for(device):
+    for backend in op_backends(device):
         logits, labels = make_inputs(shape, device, seed=1, requires_grad=True)
         weights = torch.randn(shape[0], dtype=torch.float64, device=device)
 
@@ -107,7 +98,7 @@ def test_derivatives_to_third_order_match_the_formula(device):
     # MAML's use: the inner gradient is taken with create_graph, and the meta-gradient differentiates
     # it; a third derivative checks that the double backward is itself differentiable.
     shape = (4, 20, 5)
-    for backend in backends_for(device):
+    for backend in op_backends(device):
         results = []
         for impl in (lambda z, y: formula(z, y)[0], lambda z, y: task_cross_entropy(z, y, backend=backend)[0]):
             logits, labels = make_inputs(shape, device, seed=2, requires_grad=True)
@@ -124,7 +115,7 @@ def test_gradient_of_the_backward_reaches_grad_loss(device):
     # In MAML the backward op's grad_loss input carries the MSL weights' path: the double backward
     # must return its gradient, not only the logits'.
     logits, labels = make_inputs((3, 7, 5), device, requires_grad=True)
-    for backend in backends_for(device):
+    for backend in op_backends(device):
         weights = torch.rand(3, dtype=torch.float64, device=device, requires_grad=True)
         loss = (task_cross_entropy(logits, labels, backend=backend)[0] * weights).sum()
         (grad,) = torch.autograd.grad(loss, logits, create_graph=True)
@@ -152,7 +143,7 @@ def test_second_derivatives_and_which_double_backward_runs(device, create_graph)
     # The meta-backward of second-order MAML: the inner gradient was taken with create_graph, the
     # outer one is not; there the fused double-backward op runs (w.r.t. logits and grad_loss). When
     # the outer one records a graph too, the torch composition runs instead (any order).
-    for backend in backends_for(device):
+    for backend in op_backends(device):
         results = []
         for impl in (lambda z, y: formula(z, y)[0], lambda z, y: task_cross_entropy(z, y, backend=backend)[0]):
             logits, labels = make_inputs((4, 20, 5), device, seed=3, requires_grad=True)
@@ -171,7 +162,7 @@ def test_accuracy_has_no_gradient_and_non_contiguous_logits_work(device):
     logits, labels = make_inputs((3, 6, 4), device, requires_grad=True)
     strided = logits.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
     assert not strided.is_contiguous()
-    for backend in backends_for(device):
+    for backend in op_backends(device):
         loss, accuracy = task_cross_entropy(strided, labels, backend=backend)
         assert not accuracy.requires_grad
         assert_close(loss, formula(logits, labels)[0], msg=backend)
@@ -264,7 +255,7 @@ def test_out_of_range_labels_on_the_gpu_give_a_nan_loss_without_stopping_the_dev
     # wrong, and neither derivative reads past the row (no one-hot term), on every order.
     logits, labels = make_inputs((3, 7, 5), "cuda", requires_grad=True)
     labels[1, 2] = 5
-    for backend in [b for b in backends_for("cuda") if b in ("cuda", "triton")]:
+    for backend in [b for b in op_backends("cuda") if b in ("cuda", "triton")]:
         loss, accuracy = task_cross_entropy(logits, labels, backend=backend)
         assert loss[1].isnan() and loss[[0, 2]].isfinite().all(), backend
         assert accuracy.isfinite().all(), backend
