@@ -31,5 +31,12 @@ def int64_table(rows: Sequence[Sequence[int]], device: torch.device) -> Tensor:
     return table.to(device, non_blocking=True) if device.type != "cpu" else table
 
 
+def accumulator_type(dtype: torch.dtype):
+    """The Triton type sums are kept in: float64 for float64 tensors, else float32."""
+    import triton.language as tl  # here, so that this module itself needs no Triton
+
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
 def data_ptrs(tensors: Sequence[Tensor]) -> list[int]:
     return [t.data_ptr() for t in tensors]

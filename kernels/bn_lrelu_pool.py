@@ -18,6 +18,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._utils import accumulator_type
+
 __all__ = ["BnLreluPoolFunction", "bn_lrelu_pool", "bn_lrelu_pool_forward"]
 
 
@@ -93,7 +95,7 @@ def bn_lrelu_pool_forward(
     mean, invstd = x.new_empty(G), x.new_empty(G)
     indices = torch.empty(n, G, Ho, Wo, dtype=torch.uint8, device=x.device)
     block = min(1024, triton.next_power_of_2(max(32, n * H * W)))
-    acc = tl.float64 if x.dtype == torch.float64 else tl.float32
+    acc = accumulator_type(x.dtype)
     _bn_lrelu_pool_fwd_kernel[(G,)](
         x, weight.contiguous(), bias.contiguous(), y, mean, invstd, indices,
         n, G, H, W, Ho, Wo, eps, negative_slope,

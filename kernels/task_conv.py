@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..tf32 import conv_tf32_enabled
-from ._utils import cdiv
+from ._utils import accumulator_type, cdiv
 
 BLOCK_M = 64
 BLOCK_N = 64
@@ -130,10 +130,6 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _accumulator(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _check_int32(*tensors: Tensor) -> None:
     # Offsets are computed in int32 inside the kernels.
     for t in tensors:
@@ -155,7 +151,7 @@ def task_conv_forward(x: Tensor, weight: Tensor) -> Tensor:
     grid = (cdiv(n * h * w, BLOCK_M), cdiv(c_out, BLOCK_N), b)
     _task_conv_fwd_kernel[grid](x, weight, out, n, h, w, c_in, c_out, b * c_in, b * c_out,
                                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                                INPUT_PRECISION=_precision(x.dtype), ACC_DTYPE=_accumulator(x.dtype),
+                                INPUT_PRECISION=_precision(x.dtype), ACC_DTYPE=accumulator_type(x.dtype),
                                 num_warps=4)
     return out
 
@@ -217,6 +213,6 @@ def task_conv_weight_grad(x: Tensor, grad_out: Tensor, num_tasks: int, split: Op
     _task_conv_wgrad_kernel[grid](x, grad_out, partial, n, h, w, c_in, c_out, g_in, num_tasks * c_out,
                                   chunks, chunk,
                                   BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=BLOCK_K,
-                                  INPUT_PRECISION=_precision(x.dtype), ACC_DTYPE=_accumulator(x.dtype),
+                                  INPUT_PRECISION=_precision(x.dtype), ACC_DTYPE=accumulator_type(x.dtype),
                                   num_warps=4)
     return partial[0] if chunks == 1 else partial.sum(0)

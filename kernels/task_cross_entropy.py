@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import grid_blocks, num_warps_for
+from ._utils import accumulator_type, grid_blocks, num_warps_for
 
 __all__ = [
     "task_cross_entropy_backward",
@@ -175,7 +175,7 @@ def task_cross_entropy_forward(logits: Tensor, labels: Tensor) -> tuple[Tensor, 
     lse = z.new_empty(B, n)
     if B == 0:
         return loss, accuracy, lse
-    acc = tl.float64 if z.dtype == torch.float64 else tl.float32
+    acc = accumulator_type(z.dtype)
     _task_ce_fwd_kernel[(B,)](
         z, y, loss, accuracy, lse, n, N,
         BLOCK_ROWS=block_rows, BLOCK_N=block_n, ACC=acc,
@@ -218,7 +218,7 @@ def task_cross_entropy_double_backward(
     grad_logits = torch.empty_like(z, memory_format=torch.contiguous_format)
     if B == 0:
         return grad_grad_loss, grad_logits
-    acc = tl.float64 if z.dtype == torch.float64 else tl.float32
+    acc = accumulator_type(z.dtype)
     _task_ce_dbwd_kernel[(B,)](
         grad_grad_logits.contiguous(), grad_loss.contiguous(), z, labels.contiguous(),
         lse.contiguous(), grad_grad_loss, grad_logits, n, N,

@@ -704,7 +704,7 @@ class Trainer:
             if not self.distributed.same_on_all_ranks(_fingerprints_number(fingerprints)):
                 raise DataConfigError(
                     f"rank {self.distributed.rank}: the ranks read different data (this one: "
-                    f"{self.data.describe() if hasattr(self.data, 'describe') else type(self.data).__name__}, "
+                    f"{describe() if describe is not None else type(self.data).__name__}, "
                     f"split fingerprints {fingerprints}): every rank must read the same data set")
             # Every rank resumed from the same file (or starts fresh): make them bit-identical.
             self.distributed.broadcast_module(learner)
