@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import warnings
 from typing import Any, Dict, List, Optional, Sequence
@@ -195,6 +196,10 @@ def _train_parser() -> argparse.ArgumentParser:
                         help="stop cleanly at the end of the epoch that passes M minutes (rerun to resume)")
     parser.add_argument("--max-iters", type=int, default=None, metavar="N",
                         help="stop cleanly at the end of the epoch that passes N iterations (rerun to resume)")
+    parser.add_argument("--checkpoint-minutes", type=float, default=10.0, metavar="M",
+                        help="also save train_model_latest mid-epoch every M minutes (default 10; 0: "
+                             "only at epoch ends). SIGTERM and Ctrl-C always save after the current "
+                             "iteration; a rerun resumes inside the epoch")
     parser.add_argument("--iters-per-epoch", type=int, default=None, metavar="N",
                         help="shorthand for --set total_iter_per_epoch=N (short epochs for smoke runs)")
     parser.add_argument("--no-test", action="store_true", help="skip the test protocol at the end")
@@ -243,6 +248,9 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
             raise CLIError(f"--max-minutes: must be > 0, got {args.max_minutes}")
         if args.max_iters is not None and args.max_iters < 1:
             raise CLIError(f"--max-iters: must be >= 1, got {args.max_iters}")
+        if not args.checkpoint_minutes >= 0:
+            raise CLIError(f"--checkpoint-minutes: must be >= 0 (0: only at epoch ends), got "
+                           f"{args.checkpoint_minutes}")
         sets = list(args.sets)
         if args.iters_per_epoch is not None:
             if args.iters_per_epoch < 1:
@@ -272,6 +280,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     trainer = Trainer(config, args.output_dir, device=device, dtype=dtype, backend=args.backend,
                       dataset_dir=args.dataset_dir, progress=False if args.no_progress else None,
                       max_minutes=args.max_minutes, max_iters=args.max_iters,
+                      checkpoint_minutes=args.checkpoint_minutes or None,
                       learner_options={"task_chunk_size": args.task_chunk_size,
                                        "checkpoint_inner_steps": args.checkpoint_inner_steps,
                                        "cuda_graphs": args.cuda_graphs,
@@ -289,6 +298,10 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         outcome = trainer.train()
+        if outcome["stopped_because"] == "signal":
+            # The conventional status of a process ended by a signal (a scheduler may requeue on it).
+            number = getattr(signal, outcome["signal"] or "", signal.SIGTERM)
+            return 128 + int(number)
         if outcome["finished"] and not args.no_test:
             _print_test(trainer.run_test())
     except (DataError, DataNotFoundError) as error:  # before RuntimeError, which DataError is
@@ -302,12 +315,13 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         # A collective failed: most likely another rank died (or the group timed out).
         print(f"mamlpp-train: error: rank {distributed.rank}/{distributed.world_size}: a collective "
-              f"failed, probably because another rank died ({error}). The last finished epoch is "
-              f"saved in {trainer.saved_models_dir}/train_model_latest; rerun the same torchrun "
-              f"command to resume.", file=sys.stderr)
+              f"failed, probably because another rank died ({error}). The last saved state (an "
+              f"epoch end, or --checkpoint-minutes) is in {trainer.saved_models_dir}/train_model_latest; "
+              f"rerun the same torchrun command to resume.", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; the last finished epoch is saved, rerun to resume", file=sys.stderr)
+        print(f"interrupted; train_model_latest holds the last saved state (epoch end, or "
+              f"--checkpoint-minutes), rerun to resume", file=sys.stderr)
         return 130
     return 0
 

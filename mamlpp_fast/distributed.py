@@ -13,7 +13,10 @@ Failure handling: the process group is created with a timeout (``MAMLPP_DIST_TIM
 default 600). When a rank dies, the others fail in their next collective (gloo: at once when
 the peer's socket closes, else after the timeout) and `mamlpp-train` exits with a message
 naming the rank. Only rank 0 writes checkpoints, always atomically, so ``train_model_latest``
-is the last finished epoch; rerunning the same torchrun command resumes from it.
+is the last saved state (an epoch end, or a mid-epoch save every ``--checkpoint-minutes``);
+rerunning the same torchrun command resumes from it. SIGTERM (torchrun forwards it to every
+worker) stops all ranks after the same meta-iteration: each iteration ends with one small
+collective that tells every rank whether any rank was asked to stop.
 """
 
 from __future__ import annotations

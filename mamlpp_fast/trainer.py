@@ -41,6 +41,10 @@ What it does better:
   used); here only the best N are kept (the test ensemble needs the top 5);
 - an optional time budget (``max_minutes``) or iteration budget (``max_iters``) that stops
   cleanly at the end of the current epoch;
+- no lost epoch: every ``checkpoint_minutes`` (default 10) ``train_model_latest`` is also
+  written mid-epoch, with the epoch's losses so far; SIGTERM (a scheduler's time limit or
+  preemption, torchrun) and Ctrl-C stop after the current meta-iteration and write it too. A
+  rerun resumes inside the epoch, and the epoch's statistics are those of an uninterrupted run;
 - the test result also gets a 95% confidence interval over per-task accuracies.
 """
 
@@ -67,6 +71,7 @@ from .experiment_lock import LOCK_NAME, ExperimentLock, remove_stale_temp_files
 from .data.paths import DataConfigError
 from .learner_base import atomic_torch_save, resolve_config
 from .plots import plot_inner_loop_learning_rates, plot_learning_curves
+from .stop_signals import DEFAULT_STOP_SIGNALS, StopRequests
 
 __all__ = [
     "Trainer",
@@ -247,6 +252,81 @@ def _time_left(epoch_seconds: float, epochs_left: int) -> str:
     return f", about {hours}h{minutes:02d}m left" if hours else f", about {minutes}m left"
 
 
+class _EpochRecord:
+    """One epoch's training losses and accuracies, which an earlier process may have begun.
+
+    The losses of this process stay unsynchronised device tensors until the epoch ends (or a
+    mid-epoch checkpoint needs them); those of the earlier part come as float64 arrays. Both
+    are float32 values widened to float64, so the statistics are bit-identical to those of an
+    uninterrupted epoch.
+    """
+
+    def __init__(self, epoch_index: int, losses: Sequence[float] = (), accuracies: Sequence[float] = (),
+                 learning_rate: float = float("nan"), seconds: float = 0.0) -> None:
+        self.epoch_index = int(epoch_index)
+        self._earlier_losses = np.asarray(losses, dtype=np.float64)
+        self._earlier_accuracies = np.asarray(accuracies, dtype=np.float64)
+        self._earlier_seconds = float(seconds)
+        self._started = time.time()
+        self._losses: List[torch.Tensor] = []
+        self._accuracies: List[torch.Tensor] = []
+        self.learning_rate = float(learning_rate)
+
+    @classmethod
+    def from_checkpoint(cls, saved: Dict[str, Any]) -> "_EpochRecord":
+        return cls(saved["epoch_index"], saved["train_losses"], saved["train_accuracies"],
+                   saved.get("learning_rate", float("nan")), saved.get("seconds", 0.0))
+
+    def add(self, out: Dict[str, Any]) -> None:
+        """Record one `run_train_iter` result."""
+        self._losses.append(out["loss"].detach())
+        self._accuracies.append(torch.as_tensor(out["accuracy"]).detach())
+        self.learning_rate = out["learning_rate"]
+
+    @property
+    def count(self) -> int:
+        return len(self._earlier_losses) + len(self._losses)
+
+    @property
+    def last_loss(self) -> float:
+        return _to_float(self._losses[-1]) if self._losses else float(self._earlier_losses[-1])
+
+    @property
+    def last_accuracy(self) -> float:
+        return _to_float(self._accuracies[-1]) if self._accuracies else float(self._earlier_accuracies[-1])
+
+    def train_losses(self) -> np.ndarray:
+        """[count] float64."""
+        return self._joined(self._earlier_losses, self._losses)
+
+    def train_accuracies(self) -> np.ndarray:
+        """[count] float64."""
+        return self._joined(self._earlier_accuracies, self._accuracies)
+
+    @staticmethod
+    def _joined(earlier: np.ndarray, recent: List[torch.Tensor]) -> np.ndarray:
+        if not recent:
+            return earlier
+        device = recent[0].device  # one copy off the device, not one per iteration
+        values = torch.stack([value.to(device).reshape(()) for value in recent]).double().cpu().numpy()
+        return np.concatenate([earlier, values])
+
+    def seconds(self) -> float:
+        """Training time of the epoch so far, over every process that trained part of it."""
+        return self._earlier_seconds + time.time() - self._started
+
+    def to_checkpoint(self) -> Dict[str, Any]:
+        """The ``epoch_in_progress`` entry of a mid-epoch checkpoint (plain Python values)."""
+        return {
+            "epoch_index": self.epoch_index,
+            "iterations": self.count,
+            "train_losses": self.train_losses().tolist(),
+            "train_accuracies": self.train_accuracies().tolist(),
+            "learning_rate": float(self.learning_rate),
+            "seconds": self.seconds(),
+        }
+
+
 class Trainer:
     """Train, validate, checkpoint, resume and test one MAML++ experiment.
 
@@ -261,6 +341,10 @@ class Trainer:
             minutes of this process's training.
         max_iters: stop cleanly at the end of the first epoch that ends after this many
             meta-iterations of this process.
+        checkpoint_minutes: also write ``train_model_latest`` mid-epoch when this many minutes
+            have passed since the last checkpoint (None: only at epoch ends).
+        stop_signals: signal names that stop training after the current meta-iteration,
+            with a checkpoint (an empty tuple leaves the signals' default actions).
         log: where one-line messages go (default: print to stdout).
         learner, data: prebuilt objects (tests); built from the config otherwise.
         prefetch: batches the data loader builds ahead in a background thread.
@@ -281,6 +365,8 @@ class Trainer:
         progress: Optional[bool] = None,
         max_minutes: Optional[float] = None,
         max_iters: Optional[int] = None,
+        checkpoint_minutes: Optional[float] = 10.0,
+        stop_signals: Sequence[str] = DEFAULT_STOP_SIGNALS,
         log: Optional[Callable[[str], None]] = None,
         learner: Any = None,
         data: Any = None,
@@ -293,6 +379,10 @@ class Trainer:
             raise ValueError(f"max_minutes must be > 0, got {max_minutes!r}")
         if max_iters is not None and int(max_iters) < 1:
             raise ValueError(f"max_iters must be >= 1, got {max_iters!r}")
+        if checkpoint_minutes is not None and not (checkpoint_minutes > 0):
+            raise ValueError(f"checkpoint_minutes must be > 0 (or None for epoch ends only), got "
+                             f"{checkpoint_minutes!r}")
+        StopRequests(stop_signals)  # bad names fail here, not when training starts
         self.output_dir = os.fspath(output_dir)
         self.experiment_dir = os.path.join(self.output_dir, self.config.experiment_name)
         self.saved_models_dir = os.path.join(self.experiment_dir, "saved_models")
@@ -304,6 +394,8 @@ class Trainer:
         self.progress = progress
         self.max_minutes = max_minutes
         self.max_iters = None if max_iters is None else int(max_iters)
+        self.checkpoint_minutes = checkpoint_minutes
+        self.stop_signals = tuple(stop_signals)
         self.log = log if log is not None else (lambda message: print(message, flush=True))
         self.prefetch = int(prefetch)
         self.distributed = distributed
@@ -315,6 +407,8 @@ class Trainer:
         self.state: Dict[str, Any] = self._fresh_state()
         self.resumed_from: Optional[str] = None
         self._resumed_data_splits: Optional[Dict[str, str]] = None
+        # The interrupted epoch's losses so far, from a mid-epoch checkpoint (see save_progress).
+        self._epoch_in_progress: Optional[Dict[str, Any]] = None
         self.data_matches_run = True  # False once evaluation found other splits than the run's
 
     # ------------------------------------------------------------------ lazily built parts
@@ -431,6 +525,7 @@ class Trainer:
         if "rng_state" in state:
             _set_rng_state(self.learner, state["rng_state"])
         self._resumed_data_splits = state.get("data_splits")
+        self._epoch_in_progress = state.get("epoch_in_progress")
         self.resumed_from = path
         if self._data is not None:
             self._data.current_iter = int(state.get("data_current_iter", self.state["current_iter"]))
@@ -455,11 +550,8 @@ class Trainer:
         return complete
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, epoch: int) -> None:
-        """``train_model_{epoch}`` then ``train_model_latest``, both atomic; then prune.
-        Only rank 0 writes under torchrun."""
-        if not self.is_main:
-            return
+    def _checkpoint_state(self, epoch: int) -> Dict[str, Any]:
+        """Counters, statistics, config, RNG states and data position (the learner adds its own)."""
         state = dict(self.state)
         state["config"] = self.config.to_dict()
         state["rng_state"] = _rng_state(self.learner)
@@ -468,10 +560,28 @@ class Trainer:
         state["data_splits"] = _split_fingerprints(self.data) or self._resumed_data_splits
         state["epoch"] = int(epoch)
         state["mamlpp_fast_checkpoint_version"] = 1
+        return state
+
+    def save_checkpoint(self, epoch: int) -> None:
+        """``train_model_{epoch}`` then ``train_model_latest``, both atomic; then prune.
+        Only rank 0 writes under torchrun."""
+        if not self.is_main:
+            return
+        state = self._checkpoint_state(epoch)
         self.learner.save_model(self.checkpoint_path(epoch), state)
         # save_model put the network, optimizer and scheduler in `state`; write the same again.
         atomic_torch_save(state, self.checkpoint_path(LATEST))
         self.prune_checkpoints()
+
+    def save_progress(self, epoch_in_progress: Dict[str, Any]) -> None:
+        """A mid-epoch ``train_model_latest`` (atomic): everything `save_checkpoint` writes, plus
+        the interrupted epoch's record so far (see `_EpochRecord.to_checkpoint`). The epoch
+        checkpoints, which the test ensemble reads, are only written at epoch ends."""
+        if not self.is_main:
+            return
+        state = self._checkpoint_state(self.epochs_done)
+        state["epoch_in_progress"] = epoch_in_progress
+        self.learner.save_model(self.checkpoint_path(LATEST), state)
 
     def prune_checkpoints(self) -> List[int]:
         """Delete epoch checkpoints outside the best ``keep_top_n`` by validation accuracy.
@@ -649,11 +759,14 @@ class Trainer:
             return False
 
     def train(self) -> Dict[str, Any]:
-        """Train until ``total_epochs`` are done, or a pause / budget stops it at an epoch end.
+        """Train until ``total_epochs`` are done, or a pause / budget stops it at an epoch end,
+        or a stop signal after the current meta-iteration (with a mid-epoch checkpoint).
 
-        Resumes from ``train_model_latest`` first. Holds the experiment's lock throughout (a
-        second training process on the same experiment gets `ExperimentBusyError`). Returns a
-        dict with ``finished``, ``stopped_because``, ``epochs_done`` and ``current_iter``.
+        Resumes from ``train_model_latest`` first (mid-epoch too). Holds the experiment's lock
+        throughout (a second training process on the same experiment gets
+        `ExperimentBusyError`). Returns a dict with ``finished``, ``stopped_because`` ("finished",
+        "total_epochs_before_pause", "max_minutes", "max_iters" or "signal"), ``signal`` (its
+        name, e.g. "SIGTERM", or None), ``epochs_done``, ``current_iter`` and ``seconds``.
         """
         if not self.is_main:
             self._prepare_training()
@@ -681,8 +794,11 @@ class Trainer:
         checkpoint and the data, then make the ranks' learners bit-identical."""
         if self.resumed_from is None and self.state["current_iter"] == 0:
             if self.maybe_resume() and self.is_main:
-                self.log(f"resumed from {self.resumed_from} at iteration {self.state['current_iter']} "
-                         f"(epoch {self.epochs_done}/{self.config.total_epochs})")
+                per_epoch = int(self.config.total_iter_per_epoch)
+                done = int(self.state["current_iter"]) % per_epoch
+                where = (f"epoch {self.epochs_done + 1}/{self.config.total_epochs} in progress, {done}/{per_epoch}"
+                         if done else f"epoch {self.epochs_done}/{self.config.total_epochs}")
+                self.log(f"resumed from {self.resumed_from} at iteration {self.state['current_iter']} ({where})")
                 # A kill between a checkpoint and its log write left the logs an epoch behind.
                 self.write_logs()
         describe = getattr(self.data, "describe", None)
@@ -717,112 +833,164 @@ class Trainer:
         learner = self.learner
         data = self.data
         start_time = time.time()
+        self._last_save = start_time
         iters_this_run = 0
         epochs_this_run = 0
         stopped_because = "finished"
+        stop_signal: Optional[str] = None
         bar = None
         if self._progress_enabled() and not self.finished and self.is_main:
             from tqdm import tqdm
 
             bar = tqdm(total=self.total_iters, initial=int(self.state["current_iter"]), mininterval=1.0,
                        unit="it", dynamic_ncols=True, desc=cfg.experiment_name, file=sys.stderr)
+        say = bar.write if bar is not None else (self.log if self.is_main else (lambda message: None))
         try:
-            while not self.finished:
-                epoch_index = self.epochs_done  # 0-based epoch being trained
-                epoch_start = time.time()
-                first = int(self.state["current_iter"])
-                n = per_epoch - (first % per_epoch)
-                losses: List[torch.Tensor] = []
-                accuracies: List[torch.Tensor] = []
-                learning_rate = float("nan")
-                batches = data.get_train_batches(total_batches=n, current_iter=first)
-                try:
-                    for batch in batches:
-                        current = int(self.state["current_iter"])
-                        out, _ = learner.run_train_iter(tuple(batch[:4]), epoch=current // per_epoch)
-                        losses.append(out["loss"].detach())
-                        accuracies.append(torch.as_tensor(out["accuracy"]).detach())
-                        learning_rate = out["learning_rate"]
-                        self.state["current_iter"] = current + 1
-                        iters_this_run += 1
-                        if bar is not None:
-                            bar.update(1)
-                            if len(losses) % 20 == 0 or len(losses) == n:
-                                bar.set_postfix(epoch=epoch_index + 1, loss=f"{_to_float(losses[-1]):.4f}",
-                                                acc=f"{_to_float(accuracies[-1]):.4f}", refresh=False)
-                finally:
-                    close = getattr(batches, "close", None)
-                    if close is not None:
-                        close()
-                train_losses = torch.stack(losses).double().cpu().numpy()
-                train_accs = torch.stack([a.to(losses[0].device) for a in accuracies]).double().cpu().numpy()
-                val = self.validate()
-                epoch = epoch_index + 1
-                stats = self.state["per_epoch_statistics"]
-                record = {
-                    "epoch": epoch,
-                    "current_iter": int(self.state["current_iter"]),
-                    "train_loss_mean": float(train_losses.mean()),
-                    "train_loss_std": float(train_losses.std()),
-                    "train_accuracy_mean": float(train_accs.mean()),
-                    "train_accuracy_std": float(train_accs.std()),
-                    "learning_rate": float(learning_rate),
-                    **val,
-                    "epoch_seconds": round(time.time() - epoch_start, 3),
-                }
-                for key, value in record.items():
-                    stats.setdefault(key, []).append(value)
-                # Strictly better, as the official code: on a tie the logged best epoch stays the
-                # earlier one (the test ensemble, top_epochs, ranks ties the other way).
-                if val["val_accuracy_mean"] > self.state["best_val_acc"]:
-                    self.state["best_val_acc"] = val["val_accuracy_mean"]
-                    self.state["best_val_iter"] = int(self.state["current_iter"])
-                    self.state["best_epoch"] = epoch
-                self.save_checkpoint(epoch)
-                self.write_logs()
-                epochs_this_run += 1
-                message = (
-                    f"epoch {epoch}/{cfg.total_epochs}: train loss {record['train_loss_mean']:.4f} "
-                    f"acc {record['train_accuracy_mean']:.4f} | val loss {val['val_loss_mean']:.4f} "
-                    f"acc {val['val_accuracy_mean']:.4f} (best {self.state['best_val_acc']:.4f} "
-                    f"@ epoch {self.state['best_epoch']}) | {record['epoch_seconds']:.1f}s"
-                    + _time_left(record["epoch_seconds"], cfg.total_epochs - epoch)
-                )
-                if bar is not None:
-                    bar.write(message, file=sys.stderr)
-                elif self.is_main:
-                    self.log(message)
-                if self.finished:
-                    break
-                if epochs_this_run >= int(cfg.total_epochs_before_pause):
-                    stopped_because = "total_epochs_before_pause"
-                    break
-                if self.max_minutes is not None:
-                    out_of_time = time.time() - start_time >= 60.0 * self.max_minutes
-                    if self.distributed is not None:
-                        # Clocks differ between ranks (rank 0 also writes checkpoints and logs):
-                        # stop together when any rank is out of time, or the others would hang
-                        # in the next epoch's first collective.
-                        out_of_time = not self.distributed.all_ok(not out_of_time)
-                    if out_of_time:
-                        stopped_because = "max_minutes"
+            with StopRequests(self.stop_signals) as stop:
+                while not self.finished:
+                    first = int(self.state["current_iter"])
+                    record = self._take_epoch_record(first)
+                    n = per_epoch - (first % per_epoch)
+                    batches = data.get_train_batches(total_batches=n, current_iter=first)
+                    try:
+                        for batch in batches:
+                            current = int(self.state["current_iter"])
+                            out, _ = learner.run_train_iter(tuple(batch[:4]), epoch=current // per_epoch)
+                            record.add(out)
+                            self.state["current_iter"] = current + 1
+                            iters_this_run += 1
+                            if bar is not None:
+                                bar.update(1)
+                                if record.count % 20 == 0 or current + 1 == first + n:
+                                    bar.set_postfix(epoch=record.epoch_index + 1, loss=f"{record.last_loss:.4f}",
+                                                    acc=f"{record.last_accuracy:.4f}", refresh=False)
+                            if current + 1 == first + n:
+                                continue  # the epoch's last iteration: validation and its checkpoint follow
+                            stop_signal = self._stop_requested(stop)
+                            if stop_signal is not None:
+                                break
+                            if self._progress_due():
+                                self.save_progress(record.to_checkpoint())
+                                self._last_save = time.time()
+                                say(f"saved progress at iteration {current + 1} (epoch {record.epoch_index + 1}: "
+                                    f"{record.count}/{per_epoch})")
+                    finally:
+                        close = getattr(batches, "close", None)
+                        if close is not None:
+                            close()
+                    if stop_signal is not None:
+                        self.save_progress(record.to_checkpoint())
+                        stopped_because = "signal"
+                        say(f"{stop_signal}: stopped at iteration {self.state['current_iter']} (epoch "
+                            f"{record.epoch_index + 1}: {record.count}/{per_epoch}), saved to "
+                            f"{self.checkpoint_path(LATEST)}")
                         break
-                if self.max_iters is not None and iters_this_run >= self.max_iters:
-                    stopped_because = "max_iters"
-                    break
+                    self._finish_epoch(record, say)
+                    epochs_this_run += 1
+                    if self.finished:
+                        break
+                    stop_signal = self._stop_requested(stop)
+                    if stop_signal is not None:  # arrived in the last iteration or validation
+                        stopped_because = "signal"
+                        say(f"{stop_signal}: stopped after epoch {self.epochs_done}")
+                        break
+                    if epochs_this_run >= int(cfg.total_epochs_before_pause):
+                        stopped_because = "total_epochs_before_pause"
+                        break
+                    if self.max_minutes is not None:
+                        out_of_time = time.time() - start_time >= 60.0 * self.max_minutes
+                        if self.distributed is not None:
+                            # Clocks differ between ranks (rank 0 also writes checkpoints and logs):
+                            # stop together when any rank is out of time, or the others would hang
+                            # in the next epoch's first collective.
+                            out_of_time = not self.distributed.all_ok(not out_of_time)
+                        if out_of_time:
+                            stopped_because = "max_minutes"
+                            break
+                    if self.max_iters is not None and iters_this_run >= self.max_iters:
+                        stopped_because = "max_iters"
+                        break
         finally:
             if bar is not None:
                 bar.close()
         if not self.finished and self.is_main:
-            self.log(f"paused after epoch {self.epochs_done}/{cfg.total_epochs} ({stopped_because}); "
-                     f"rerun the same command to resume")
+            mid_epoch = int(self.state["current_iter"]) % per_epoch != 0
+            where = (f"iteration {self.state['current_iter']} (epoch {self.epochs_done + 1}/{cfg.total_epochs} "
+                     f"in progress)" if mid_epoch else f"epoch {self.epochs_done}/{cfg.total_epochs}")
+            self.log(f"paused after {where} ({stop_signal or stopped_because}); rerun the same command to resume")
         return {
             "finished": self.finished,
             "stopped_because": stopped_because,
+            "signal": stop_signal,
             "epochs_done": self.epochs_done,
             "current_iter": int(self.state["current_iter"]),
             "seconds": time.time() - start_time,
         }
+
+    def _take_epoch_record(self, first_iter: int) -> "_EpochRecord":
+        """The record of the epoch that iteration `first_iter` belongs to: continued from a
+        mid-epoch checkpoint when it was saved at exactly this iteration, else a new one."""
+        per_epoch = int(self.config.total_iter_per_epoch)
+        epoch_index, done = divmod(first_iter, per_epoch)
+        saved, self._epoch_in_progress = self._epoch_in_progress, None
+        if saved is not None:
+            if saved.get("epoch_index") == epoch_index and saved.get("iterations") == done and done > 0:
+                return _EpochRecord.from_checkpoint(saved)
+            warnings.warn(f"the checkpoint's record of epoch {saved.get('epoch_index', '?')} "
+                          f"({saved.get('iterations', '?')} iterations) does not match iteration "
+                          f"{first_iter}: that epoch's training loss and accuracy will cover only "
+                          f"the iterations run from here", stacklevel=3)
+        return _EpochRecord(epoch_index)
+
+    def _stop_requested(self, stop: StopRequests) -> Optional[str]:
+        """The name of the stop signal that arrived, if any (under torchrun: on any rank, agreed
+        by a collective, so that all ranks stop after the same iteration)."""
+        requested = stop.requested
+        if self.distributed is not None and stop.active:
+            if not self.distributed.all_ok(requested is None) and requested is None:
+                requested = "stop signal on another rank"
+        return requested
+
+    def _progress_due(self) -> bool:
+        return (self.is_main and self.checkpoint_minutes is not None
+                and time.time() - self._last_save >= 60.0 * self.checkpoint_minutes)
+
+    def _finish_epoch(self, record: "_EpochRecord", say: Callable[[str], None]) -> None:
+        """Validate, record the epoch's statistics, write its checkpoint and logs, report."""
+        cfg = self.config
+        train_losses, train_accs = record.train_losses(), record.train_accuracies()
+        val = self.validate()
+        epoch = record.epoch_index + 1
+        stats = self.state["per_epoch_statistics"]
+        entry = {
+            "epoch": epoch,
+            "current_iter": int(self.state["current_iter"]),
+            "train_loss_mean": float(train_losses.mean()),
+            "train_loss_std": float(train_losses.std()),
+            "train_accuracy_mean": float(train_accs.mean()),
+            "train_accuracy_std": float(train_accs.std()),
+            "learning_rate": float(record.learning_rate),
+            **val,
+            "epoch_seconds": round(record.seconds(), 3),
+        }
+        for key, value in entry.items():
+            stats.setdefault(key, []).append(value)
+        # Strictly better, as the official code: on a tie the logged best epoch stays the
+        # earlier one (the test ensemble, top_epochs, ranks ties the other way).
+        if val["val_accuracy_mean"] > self.state["best_val_acc"]:
+            self.state["best_val_acc"] = val["val_accuracy_mean"]
+            self.state["best_val_iter"] = int(self.state["current_iter"])
+            self.state["best_epoch"] = epoch
+        self.save_checkpoint(epoch)
+        self._last_save = time.time()
+        self.write_logs()
+        say(
+            f"epoch {epoch}/{cfg.total_epochs}: train loss {entry['train_loss_mean']:.4f} "
+            f"acc {entry['train_accuracy_mean']:.4f} | val loss {val['val_loss_mean']:.4f} "
+            f"acc {val['val_accuracy_mean']:.4f} (best {self.state['best_val_acc']:.4f} "
+            f"@ epoch {self.state['best_epoch']}) | {entry['epoch_seconds']:.1f}s"
+            + _time_left(entry["epoch_seconds"], cfg.total_epochs - epoch)
+        )
 
     def run_experiment(self) -> Dict[str, Any]:
         """Train (resuming if possible) and, when every epoch is done, run the test protocol."""

@@ -9,6 +9,7 @@ Rank 1 is killed with SIGKILL as soon as rank 0 has written its first checkpoint
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -29,14 +30,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _start_ranks(cwd, world_size=2):
+def _start_ranks(cwd, world_size=2, args=ARGS):
     port = _free_port()
     procs = []
     for rank in range(world_size):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
                    MAMLPP_DIST_TIMEOUT="120", PYTHONUNBUFFERED="1")
-        procs.append(subprocess.Popen([sys.executable, "-m", "mamlpp_fast", *ARGS], cwd=cwd, env=env,
+        procs.append(subprocess.Popen([sys.executable, "-m", "mamlpp_fast", *args], cwd=cwd, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
 
@@ -81,3 +82,37 @@ def test_dead_rank_ends_the_run_with_a_message_and_a_resumable_checkpoint(tmp_pa
     assert "resumed from" in outs[0][1] + outs[0][2]
     final = torch.load(latest, map_location="cpu", weights_only=False)
     assert int(final["current_iter"]) == 2 * EPOCHS
+
+
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_iteration_and_resumes(tmp_path):
+    # torchrun forwards SIGTERM to every worker, but a rank may see it an iteration later than
+    # another (or, here, only one rank gets it): one collective per iteration makes all stop
+    # together, so none hangs in the next meta-gradient all-reduce, and rank 0 saves mid-epoch.
+    args = [*ARGS[:ARGS.index("--iters-per-epoch")], "--iters-per-epoch", "30", *ARGS[ARGS.index("--no-test"):],
+            "--checkpoint-minutes", "1e-9"]
+    args[args.index(f"total_epochs={EPOCHS}")] = "total_epochs=1"
+    procs = _start_ranks(tmp_path, args=args)
+    lines = []
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        line = procs[0].stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("saved progress at iteration 2 "):
+            procs[1].send_signal(signal.SIGTERM)
+            break
+    outs = _finish(procs, timeout=150)
+    for code, out, err in outs:
+        assert code == 128 + signal.SIGTERM, (code, "".join(lines) + out[-2000:], err[-3000:])
+    assert "stop signal on another rank: stopped at iteration" in "".join(lines) + outs[0][1]
+    state = torch.load(tmp_path / LATEST, map_location="cpu", weights_only=False)
+    assert 2 <= int(state["current_iter"]) < 30
+    assert state["epoch_in_progress"]["iterations"] == int(state["current_iter"])
+
+    outs = _finish(_start_ranks(tmp_path, args=args))
+    for code, out, err in outs:
+        assert code == 0, (out[-2000:], err[-3000:])
+    assert "epoch 1/1 in progress" in outs[0][1]
+    final = torch.load(tmp_path / LATEST, map_location="cpu", weights_only=False)
+    assert int(final["current_iter"]) == 30 and "epoch_in_progress" not in final

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 
 from mamlpp_fast.cli import CLI_PRESETS
 from mamlpp_fast.config import MAMLConfig
+from mamlpp_fast.stop_signals import StopRequests
 from mamlpp_fast.trainer import Trainer, ensemble_logits_accuracy, top_epochs
 
 
@@ -503,3 +505,206 @@ def test_split_fingerprints_follow_the_classes_and_their_order():
     assert dataset(["a", "b"], [2, 2]).split_fingerprints() == base
     assert dataset(["b", "a"], [2, 2]).split_fingerprints() != base  # task sampling follows the order
     assert dataset(["a", "b"], [2, 1]).split_fingerprints() != base
+
+
+# ---------------------------------------------------------------------- stop signals, mid-epoch resume
+# SIGTERM / Ctrl-C stop after the current meta-iteration with a checkpoint, periodic mid-epoch
+# checkpoints survive a crash, and a rerun resumes inside the epoch exactly as if it had never
+# stopped (parameters, optimizer state and every statistic).
+STOP_EPOCHS = 3  # the tiny preset has 3 iterations per epoch: 9 in all
+
+
+def _after_calls(trainer, calls, action):
+    """Make the trainer's learner run `action()` right after its `calls`-th meta-iteration."""
+    learner = trainer.learner
+    original = learner.run_train_iter
+    count = [0]
+
+    def run_train_iter(*args, **kwargs):
+        result = original(*args, **kwargs)
+        count[0] += 1
+        if count[0] == calls:
+            action()
+        return result
+
+    learner.run_train_iter = run_train_iter
+    return count
+
+
+def _sigterm_self():
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _uninterrupted(tmp_path):
+    whole = make_trainer(tmp_path / "whole", total_epochs=STOP_EPOCHS)
+    assert whole.train()["finished"]
+    return _final_state(whole)
+
+
+def _assert_same_run(a, b):
+    assert a["current_iter"] == b["current_iter"] == 3 * STOP_EPOCHS
+    assert_same_tensors(a["network"], b["network"], "network.")
+    assert_same_tensors(a["optimizer"]["state"], b["optimizer"]["state"], "optimizer.")
+    for key, values in a["per_epoch_statistics"].items():
+        if key != "epoch_seconds":
+            assert values == b["per_epoch_statistics"][key], key
+    assert "epoch_in_progress" not in b
+
+
+def test_sigterm_mid_epoch_saves_and_the_rerun_matches_an_uninterrupted_run(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    part = make_trainer(tmp_path / "parts", total_epochs=STOP_EPOCHS)
+    _after_calls(part, 4, _sigterm_self)  # iteration 4: the first of epoch 2
+    outcome = part.train()
+    assert outcome["stopped_because"] == "signal" and outcome["signal"] == "SIGTERM"
+    assert outcome["current_iter"] == 4 and not outcome["finished"]
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
+
+    saved = _final_state(part)
+    assert saved["current_iter"] == saved["data_current_iter"] == 4
+    record = saved["epoch_in_progress"]
+    assert record["epoch_index"] == 1 and record["iterations"] == 1 and len(record["train_losses"]) == 1
+    assert len(saved["per_epoch_statistics"]["val_accuracy_mean"]) == 1  # epoch 2 not validated
+    assert not os.path.exists(part.checkpoint_path(2))  # the ensemble's files are epoch ends only
+
+    messages = []
+    resumed = Trainer(tiny_config(total_epochs=STOP_EPOCHS), tmp_path / "parts", progress=False, log=messages.append)
+    assert resumed.train()["finished"]
+    assert any("resumed from" in m and "epoch 2/3 in progress, 1/3" in m for m in messages), messages
+    _assert_same_run(_uninterrupted(tmp_path), _final_state(resumed))
+
+
+def test_a_signal_in_the_epochs_last_iteration_finishes_the_epoch_first(tmp_path):
+    trainer = make_trainer(tmp_path, total_epochs=STOP_EPOCHS)
+    _after_calls(trainer, 3, _sigterm_self)  # the last iteration of epoch 1
+    outcome = trainer.train()
+    assert outcome["stopped_because"] == "signal" and outcome["current_iter"] == 3
+    saved = _final_state(trainer)
+    assert "epoch_in_progress" not in saved and saved["epoch"] == 1
+    assert os.path.exists(trainer.checkpoint_path(1))
+    assert len(saved["per_epoch_statistics"]["val_accuracy_mean"]) == 1
+
+
+def test_periodic_mid_epoch_checkpoints_survive_a_crash(tmp_path):
+    crashing = Trainer(tiny_config(total_epochs=STOP_EPOCHS), tmp_path / "parts", progress=False,
+                       checkpoint_minutes=1e-9, log=lambda message: None)
+
+    def crash():
+        raise RuntimeError("simulated crash")
+
+    _after_calls(crashing, 6, crash)  # inside iteration 6 (the last of epoch 2): never counted
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashing.train()
+    saved = _final_state(crashing)
+    assert saved["current_iter"] == 5  # saved after iteration 5 (mid-epoch 2)
+    assert saved["epoch_in_progress"]["iterations"] == 2
+
+    resumed = Trainer(tiny_config(total_epochs=STOP_EPOCHS), tmp_path / "parts", progress=False,
+                      log=lambda message: None)
+    assert resumed.train()["finished"]
+    _assert_same_run(_uninterrupted(tmp_path), _final_state(resumed))
+
+
+def test_no_mid_epoch_checkpoint_without_a_stop_or_the_interval(tmp_path):
+    # With the default 10-minute interval the tiny run only writes at epoch ends.
+    trainer = make_trainer(tmp_path, total_epochs=1)
+    writes = []
+    original = trainer.save_progress
+    trainer.save_progress = lambda record: (writes.append(record), original(record))
+    assert trainer.train()["finished"]
+    assert writes == []
+
+
+def test_an_epoch_record_that_does_not_match_the_iteration_is_dropped_with_a_warning(tmp_path):
+    part = make_trainer(tmp_path, total_epochs=STOP_EPOCHS)
+    _after_calls(part, 4, _sigterm_self)
+    part.train()
+    path = part.checkpoint_path("latest")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state["epoch_in_progress"]["iterations"] = 2  # as if written by a run with other epochs
+    torch.save(state, path)
+    resumed = make_trainer(tmp_path, total_epochs=STOP_EPOCHS)
+    with pytest.warns(UserWarning, match="does not match iteration 4"):
+        assert resumed.train()["finished"]
+    assert len(_final_state(resumed)["per_epoch_statistics"]["train_loss_mean"]) == STOP_EPOCHS
+
+
+@pytest.mark.parametrize("minutes", [0, -1.0, float("nan")])
+def test_checkpoint_minutes_must_be_positive(tmp_path, minutes):
+    with pytest.raises(ValueError, match="checkpoint_minutes"):
+        Trainer(tiny_config(), tmp_path, checkpoint_minutes=minutes)
+
+
+# ---------------------------------------------------------------------- StopRequests alone
+def test_stop_requests_sets_a_flag_and_a_second_ctrl_c_raises():
+    before = signal.getsignal(signal.SIGINT)
+    with StopRequests() as stop:
+        assert stop.active and stop.requested is None
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        assert stop.requested == "SIGINT"
+        os.kill(os.getpid(), signal.SIGTERM)  # a later signal keeps the first name
+        time.sleep(0.01)
+        assert stop.requested == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_stop_requests_outside_the_main_thread_installs_nothing():
+    seen = {}
+
+    def run():
+        with StopRequests() as stop:
+            seen["active"] = stop.active
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert seen == {"active": False}
+
+
+def test_stop_requests_rejects_unknown_signal_names(tmp_path):
+    with pytest.raises(ValueError, match="signals: 'SIGNOPE'"):
+        StopRequests(["SIGNOPE"])
+    with pytest.raises(ValueError, match="signals: 'SIGNOPE'"):
+        Trainer(tiny_config(), tmp_path, stop_signals=["SIGNOPE"])
+
+
+# ---------------------------------------------------------------------- the real CLI
+def test_cli_sigterm_exits_143_and_the_rerun_finishes_the_epoch(tmp_path):
+    command = [sys.executable, "-m", "mamlpp_fast", "train", "--preset", "synthetic-tiny",
+               "--set", "total_epochs=1", "--iters-per-epoch", "40", "--output-dir", str(tmp_path / "runs"),
+               "--no-progress", "--no-test", "--threads", "1", "--checkpoint-minutes", "1e-9"]
+    env = dict(_cli_env(), PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        lines = []
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("saved progress at iteration 2 "):
+                process.send_signal(signal.SIGTERM)
+                break
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    output = "".join(lines) + out
+    assert process.returncode == 128 + signal.SIGTERM, (output, err[-2000:])
+    assert "SIGTERM: stopped at iteration" in output and "rerun the same command to resume" in output
+    latest = tmp_path / "runs" / "synthetic_tiny_5way_1shot" / "saved_models" / "train_model_latest"
+    state = torch.load(latest, map_location="cpu", weights_only=False)
+    assert 2 <= state["current_iter"] < 40 and state["epoch_in_progress"]["iterations"] == state["current_iter"]
+
+    rerun = subprocess.run(command[:-2], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "epoch 1/1 in progress" in rerun.stdout
+    final = torch.load(latest, map_location="cpu", weights_only=False)
+    assert final["current_iter"] == 40 and "epoch_in_progress" not in final
+    assert len(final["per_epoch_statistics"]["train_loss_mean"]) == 1
