@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 import warnings
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["train_main", "eval_main", "main", "build_config", "CLI_PRESETS", "DEFAULT_PRESET"]
 
@@ -200,6 +200,10 @@ def _train_parser() -> argparse.ArgumentParser:
                         help="also save train_model_latest mid-epoch every M minutes (default 10; 0: "
                              "only at epoch ends). SIGTERM and Ctrl-C always save after the current "
                              "iteration; a rerun resumes inside the epoch")
+    parser.add_argument("--train-seed", type=int, default=None, metavar="K",
+                        help="the official train_seed (which tasks are sampled), with _train_seedK "
+                             "appended to the experiment name: the paper's runs are train_seed 0, 1 "
+                             "and 2, and mamlpp-eval --experiment ... (repeated) gives mean ± std over them")
     parser.add_argument("--iters-per-epoch", type=int, default=None, metavar="N",
                         help="shorthand for --set total_iter_per_epoch=N (short epochs for smoke runs)")
     parser.add_argument("--no-test", action="store_true", help="skip the test protocol at the end")
@@ -240,6 +244,16 @@ def _conv_strategy(value: str, num_layers: int):
     return strategy
 
 
+def _with_train_seed(config, train_seed: int, named: bool):
+    """--train-seed: the config with ``train_seed`` set and, unless --set named the experiment,
+    ``_train_seed{K}`` appended to its name (each run of a setting gets its own folder)."""
+    name = config.experiment_name if named else f"{config.experiment_name}_train_seed{train_seed}"
+    try:
+        return config.replace(train_seed=train_seed, experiment_name=name)
+    except ValueError as error:
+        raise CLIError(f"--train-seed: {error}") from None
+
+
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _train_parser()
     args = parser.parse_args(argv)
@@ -257,6 +271,9 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
                 raise CLIError(f"--iters-per-epoch: must be >= 1, got {args.iters_per_epoch}")
             sets.append(f"total_iter_per_epoch={args.iters_per_epoch}")
         config = build_config(args.config, args.preset, sets, args.seed)
+        if args.train_seed is not None:
+            config = _with_train_seed(config, args.train_seed, named=any(
+                item.split("=", 1)[0].strip() == "experiment_name" for item in sets))
         if args.task_chunk_size is not None and args.task_chunk_size < 1:
             raise CLIError(f"--task-chunk-size: must be >= 1, got {args.task_chunk_size}")
         conv_strategy = _conv_strategy(args.conv_strategy, config.num_stages)
@@ -330,14 +347,20 @@ def _eval_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mamlpp-eval",
         description="Test a trained experiment with the official protocol (top-5 validation "
-                    "epochs, logits averaged) or one or more checkpoint files.",
+                    "epochs, logits averaged), several runs of one setting (each tested, then "
+                    "mean ± std over the runs, as the paper reports), or checkpoint files.",
     )
-    parser.add_argument("--experiment", metavar="DIR", help="an experiment folder made by mamlpp-train")
+    parser.add_argument("--experiment", metavar="DIR", action="append", default=[],
+                        help="an experiment folder made by mamlpp-train; repeat it for runs of one setting "
+                             "(e.g. train_seed 0, 1, 2) to get mean ± std over them")
     parser.add_argument("--checkpoint", metavar="PATH", action="append", default=[],
                         help="a checkpoint file, or an experiment folder (repeat the option to ensemble files)")
     parser.add_argument("--top-n", type=int, default=5, help="models in the ensemble (default 5)")
     parser.add_argument("--num-tasks", type=int, default=None,
                         help="test tasks (default: the config's num_evaluation_tasks)")
+    parser.add_argument("--runs-summary", metavar="PATH.json", default=None,
+                        help="with several experiments: also write the per-run results and the "
+                             "mean ± std over runs to this JSON file")
     _common_arguments(parser)
     return parser
 
@@ -367,102 +390,147 @@ def _test_summary_name(args: argparse.Namespace, own_num_tasks: Optional[int]) -
     return "_".join(["test_summary", *parts])
 
 
+def _eval_targets(args: argparse.Namespace) -> Tuple[List[str], List[str]]:
+    """(experiment folders, checkpoint files) from --experiment and --checkpoint."""
+    targets = [(path, "--experiment") for path in args.experiment]
+    targets += [(path, "--checkpoint") for path in args.checkpoint]
+    if not targets:
+        raise CLIError("--experiment or --checkpoint is required")
+    folders: List[str] = []
+    files: List[str] = []
+    for path, option in targets:
+        if os.path.isdir(path):
+            folders.append(path)
+        elif os.path.isfile(path) and option == "--checkpoint":
+            files.append(path)
+        elif os.path.isfile(path):
+            raise CLIError(f"--experiment: {path!r} is a file, not an experiment folder (use --checkpoint)")
+        else:
+            raise CLIError(f"{option}: {path!r} does not exist")
+    if folders and files:
+        raise CLIError("--experiment/--checkpoint: pass experiment folders, or checkpoint files, not both")
+    for folder in folders:
+        if not os.path.isfile(os.path.join(folder, "saved_models", "train_model_latest")):
+            raise CLIError(f"--experiment: {folder!r} has no saved_models/train_model_latest")
+    if len(set(os.path.realpath(folder) for folder in folders)) < len(folders):
+        raise CLIError("--experiment: the same experiment folder is given twice")
+    return folders, files
+
+
+def _eval_config(args: argparse.Namespace, probe: str, experiment_dir: Optional[str]):
+    """(config, num_evaluation_tasks of the checkpoint's own config or None) for evaluating the
+    checkpoint `probe`: --config/--preset when given, else the checkpoint's own config; then
+    --set, --num-tasks and --seed."""
+    from .config import MAMLConfig
+
+    sets = list(args.sets)
+    if args.num_tasks is not None:
+        sets.append(f"num_evaluation_tasks={args.num_tasks}")
+    if args.config is not None or args.preset is not None:
+        return build_config(args.config, args.preset, sets, args.seed), None
+    values = _config_of_checkpoint(probe)
+    own_num_tasks = values.get("num_evaluation_tasks")
+    if experiment_dir is not None:  # the folder names the experiment, wherever it moved
+        values["experiment_name"] = os.path.basename(os.path.abspath(experiment_dir))
+    overridden = _parse_sets(sets)
+    values.update(overridden)
+    if args.seed is not None:
+        values["seed"] = args.seed
+    try:
+        return MAMLConfig.from_dict(values, ignored="accept"), own_num_tasks
+    except ValueError as error:
+        source = "--set" if overridden or args.seed is not None else "the checkpoint's config"
+        raise CLIError(f"{source}: {error}") from None
+
+
+def _test_experiment(args: argparse.Namespace, experiment_dir: str, config, own_num_tasks, device, dtype):
+    """The official test of one experiment folder: (its Trainer, its summary), or an exit status
+    after printing why it failed."""
+    from .data import DataError, DataNotFoundError
+    from .trainer import Trainer
+
+    output_dir, name = os.path.split(os.path.abspath(experiment_dir))
+    config = config.replace(experiment_name=name)
+    trainer = Trainer(config, output_dir, device=device, dtype=dtype, backend=args.backend,
+                      dataset_dir=args.dataset_dir, progress=False)
+    if not trainer.maybe_resume(training=False):
+        print(f"mamlpp-eval: error: --experiment: could not load {experiment_dir!r}", file=sys.stderr)
+        return trainer, 2
+    if not trainer.finished:
+        print(f"note: {experiment_dir}: training is not finished ({trainer.epochs_done}/{config.total_epochs} "
+              f"epochs); testing the best epochs so far", file=sys.stderr)
+    summary_name = _test_summary_name(args, own_num_tasks)
+    try:
+        summary = trainer.run_test(top_n=args.top_n, summary_name=summary_name)
+    except (DataError, DataNotFoundError) as error:
+        print(f"mamlpp-eval: error: data: {error}", file=sys.stderr)
+        return trainer, 2
+    except ValueError as error:  # e.g. a top_n above the checkpoints a run keeps
+        print(f"mamlpp-eval: error: {error}", file=sys.stderr)
+        return trainer, 2
+    except FileNotFoundError as error:
+        # A training process still running on the experiment prunes checkpoints that fall
+        # out of its top N; the next evaluation sees the new ranking.
+        print(f"mamlpp-eval: error: {error} (if the experiment is still training, a newer "
+              f"epoch may have replaced it: run mamlpp-eval again)", file=sys.stderr)
+        return trainer, 2
+    print(f"written: {os.path.join(trainer.logs_dir, trainer.test_summary_name)}.json", flush=True)
+    return trainer, summary
+
+
 def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _eval_parser()
     args = parser.parse_args(argv)
-    from .config import MAMLConfig
-
     try:
-        targets = list(args.checkpoint)
-        if args.experiment is not None:
-            targets.insert(0, args.experiment)
-        if not targets:
-            raise CLIError("--experiment or --checkpoint is required")
         if args.top_n < 1:
             raise CLIError(f"--top-n: must be >= 1, got {args.top_n}")
-        experiment_dir = None
-        files: List[str] = []
-        for target in targets:
-            if os.path.isdir(target):
-                if experiment_dir is not None or len(targets) > 1:
-                    raise CLIError("--experiment/--checkpoint: pass one experiment folder, or checkpoint files")
-                experiment_dir = target
-            elif os.path.isfile(target):
-                files.append(target)
-            else:
-                option = "--experiment" if target == args.experiment else "--checkpoint"
-                raise CLIError(f"{option}: {target!r} does not exist")
-        if experiment_dir is not None:
-            latest = os.path.join(experiment_dir, "saved_models", "train_model_latest")
-            if not os.path.isfile(latest):
-                raise CLIError(f"--experiment: {experiment_dir!r} has no saved_models/train_model_latest")
-            probe = latest
+        if args.num_tasks is not None and args.num_tasks < 1:
+            raise CLIError(f"--num-tasks: must be >= 1, got {args.num_tasks}")
+        folders, files = _eval_targets(args)
+        if args.runs_summary is not None and len(folders) < 2:
+            raise CLIError("--runs-summary: needs two or more --experiment folders (runs of one setting)")
+        if folders:
+            configs = [_eval_config(args, os.path.join(folder, "saved_models", "train_model_latest"), folder)
+                       for folder in folders]
         else:
-            probe = files[0]
-        sets = list(args.sets)
-        if args.num_tasks is not None:
-            if args.num_tasks < 1:
-                raise CLIError(f"--num-tasks: must be >= 1, got {args.num_tasks}")
-            sets.append(f"num_evaluation_tasks={args.num_tasks}")
-        own_num_tasks = None  # num_evaluation_tasks of the checkpoint's own config
-        if args.config is not None or args.preset is not None:
-            config = build_config(args.config, args.preset, sets, args.seed)
-        else:
-            values = _config_of_checkpoint(probe)
-            own_num_tasks = values.get("num_evaluation_tasks")
-            if experiment_dir is not None:  # the folder names the experiment, wherever it moved
-                values["experiment_name"] = os.path.basename(os.path.abspath(experiment_dir))
-            overridden = _parse_sets(sets)
-            values.update(overridden)
-            if args.seed is not None:
-                values["seed"] = args.seed
-            try:
-                config = MAMLConfig.from_dict(values, ignored="accept")
-            except ValueError as error:
-                source = "--set" if overridden or args.seed is not None else "the checkpoint's config"
-                raise CLIError(f"{source}: {error}") from None
+            configs = [_eval_config(args, files[0], None)]
         device, dtype = _resolve_runtime(args)
     except CLIError as error:
         parser.error(str(error))
         return 2
-    from .data import DataError, DataNotFoundError
-    from .trainer import Trainer
+    if not folders:
+        from .data import DataError, DataNotFoundError
+        from .trainer import Trainer
 
-    if experiment_dir is not None:
-        output_dir, name = os.path.split(os.path.abspath(experiment_dir))
-        config = config.replace(experiment_name=name)
-        trainer = Trainer(config, output_dir, device=device, dtype=dtype, backend=args.backend,
-                          dataset_dir=args.dataset_dir, progress=False)
-        if not trainer.maybe_resume(training=False):
-            parser.error(f"--experiment: could not load {experiment_dir!r}")
-        if not trainer.finished:
-            print(f"note: training is not finished ({trainer.epochs_done}/{config.total_epochs} epochs); "
-                  f"testing the best epochs so far", file=sys.stderr)
-        summary_name = _test_summary_name(args, own_num_tasks)
-        try:
-            summary = trainer.run_test(top_n=args.top_n, summary_name=summary_name)
-        except (DataError, DataNotFoundError) as error:
-            print(f"mamlpp-eval: error: data: {error}", file=sys.stderr)
-            return 2
-        except ValueError as error:  # e.g. a top_n above the checkpoints a run keeps
-            print(f"mamlpp-eval: error: {error}", file=sys.stderr)
-            return 2
-        except FileNotFoundError as error:
-            # A training process still running on the experiment prunes checkpoints that fall
-            # out of its top N; the next evaluation sees the new ranking.
-            print(f"mamlpp-eval: error: {error} (if the experiment is still training, a newer "
-                  f"epoch may have replaced it: run mamlpp-eval again)", file=sys.stderr)
-            return 2
-        print(f"written: {os.path.join(trainer.logs_dir, trainer.test_summary_name)}.json", flush=True)
-    else:
-        trainer = Trainer(config, os.path.dirname(os.path.abspath(files[0])), device=device, dtype=dtype,
+        trainer = Trainer(configs[0][0], os.path.dirname(os.path.abspath(files[0])), device=device, dtype=dtype,
                           backend=args.backend, dataset_dir=args.dataset_dir, progress=False)
         try:
             summary = trainer.evaluate_checkpoints(files)
         except (DataError, DataNotFoundError) as error:
             print(f"mamlpp-eval: error: data: {error}", file=sys.stderr)
             return 2
-    _print_test(summary)
+        _print_test(summary)
+        return 0
+    runs = []
+    for folder, (config, own_num_tasks) in zip(folders, configs):
+        trainer, summary = _test_experiment(args, folder, config, own_num_tasks, device, dtype)
+        if not isinstance(summary, dict):
+            return summary
+        _print_test(summary)
+        runs.append({"experiment": folder, "config": trainer.config.to_dict(), "test": summary,
+                     "epochs_done": trainer.epochs_done, "total_epochs": trainer.config.total_epochs})
+    if len(runs) > 1:
+        from .runs_summary import format_runs_summary, summarize_runs
+
+        aggregate = summarize_runs(runs)
+        print(format_runs_summary(aggregate), flush=True)
+        if args.runs_summary is not None:
+            folder = os.path.dirname(os.path.abspath(args.runs_summary))
+            os.makedirs(folder, exist_ok=True)
+            with open(args.runs_summary, "w", encoding="utf-8") as handle:
+                json.dump(aggregate, handle, indent=2)
+                handle.write("\n")
+            print(f"written: {args.runs_summary}", flush=True)
     return 0
 
 

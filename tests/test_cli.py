@@ -208,3 +208,91 @@ def test_eval_on_a_folder_without_checkpoints(tmp_path, capsys):
 def test_main_usage(capsys):
     assert main([]) == 2
     assert "usage: python -m mamlpp_fast" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------- runs of one setting
+def _train_run(tmp_path, *extra):
+    assert train_main(TINY + ["--no-test", "--output-dir", str(tmp_path)] + list(extra)) == 0
+
+
+def test_train_seed_runs_and_their_mean_and_std_over_runs(tmp_path, capsys):
+    import numpy as np
+
+    for train_seed in (0, 1, 2):
+        _train_run(tmp_path, "--train-seed", str(train_seed))
+    folders = [tmp_path / f"{EXPERIMENT}_train_seed{k}" for k in (0, 1, 2)]
+    networks = []
+    for k, folder in enumerate(folders):
+        state = torch.load(folder / "saved_models" / "train_model_latest", map_location="cpu", weights_only=False)
+        assert state["config"]["train_seed"] == k and state["config"]["experiment_name"] == folder.name
+        networks.append(state["network"])
+    # Other train seeds sample other tasks: the runs are not copies of each other.
+    some_weight = next(key for key in networks[0] if key.endswith("conv.weight"))
+    assert not torch.equal(networks[0][some_weight], networks[1][some_weight])
+    capsys.readouterr()
+
+    out_json = tmp_path / "summary" / "runs.json"
+    argv = ["--threads", "1", "--runs-summary", str(out_json)]
+    for folder in folders:
+        argv += ["--experiment", str(folder)]
+    assert eval_main(argv) == 0
+    out = capsys.readouterr().out
+    aggregate = json.loads(out_json.read_text())
+    each = [json.loads((folder / "logs" / "test_summary.json").read_text())["test_accuracy_mean"]
+            for folder in folders]  # every run's own official result is written as usual
+    assert aggregate["num_runs"] == 3 and [row["train_seed"] for row in aggregate["runs"]] == [0, 1, 2]
+    assert [row["test_accuracy_mean"] for row in aggregate["runs"]] == each
+    assert aggregate["test_accuracy_mean_over_runs"] == pytest.approx(np.mean(each), abs=1e-15)
+    assert aggregate["test_accuracy_std_over_runs"] == pytest.approx(np.std(each), abs=1e-15)
+    assert aggregate["test_accuracy_sample_std_over_runs"] == pytest.approx(np.std(each, ddof=1), abs=1e-15)
+    assert aggregate["warnings"] == [] and aggregate["differing_config_keys"] == []
+    assert f"over 3 runs: {np.mean(each):.4f} ± {np.std(each):.4f}" in out
+
+
+def test_runs_that_are_not_one_setting_are_flagged(tmp_path, capsys):
+    _train_run(tmp_path, "--set", "experiment_name=a")
+    _train_run(tmp_path, "--set", "experiment_name=b")  # same train_seed and seed: the same run again
+    _train_run(tmp_path, "--set", "experiment_name=c", "--set", "cnn_num_filters=4", "--train-seed", "3")
+    capsys.readouterr()
+    argv = ["--threads", "1"] + [arg for name in "abc" for arg in ("--experiment", str(tmp_path / name))]
+    assert eval_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "have the same train_seed and seed (0, 104)" in out
+    assert "the runs' configs differ in ['cnn_num_filters']" in out
+    assert (tmp_path / "c").is_dir()  # --set experiment_name wins over --train-seed's suffix
+
+
+@pytest.mark.parametrize("argv_of, message", [
+    (lambda run: ["--experiment", run, "--experiment", run], "--experiment: the same experiment folder is given twice"),
+    (lambda run: ["--experiment", run, "--runs-summary", "x.json"], "--runs-summary: needs two or more"),
+    (lambda run: ["--experiment", run, "--checkpoint", os.path.join(run, "saved_models", "train_model_1")],
+     "pass experiment folders, or checkpoint files, not both"),
+    (lambda run: ["--experiment", os.path.join(run, "config.json")], "is a file, not an experiment folder"),
+])
+def test_bad_multi_run_arguments_name_the_argument(tmp_path, capsys, argv_of, message):
+    _train_run(tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main(argv_of(str(tmp_path / EXPERIMENT)))
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_summarize_runs_arithmetic_and_format():
+    from mamlpp_fast.runs_summary import format_runs_summary, summarize_runs
+
+    config = {"train_seed": 0, "seed": 104, "cnn_num_filters": 64, "experiment_name": "x"}
+    runs = [{"experiment": f"r{k}", "config": dict(config, train_seed=k), "epochs_done": 100, "total_epochs": 100,
+             "test": {"test_accuracy_mean": acc, "test_accuracy_ci95": 0.003}}
+            for k, acc in enumerate([0.99, 0.995, 0.98])]
+    summary = summarize_runs(runs)
+    assert summary["test_accuracy_mean_over_runs"] == pytest.approx(0.988333333333333)
+    assert summary["test_accuracy_std_over_runs"] == pytest.approx(0.0062360956446232)
+    assert summary["test_accuracy_sample_std_over_runs"] == pytest.approx(0.0076376261582597)
+    assert "over 3 runs: 0.9883 ± 0.0062" in format_runs_summary(summary)
+    one = summarize_runs(runs[:1])
+    assert one["test_accuracy_std_over_runs"] == 0.0 and "ddof=1: n/a" in format_runs_summary(one)
+    runs[2]["epochs_done"] = 40
+    assert any("not finished training" in text for text in summarize_runs(runs)["warnings"])
+    with pytest.raises(ValueError, match="runs is empty"):
+        summarize_runs([])
