@@ -350,9 +350,10 @@ def _eval_parser() -> argparse.ArgumentParser:
                     "epochs, logits averaged), several runs of one setting (each tested, then "
                     "mean ± std over the runs, as the paper reports), or checkpoint files.",
     )
-    parser.add_argument("--experiment", metavar="DIR", action="append", default=[],
-                        help="an experiment folder made by mamlpp-train; repeat it for runs of one setting "
-                             "(e.g. train_seed 0, 1, 2) to get mean ± std over them")
+    parser.add_argument("--experiment", metavar="DIR", nargs="+", action="extend", default=[],
+                        help="an experiment folder made by mamlpp-train; several (after one --experiment "
+                             "or repeated) for runs of one setting, e.g. train_seed 0, 1, 2: each is "
+                             "tested, then mean ± std over them")
     parser.add_argument("--checkpoint", metavar="PATH", action="append", default=[],
                         help="a checkpoint file, or an experiment folder (repeat the option to ensemble files)")
     parser.add_argument("--top-n", type=int, default=5, help="models in the ensemble (default 5)")

@@ -232,9 +232,8 @@ def test_train_seed_runs_and_their_mean_and_std_over_runs(tmp_path, capsys):
     capsys.readouterr()
 
     out_json = tmp_path / "summary" / "runs.json"
-    argv = ["--threads", "1", "--runs-summary", str(out_json)]
-    for folder in folders:
-        argv += ["--experiment", str(folder)]
+    # Several folders after one --experiment (as a shell's {0,1,2} expands them).
+    argv = ["--threads", "1", "--runs-summary", str(out_json), "--experiment", *map(str, folders)]
     assert eval_main(argv) == 0
     out = capsys.readouterr().out
     aggregate = json.loads(out_json.read_text())
