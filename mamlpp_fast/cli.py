@@ -272,8 +272,10 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
             sets.append(f"total_iter_per_epoch={args.iters_per_epoch}")
         config = build_config(args.config, args.preset, sets, args.seed)
         if args.train_seed is not None:
-            config = _with_train_seed(config, args.train_seed, named=any(
-                item.split("=", 1)[0].strip() == "experiment_name" for item in sets))
+            set_keys = {item.split("=", 1)[0].strip() for item in sets}
+            if "train_seed" in set_keys:
+                raise CLIError("--train-seed: train_seed is also given with --set; pass it once")
+            config = _with_train_seed(config, args.train_seed, named="experiment_name" in set_keys)
         if args.task_chunk_size is not None and args.task_chunk_size < 1:
             raise CLIError(f"--task-chunk-size: must be >= 1, got {args.task_chunk_size}")
         conv_strategy = _conv_strategy(args.conv_strategy, config.num_stages)
@@ -337,8 +339,8 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
               f"rerun the same torchrun command to resume.", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"interrupted; train_model_latest holds the last saved state (epoch end, or "
-              f"--checkpoint-minutes), rerun to resume", file=sys.stderr)
+        print("interrupted; train_model_latest holds the last saved state (epoch end, or "
+              "--checkpoint-minutes), rerun to resume", file=sys.stderr)
         return 130
     return 0
 
@@ -518,8 +520,11 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
         if not isinstance(summary, dict):
             return summary
         _print_test(summary)
-        runs.append({"experiment": folder, "config": trainer.config.to_dict(), "test": summary,
-                     "epochs_done": trainer.epochs_done, "total_epochs": trainer.config.total_epochs})
+        # The config the run was trained with (not the evaluation's, which --config/--set change).
+        trained = _config_of_checkpoint(os.path.join(folder, "saved_models", "train_model_latest"))
+        runs.append({"experiment": folder, "config": trained, "test": summary,
+                     "epochs_done": trainer.epochs_done, "total_epochs": trained.get("total_epochs",
+                                                                                    trainer.config.total_epochs)})
     if len(runs) > 1:
         from .runs_summary import format_runs_summary, summarize_runs
 

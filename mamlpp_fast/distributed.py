@@ -24,7 +24,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -78,6 +78,9 @@ class DistributedContext:
     local_rank: int = 0
     device: Optional[torch.device] = None
     group: Any = None
+    # Small host-side agreements (stop? out of time? same checkpoint?) go over gloo even when
+    # the tensors go over NCCL: an NCCL flag would make the host wait for the GPU each time.
+    control_group: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -138,9 +141,10 @@ class DistributedContext:
 
     def same_on_all_ranks(self, value: int) -> bool:
         """Whether every rank passes the same integer as rank 0 (a collective: call on all ranks)."""
-        mine = torch.tensor([int(value)], dtype=torch.int64, device=self._collective_device())
+        group, device = self._control()
+        mine = torch.tensor([int(value)], dtype=torch.int64, device=device)
         main = mine.clone()
-        dist.broadcast(main, src=0, group=self.group)
+        dist.broadcast(main, src=0, group=group)
         return self.all_ok(bool(torch.equal(main, mine)))
 
     def barrier(self) -> None:
@@ -148,9 +152,16 @@ class DistributedContext:
 
     def all_ok(self, ok: bool) -> bool:
         """True when every rank passes ok=True (a collective: call on all ranks)."""
-        flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=self._collective_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.SUM, group=self.group)
+        group, device = self._control()
+        flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.SUM, group=group)
         return int(flag.item()) == 0
+
+    def _control(self) -> Tuple[Any, torch.device]:
+        """The group and device of the host-side agreements."""
+        if self.control_group is not None:
+            return self.control_group, torch.device("cpu")
+        return self.group, self._collective_device()
 
     def _collective_device(self) -> torch.device:
         if dist.get_backend(self.group) == "nccl":
@@ -186,11 +197,15 @@ def init_from_env(
         backend = "nccl" if device is not None and torch.device(device).type == "cuda" else "gloo"
     if timeout_s is None:
         timeout_s = float(os.environ.get("MAMLPP_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+    timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout)
+    control_group = None
+    if dist.get_backend() != "gloo":  # every rank takes this branch: new_group is a collective
+        control_group = dist.new_group(backend="gloo", timeout=timeout)
     return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank,
-                              device=None if device is None else torch.device(device))
+                              device=None if device is None else torch.device(device),
+                              control_group=control_group)
 
 
 def destroy() -> None:

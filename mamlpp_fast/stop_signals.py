@@ -12,11 +12,20 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 __all__ = ["StopRequests", "DEFAULT_STOP_SIGNALS"]
 
 DEFAULT_STOP_SIGNALS = ("SIGTERM", "SIGINT")
+
+
+def _catchable(name: Any) -> signal.Signals:
+    number = getattr(signal, str(name), None)
+    if (not isinstance(number, signal.Signals) or number not in signal.valid_signals()
+            or number in (getattr(signal, "SIGKILL", None), getattr(signal, "SIGSTOP", None))):
+        raise ValueError(f"signals: {name!r} is not a signal that can be caught on this system "
+                         f"(expected names such as 'SIGTERM'; SIGKILL and SIGSTOP cannot be caught)")
+    return number
 
 
 class StopRequests:
@@ -26,18 +35,14 @@ class StopRequests:
     its name. A second Ctrl-C raises KeyboardInterrupt at once, for a user who will not wait
     for the iteration to end. On exit the previous handlers come back.
 
-    Python only lets the main thread install handlers; elsewhere (a trainer run in a thread)
-    it installs nothing, says so in `active`, and `requested` stays None.
+    A signal that the process ignores (SIG_IGN, e.g. SIGINT of a job started in the background)
+    or whose handler was installed outside Python stays as it is. Python only lets the main
+    thread install handlers; elsewhere (a trainer run in a thread) it installs nothing, says
+    so in `active`, and `requested` stays None.
     """
 
     def __init__(self, signals: Sequence[str] = DEFAULT_STOP_SIGNALS) -> None:
-        self.signals = []
-        for name in signals:
-            number = getattr(signal, str(name), None)
-            if not isinstance(number, signal.Signals):
-                raise ValueError(f"signals: {name!r} is not a signal name on this system "
-                                 f"(expected names such as 'SIGTERM')")
-            self.signals.append(number)
+        self.signals: List[signal.Signals] = [_catchable(name) for name in signals]
         self.requested: Optional[str] = None
         self.active = False
         self._previous: Dict[signal.Signals, Any] = {}
@@ -45,16 +50,26 @@ class StopRequests:
     def __enter__(self) -> "StopRequests":
         if threading.current_thread() is not threading.main_thread():
             return self
-        for number in self.signals:
-            self._previous[number] = signal.signal(number, self._handle)
+        try:
+            for number in self.signals:
+                current = signal.getsignal(number)
+                if current is signal.SIG_IGN or current is None:
+                    continue
+                self._previous[number] = signal.signal(number, self._handle)
+        except BaseException:
+            self._restore()
+            raise
         self.active = True
         return self
 
     def __exit__(self, *exc_info) -> None:
+        self._restore()
+        self.active = False
+
+    def _restore(self) -> None:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         self._previous.clear()
-        self.active = False
 
     def _handle(self, signum: int, frame) -> None:
         # Only set the flag here: printing from a handler can re-enter a stream's write.

@@ -467,7 +467,10 @@ class Trainer:
 
     @property
     def finished(self) -> bool:
-        return int(self.state["current_iter"]) >= self.total_iters
+        """All iterations trained and every epoch validated."""
+        pending = self._epoch_in_progress
+        unvalidated = pending is not None and pending.get("iterations") == int(self.config.total_iter_per_epoch)
+        return int(self.state["current_iter"]) >= self.total_iters and not unvalidated
 
     def checkpoint_path(self, index: Union[int, str]) -> str:
         return os.path.join(self.saved_models_dir, f"{CHECKPOINT_PREFIX}_{index}")
@@ -575,11 +578,14 @@ class Trainer:
 
     def save_progress(self, epoch_in_progress: Dict[str, Any]) -> None:
         """A mid-epoch ``train_model_latest`` (atomic): everything `save_checkpoint` writes, plus
-        the interrupted epoch's record so far (see `_EpochRecord.to_checkpoint`). The epoch
-        checkpoints, which the test ensemble reads, are only written at epoch ends."""
+        the epoch's record so far (see `_EpochRecord.to_checkpoint`); its ``epoch`` entry counts
+        the validated epochs. Written every ``checkpoint_minutes``, on a stop signal, and after
+        each epoch's last iteration, before its validation (a record with all of the epoch's
+        iterations: a rerun validates it first). The epoch checkpoints, which the test ensemble
+        reads, are only written after validation."""
         if not self.is_main:
             return
-        state = self._checkpoint_state(self.epochs_done)
+        state = self._checkpoint_state(len(self.state["per_epoch_statistics"]["epoch"]))  # validated epochs
         state["epoch_in_progress"] = epoch_in_progress
         self.learner.save_model(self.checkpoint_path(LATEST), state)
 
@@ -794,11 +800,8 @@ class Trainer:
         checkpoint and the data, then make the ranks' learners bit-identical."""
         if self.resumed_from is None and self.state["current_iter"] == 0:
             if self.maybe_resume() and self.is_main:
-                per_epoch = int(self.config.total_iter_per_epoch)
-                done = int(self.state["current_iter"]) % per_epoch
-                where = (f"epoch {self.epochs_done + 1}/{self.config.total_epochs} in progress, {done}/{per_epoch}"
-                         if done else f"epoch {self.epochs_done}/{self.config.total_epochs}")
-                self.log(f"resumed from {self.resumed_from} at iteration {self.state['current_iter']} ({where})")
+                self.log(f"resumed from {self.resumed_from} at iteration {self.state['current_iter']} "
+                         f"({self._position()})")
                 # A kill between a checkpoint and its log write left the logs an epoch behind.
                 self.write_logs()
         describe = getattr(self.data, "describe", None)
@@ -844,14 +847,17 @@ class Trainer:
 
             bar = tqdm(total=self.total_iters, initial=int(self.state["current_iter"]), mininterval=1.0,
                        unit="it", dynamic_ncols=True, desc=cfg.experiment_name, file=sys.stderr)
-        say = bar.write if bar is not None else (self.log if self.is_main else (lambda message: None))
+        if bar is not None:
+            say = lambda message: bar.write(message, file=sys.stderr)  # noqa: E731
+        else:
+            say = self.log if self.is_main else (lambda message: None)
         try:
             with StopRequests(self.stop_signals) as stop:
                 while not self.finished:
+                    record = self._take_epoch_record()
                     first = int(self.state["current_iter"])
-                    record = self._take_epoch_record(first)
-                    n = per_epoch - (first % per_epoch)
-                    batches = data.get_train_batches(total_batches=n, current_iter=first)
+                    remaining = per_epoch - record.count
+                    batches = data.get_train_batches(total_batches=remaining, current_iter=first) if remaining else ()
                     try:
                         for batch in batches:
                             current = int(self.state["current_iter"])
@@ -861,38 +867,41 @@ class Trainer:
                             iters_this_run += 1
                             if bar is not None:
                                 bar.update(1)
-                                if record.count % 20 == 0 or current + 1 == first + n:
+                                if record.count % 20 == 0 or record.count == per_epoch:
                                     bar.set_postfix(epoch=record.epoch_index + 1, loss=f"{record.last_loss:.4f}",
                                                     acc=f"{record.last_accuracy:.4f}", refresh=False)
-                            if current + 1 == first + n:
-                                continue  # the epoch's last iteration: validation and its checkpoint follow
                             stop_signal = self._stop_requested(stop)
                             if stop_signal is not None:
                                 break
-                            if self._progress_due():
-                                self.save_progress(record.to_checkpoint())
-                                self._last_save = time.time()
+                            if record.count < per_epoch and self._progress_due():
+                                self._save_progress(record)
                                 say(f"saved progress at iteration {current + 1} (epoch {record.epoch_index + 1}: "
                                     f"{record.count}/{per_epoch})")
                     finally:
                         close = getattr(batches, "close", None)
                         if close is not None:
                             close()
+                    if remaining and record.count == per_epoch:
+                        # Trained, not yet validated: a kill during validation loses only the validation.
+                        self._save_progress(record)
                     if stop_signal is not None:
-                        self.save_progress(record.to_checkpoint())
+                        if record.count < per_epoch:
+                            self._save_progress(record)
+                        # Kept in memory too: train() again in this process continues the epoch.
+                        self._epoch_in_progress = record.to_checkpoint()
                         stopped_because = "signal"
                         say(f"{stop_signal}: stopped at iteration {self.state['current_iter']} (epoch "
-                            f"{record.epoch_index + 1}: {record.count}/{per_epoch}), saved to "
+                            f"{record.epoch_index + 1}: {record.count}/{per_epoch} trained), saved to "
                             f"{self.checkpoint_path(LATEST)}")
                         break
                     self._finish_epoch(record, say)
                     epochs_this_run += 1
-                    if self.finished:
-                        break
-                    stop_signal = self._stop_requested(stop)
-                    if stop_signal is not None:  # arrived in the last iteration or validation
+                    stop_signal = self._stop_requested(stop)  # arrived during validation
+                    if stop_signal is not None:
                         stopped_because = "signal"
-                        say(f"{stop_signal}: stopped after epoch {self.epochs_done}")
+                        say(f"{stop_signal}: stopped after epoch {record.epoch_index + 1}")
+                        break
+                    if self.finished:
                         break
                     if epochs_this_run >= int(cfg.total_epochs_before_pause):
                         stopped_because = "total_epochs_before_pause"
@@ -914,10 +923,8 @@ class Trainer:
             if bar is not None:
                 bar.close()
         if not self.finished and self.is_main:
-            mid_epoch = int(self.state["current_iter"]) % per_epoch != 0
-            where = (f"iteration {self.state['current_iter']} (epoch {self.epochs_done + 1}/{cfg.total_epochs} "
-                     f"in progress)" if mid_epoch else f"epoch {self.epochs_done}/{cfg.total_epochs}")
-            self.log(f"paused after {where} ({stop_signal or stopped_because}); rerun the same command to resume")
+            self.log(f"paused at {self._position()} ({stop_signal or stopped_because}); "
+                     f"rerun the same command to resume")
         return {
             "finished": self.finished,
             "stopped_because": stopped_because,
@@ -927,20 +934,37 @@ class Trainer:
             "seconds": time.time() - start_time,
         }
 
-    def _take_epoch_record(self, first_iter: int) -> "_EpochRecord":
-        """The record of the epoch that iteration `first_iter` belongs to: continued from a
-        mid-epoch checkpoint when it was saved at exactly this iteration, else a new one."""
+    def _position(self) -> str:
+        """Where training stands, e.g. "epoch 69/100" or "epoch 70/100 in progress, 212/500"."""
+        total = self.config.total_epochs
+        record = self._epoch_in_progress
+        if record is None:
+            return f"epoch {self.epochs_done}/{total}"
+        index, count, per_epoch = record["epoch_index"], record["iterations"], int(self.config.total_iter_per_epoch)
+        if count == per_epoch:
+            return f"epoch {index + 1}/{total} trained, not yet validated"
+        return f"epoch {index + 1}/{total} in progress, {count}/{per_epoch}"
+
+    def _take_epoch_record(self) -> "_EpochRecord":
+        """The record of the epoch that the current iteration belongs to: continued from a
+        mid-epoch checkpoint when it was saved at exactly this iteration (possibly with all of
+        the epoch's iterations done and its validation to run), else a new one."""
         per_epoch = int(self.config.total_iter_per_epoch)
-        epoch_index, done = divmod(first_iter, per_epoch)
+        current = int(self.state["current_iter"])
         saved, self._epoch_in_progress = self._epoch_in_progress, None
         if saved is not None:
-            if saved.get("epoch_index") == epoch_index and saved.get("iterations") == done and done > 0:
+            index, count = saved.get("epoch_index"), saved.get("iterations")
+            if (isinstance(index, int) and isinstance(count, int) and 0 < count <= per_epoch
+                    and index * per_epoch + count == current):
                 return _EpochRecord.from_checkpoint(saved)
-            warnings.warn(f"the checkpoint's record of epoch {saved.get('epoch_index', '?')} "
-                          f"({saved.get('iterations', '?')} iterations) does not match iteration "
-                          f"{first_iter}: that epoch's training loss and accuracy will cover only "
+            warnings.warn(f"the checkpoint's record of epoch {index} ({count} iterations) does not match "
+                          f"iteration {current}: that epoch's training loss and accuracy will cover only "
                           f"the iterations run from here", stacklevel=3)
-        return _EpochRecord(epoch_index)
+        return _EpochRecord(current // per_epoch)
+
+    def _save_progress(self, record: "_EpochRecord") -> None:
+        self.save_progress(record.to_checkpoint())
+        self._last_save = time.time()
 
     def _stop_requested(self, stop: StopRequests) -> Optional[str]:
         """The name of the stop signal that arrived, if any (under torchrun: on any rank, agreed

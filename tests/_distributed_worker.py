@@ -89,6 +89,12 @@ def main() -> None:
     from mamlpp_fast.distributed import destroy, init_from_env
 
     context = init_from_env(timeout_s=60)
+    if os.environ.get("TEST_CONTROL_GROUP") == "1":
+        # What init_from_env builds beside NCCL, here beside gloo: the agreements must use it.
+        import torch.distributed as dist
+
+        assert context.control_group is None
+        context.control_group = dist.new_group(backend="gloo")
     if os.environ.get("TEST_MODE") == "max_minutes":
         stop_on_time(context)
         destroy()

@@ -85,8 +85,10 @@ def test_two_gloo_ranks_match_one_process(tmp_path, second_order, chunk):
         assert torch.equal(results[0]["state"][name], results[1]["state"][name]), name
 
 
-def test_ranks_stop_together_when_their_clocks_disagree(tmp_path):
-    results = _launch(tmp_path, 2, TEST_MODE="max_minutes", TEST_DIR=tmp_path / "runs")
+@pytest.mark.parametrize("control_group", [0, 1], ids=["default_group", "control_group"])
+def test_ranks_stop_together_when_their_clocks_disagree(tmp_path, control_group):
+    results = _launch(tmp_path, 2, TEST_MODE="max_minutes", TEST_DIR=tmp_path / "runs",
+                      TEST_CONTROL_GROUP=control_group)
     for result in results:
         assert result["outcome"]["stopped_because"] == "max_minutes"
         assert result["outcome"]["epochs_done"] == 1

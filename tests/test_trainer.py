@@ -574,15 +574,75 @@ def test_sigterm_mid_epoch_saves_and_the_rerun_matches_an_uninterrupted_run(tmp_
     _assert_same_run(_uninterrupted(tmp_path), _final_state(resumed))
 
 
-def test_a_signal_in_the_epochs_last_iteration_finishes_the_epoch_first(tmp_path):
-    trainer = make_trainer(tmp_path, total_epochs=STOP_EPOCHS)
-    _after_calls(trainer, 3, _sigterm_self)  # the last iteration of epoch 1
+def _resume_to_the_end(folder):
+    resumed = Trainer(tiny_config(total_epochs=STOP_EPOCHS), folder, progress=False, log=lambda message: None)
+    outcome = resumed.train()
+    assert outcome["finished"], outcome
+    return resumed
+
+
+@pytest.mark.parametrize("calls", [3, 9], ids=["first_epoch", "last_epoch"])
+def test_a_signal_in_an_epochs_last_iteration_stops_before_its_validation(tmp_path, calls):
+    trainer = make_trainer(tmp_path / "parts", total_epochs=STOP_EPOCHS)
+    _after_calls(trainer, calls, _sigterm_self)
     outcome = trainer.train()
-    assert outcome["stopped_because"] == "signal" and outcome["current_iter"] == 3
+    assert outcome["stopped_because"] == "signal" and outcome["current_iter"] == calls
+    assert not outcome["finished"]  # all iterations may be done, but not the last validation
     saved = _final_state(trainer)
-    assert "epoch_in_progress" not in saved and saved["epoch"] == 1
-    assert os.path.exists(trainer.checkpoint_path(1))
-    assert len(saved["per_epoch_statistics"]["val_accuracy_mean"]) == 1
+    assert saved["epoch_in_progress"]["iterations"] == 3  # trained, not validated
+    assert len(saved["per_epoch_statistics"]["val_accuracy_mean"]) == calls // 3 - 1
+    assert saved["epoch"] == calls // 3 - 1
+    assert not os.path.exists(trainer.checkpoint_path(calls // 3))
+    _assert_same_run(_uninterrupted(tmp_path), _final_state(_resume_to_the_end(tmp_path / "parts")))
+
+
+def test_a_signal_during_validation_stops_after_the_epoch_and_the_cli_skips_the_test(tmp_path):
+    trainer = make_trainer(tmp_path, total_epochs=STOP_EPOCHS)
+    validate = trainer.validate
+    calls = []
+
+    def validate_then_signal():
+        calls.append(1)
+        result = validate()
+        if len(calls) == STOP_EPOCHS:  # the final epoch: training is finished, the signal still counts
+            _sigterm_self()
+        return result
+
+    trainer.validate = validate_then_signal
+    outcome = trainer.train()
+    assert outcome["finished"] and outcome["stopped_because"] == "signal" and outcome["signal"] == "SIGTERM"
+    assert "epoch_in_progress" not in _final_state(trainer)
+
+
+def test_a_kill_during_validation_loses_only_the_validation(tmp_path):
+    trainer = make_trainer(tmp_path / "parts", total_epochs=STOP_EPOCHS)
+    validate = trainer.validate
+    calls = []
+
+    def crash_in_the_second_validation():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated kill")
+        return validate()
+
+    trainer.validate = crash_in_the_second_validation
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        trainer.train()
+    saved = _final_state(trainer)
+    assert saved["current_iter"] == 6 and saved["epoch_in_progress"]["iterations"] == 3
+    messages = []
+    resumed = Trainer(tiny_config(total_epochs=STOP_EPOCHS), tmp_path / "parts", progress=False, log=messages.append)
+    assert resumed.train()["finished"]
+    assert any("epoch 2/3 trained, not yet validated" in m for m in messages), messages
+    _assert_same_run(_uninterrupted(tmp_path), _final_state(resumed))
+
+
+def test_train_again_in_the_same_process_after_a_signal_continues_the_epoch(tmp_path):
+    trainer = make_trainer(tmp_path / "parts", total_epochs=STOP_EPOCHS)
+    _after_calls(trainer, 4, _sigterm_self)
+    assert trainer.train()["stopped_because"] == "signal"
+    assert trainer.train()["finished"]  # e.g. Ctrl-C in a notebook, then train() again
+    _assert_same_run(_uninterrupted(tmp_path), _final_state(trainer))
 
 
 def test_periodic_mid_epoch_checkpoints_survive_a_crash(tmp_path):
@@ -605,14 +665,16 @@ def test_periodic_mid_epoch_checkpoints_survive_a_crash(tmp_path):
     _assert_same_run(_uninterrupted(tmp_path), _final_state(resumed))
 
 
-def test_no_mid_epoch_checkpoint_without_a_stop_or_the_interval(tmp_path):
-    # With the default 10-minute interval the tiny run only writes at epoch ends.
-    trainer = make_trainer(tmp_path, total_epochs=1)
+def test_without_a_stop_or_the_interval_only_trained_epochs_are_saved_before_validation(tmp_path):
+    # With the default 10-minute interval the tiny run writes no partial epoch; each epoch's
+    # trained state is written once before its validation (a kill there loses only that).
+    trainer = make_trainer(tmp_path, total_epochs=2)
     writes = []
     original = trainer.save_progress
     trainer.save_progress = lambda record: (writes.append(record), original(record))
     assert trainer.train()["finished"]
-    assert writes == []
+    assert [(w["epoch_index"], w["iterations"]) for w in writes] == [(0, 3), (1, 3)]
+    assert "epoch_in_progress" not in _final_state(trainer)
 
 
 def test_an_epoch_record_that_does_not_match_the_iteration_is_dropped_with_a_warning(tmp_path):
@@ -665,11 +727,27 @@ def test_stop_requests_outside_the_main_thread_installs_nothing():
     assert seen == {"active": False}
 
 
-def test_stop_requests_rejects_unknown_signal_names(tmp_path):
-    with pytest.raises(ValueError, match="signals: 'SIGNOPE'"):
-        StopRequests(["SIGNOPE"])
-    with pytest.raises(ValueError, match="signals: 'SIGNOPE'"):
-        Trainer(tiny_config(), tmp_path, stop_signals=["SIGNOPE"])
+@pytest.mark.parametrize("name", ["SIGNOPE", "SIGKILL", "SIGSTOP", "NSIG"])
+def test_stop_requests_rejects_signals_it_cannot_catch(tmp_path, name):
+    with pytest.raises(ValueError, match=f"signals: '{name}' is not a signal that can be caught"):
+        StopRequests([name])
+    with pytest.raises(ValueError, match=f"signals: '{name}'"):
+        Trainer(tiny_config(), tmp_path, stop_signals=["SIGTERM", name])
+    assert not any(tmp_path.iterdir())
+
+
+def test_stop_requests_leaves_an_ignored_signal_ignored():
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # e.g. a job started with '&'
+    try:
+        with StopRequests() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == stop._handle
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+            assert stop.requested is None
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 # ---------------------------------------------------------------------- the real CLI
