@@ -41,6 +41,11 @@ def _is_image_shape(value: Any) -> bool:
             and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value))
 
 
+# Marks checkpoints whose Adam state orders the LSLR rates as the network orders its tensors.
+LSLR_ORDER_KEY = "mamlpp_fast_lslr_order"
+_RATES_PREFIX = "inner_loop_optimizer.names_learning_rates_dict."
+
+
 def _keep_step_counters_on_host(optimizer: torch.optim.Optimizer) -> None:
     """Put Adam's step counters back on the CPU after a load with map_location=<GPU>.
 
@@ -617,6 +622,7 @@ class FewShotLearnerBase(nn.Module):
         state["optimizer"] = self.optimizer.state_dict()
         state["scheduler"] = self.scheduler.state_dict()
         state["current_epoch"] = self.current_epoch
+        state[LSLR_ORDER_KEY] = "network"  # see _optimizer_state_in_official_order
         atomic_torch_save(state, model_save_dir)
 
     def load_model(self, model_save_dir: Union[str, os.PathLike], model_name: str, model_idx: Any) -> Dict[str, Any]:
@@ -629,13 +635,38 @@ class FewShotLearnerBase(nn.Module):
             raise ValueError(f"{filepath!r} has no 'network' entry; not a MAML++ checkpoint")
         self.load_state_dict(state["network"])
         if "optimizer" in state:
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.optimizer.load_state_dict(self._optimizer_state_in_official_order(state))
             _keep_step_counters_on_host(self.optimizer)
         if "scheduler" in state:
             self.scheduler.load_state_dict(state["scheduler"])
         if "current_epoch" in state:
             self.current_epoch = int(state["current_epoch"])
         return state
+
+    def _optimizer_state_in_official_order(self, checkpoint: Dict[str, Any]) -> Dict[str, Any]:
+        """The checkpoint's Adam state, indexed as this optimizer's parameters are.
+
+        Adam's state is indexed by position: the classifier's parameters, then the LSLR rates.
+        The official code (and mamlpp_fast since the checkpoints carry `LSLR_ORDER_KEY`) orders
+        the rates as the network orders its tensors; mamlpp_fast's trainer checkpoints from
+        before (``mamlpp_fast_checkpoint_version`` without that key) had them sorted by name.
+        Those are re-indexed, so that each rate keeps its own moments.
+        """
+        optimizer_state = checkpoint["optimizer"]
+        if LSLR_ORDER_KEY in checkpoint or "mamlpp_fast_checkpoint_version" not in checkpoint:
+            return optimizer_state
+        names = [name for name, param in self.named_parameters() if param.requires_grad]
+        rate_names = [name for name in names if name.startswith(_RATES_PREFIX)]
+        groups = optimizer_state.get("param_groups", [])
+        if not rate_names or len(groups) != 1 or list(groups[0]["params"]) != list(range(len(names))):
+            return optimizer_state  # not the one-group layout this learner writes
+        first_rate = names.index(rate_names[0])
+        position = {name: index for index, name in enumerate(names)}
+        old_to_new = {first_rate + k: position[name] for k, name in enumerate(sorted(rate_names))}
+        remapped = dict(optimizer_state)
+        remapped["state"] = {old_to_new.get(int(index), int(index)): value
+                             for index, value in optimizer_state["state"].items()}
+        return remapped
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Load meta-parameters; values are copied into the existing tensors so the optimizer

@@ -152,11 +152,13 @@ def build_inner_loop_optimizer(config: MAMLConfig, parameter_names: List[str]) -
     """LSLR rates: one vector of length S+1 per inner-loop tensor (the last entry is never used,
     as in the official code), initialised to `task_learning_rate`."""
     optimizer = _Holder()
-    rates: Dict[str, nn.Parameter] = {}
+    # Inserted one by one, in the network's order, as the official LSLR rule does: built from a
+    # plain dict, ParameterDict would sort the keys, and Adam's state (indexed by position)
+    # would not line up with an official checkpoint's.
+    optimizer.names_learning_rates_dict = nn.ParameterDict()
     for name in parameter_names:
-        rates[learning_rate_key(name)] = nn.Parameter(
+        optimizer.names_learning_rates_dict[learning_rate_key(name)] = nn.Parameter(
             torch.full((config.number_of_training_steps_per_iter + 1,), config.task_learning_rate),
             requires_grad=config.learnable_per_layer_per_step_inner_loop_learning_rate,
         )
-    optimizer.names_learning_rates_dict = nn.ParameterDict(rates)
     return optimizer

@@ -7,6 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mamlpp_fast import MetaLearner, preset
 from mamlpp_fast.reference import MAMLFewShotClassifier
@@ -402,3 +403,360 @@ def test_official_per_task_calls_agree_between_metalearner_and_reference(config)
     # The pass folded into step 1's running statistics (two passes), not step 0's.
     mean = learners[0].classifier.layer_dict["conv0"].norm_layer.running_mean
     assert mean[1].abs().sum() > 0 and mean[0].abs().sum() == 0
+
+
+# ------------------------------------------------------------------ spec checks independent of
+# the shared code. MetaLearner and the reference both build their meta-parameters, optimizer and
+# outer loop in learner_base.py / parameters.py, so comparing them cannot catch a fault there.
+# The expectations below come from the spec (/work/shared/docs/mamlpp-spec.md); the package is
+# only observed, never asked how it computes them.
+
+LEARNERS = [MetaLearner, MAMLFewShotClassifier]
+
+
+def official_trainable_names(num_stages: int = 4, lslr_trainable: bool = True) -> list:
+    """Adam's parameters in official order (spec 1g: "all requires_grad parameters of the whole
+    module": the classifier, then the LSLR rates). Within a stage: conv weight and bias, then the
+    BN beta and gamma (the official MetaBatchNormLayer registers running_mean, running_var, bias,
+    weight; the running statistics have requires_grad=False, spec 1c). LSLR rates are inserted one
+    by one in the order of the inner-loop tensors (spec 1e)."""
+    classifier = []
+    for i in range(num_stages):
+        classifier += [f"classifier.layer_dict.conv{i}.conv.weight", f"classifier.layer_dict.conv{i}.conv.bias",
+                       f"classifier.layer_dict.conv{i}.norm_layer.bias",
+                       f"classifier.layer_dict.conv{i}.norm_layer.weight"]
+    classifier += ["classifier.layer_dict.linear.weights", "classifier.layer_dict.linear.bias"]
+    rates = []
+    if lslr_trainable:
+        inner = [n[len("classifier."):] for n in classifier if "norm_layer" not in n]
+        rates = ["inner_loop_optimizer.names_learning_rates_dict." + n.replace(".", "-") for n in inner]
+    return classifier + rates
+
+
+ADAM_CASES = [
+    ("maml++_omniglot_5w1s", {}, 1e-3),
+    ("maml++_mini-imagenet_5w1s", {}, 1e-3),
+    ("maml_omniglot_20w1s", {}, 1e-3),
+    ("maml++_omniglot_5w1s", {"meta_learning_rate": 0.0025}, 0.0025),
+]
+
+
+def _optimizer_parameter_names(learner) -> list:
+    names_of = {id(p): n for n, p in learner.named_parameters()}
+    return [names_of.get(id(p), "<not a module parameter>") for g in learner.optimizer.param_groups for p in g["params"]]
+
+
+@pytest.mark.parametrize("cls", LEARNERS)
+@pytest.mark.parametrize("name, overrides, expected_lr", ADAM_CASES)
+def test_adam_has_the_official_settings(cls, name, overrides, expected_lr):
+    """Spec 1g: optim.Adam(trainable_parameters(), lr=meta_learning_rate, amsgrad=False), default
+    betas (0.9, 0.999) and eps 1e-8, no weight decay, in every param group (one, as officially)."""
+    learner = cls(preset(name, cnn_num_filters=4, **overrides))
+    optimizer = learner.optimizer
+    assert type(optimizer) is torch.optim.Adam
+    assert len(optimizer.param_groups) == 1
+    for settings in [optimizer.defaults, *optimizer.param_groups]:
+        assert settings["lr"] == expected_lr
+        assert settings["betas"] == (0.9, 0.999)
+        assert settings["eps"] == 1e-8
+        assert settings["amsgrad"] is False
+        assert settings["weight_decay"] == 0
+        assert not settings.get("maximize", False)
+        assert not settings.get("decoupled_weight_decay", False)
+
+
+@pytest.mark.parametrize("cls", LEARNERS)
+@pytest.mark.parametrize("name, overrides, expected_lr", ADAM_CASES)
+def test_adam_parameters_are_the_classifier_in_official_order_then_the_lslr_rates(cls, name, overrides,
+                                                                                   expected_lr):
+    """Spec 1g: Adam gets all requires_grad parameters of the module (conv/linear, per-step BN
+    gamma/beta, LSLR rates), classifier first (in the official registration order), then the
+    LSLR rates (only when learnable: not for the MAML baseline, spec 3)."""
+    learner = cls(preset(name, cnn_num_filters=4, **overrides))
+    expected = official_trainable_names(lslr_trainable=not name.startswith("maml_"))
+    got = _optimizer_parameter_names(learner)
+    classifier = [n for n in expected if n.startswith("classifier.")]
+    assert got[:len(classifier)] == classifier
+    assert sorted(got[len(classifier):]) == sorted(expected[len(classifier):])
+    assert len(got) == len(set(got)) == len(expected)
+
+
+@pytest.mark.parametrize("cls", LEARNERS)
+@pytest.mark.parametrize("name", ["maml++_omniglot_5w1s", "maml++_mini-imagenet_5w1s"])
+def test_adam_lslr_rates_are_in_the_official_insertion_order(cls, name):
+    """Spec 1e/1g: the official initialise() inserts one rate per inner-loop tensor, key by key,
+    in the network's parameter order (conv{i} weight, conv{i} bias, ..., linear weights, bias);
+    Adam, and so the position-indexed optimizer state_dict, follows that order."""
+    learner = cls(preset(name, cnn_num_filters=4))
+    assert _optimizer_parameter_names(learner) == official_trainable_names()
+
+
+@pytest.mark.parametrize("cls", LEARNERS)
+@pytest.mark.parametrize("name, clamps", [
+    ("maml++_mini-imagenet_5w1s", True),
+    ("maml++_mini-imagenet_5w5s", True),
+    ("maml_mini-imagenet_5w1s", True),
+    ("maml++_omniglot_5w1s", False),
+    ("maml++_omniglot_20w5s", False),
+    ("maml_omniglot_5w1s", False),
+])
+def test_meta_gradient_clamp_applies_to_imagenet_classifier_gradients_only(cls, name, clamps):
+    """Spec 1g: only if 'imagenet' in dataset_name, param.grad.clamp_(-10, 10) element-wise on the
+    classifier's parameters (BN gamma/beta included); the LSLR rates are not clamped; Omniglot
+    clamps nothing."""
+    learner = cls(preset(name, cnn_num_filters=4)).double()
+    generator = torch.Generator().manual_seed(0)
+    coefficients = {}
+    loss = torch.zeros((), dtype=torch.float64)
+    for key, param in learner.named_parameters():
+        if param.requires_grad:
+            # d loss / d param = the coefficient, uniform in (-30, 30): most entries beyond +-10.
+            coefficient = (torch.rand(param.shape, generator=generator, dtype=torch.float64) - 0.5) * 60
+            coefficient.view(-1)[0], coefficient.view(-1)[-1] = 25.0, -25.0  # beyond +-10 in every tensor
+            coefficients[key] = coefficient
+            loss = loss + (coefficients[key] * param).sum()
+    assert any(k.startswith("inner_loop_optimizer.") for k in coefficients) == name.startswith("maml++")
+    learner.meta_update(loss)  # the official meta_update: backward, clamp, Adam step
+    for key, param in learner.named_parameters():
+        if not param.requires_grad:
+            continue
+        expected = coefficients[key]
+        assert expected.abs().max() > 10  # the clamp would bite here
+        if clamps and key.startswith("classifier."):
+            expected = expected.clamp(-10, 10)
+        assert torch.equal(param.grad, expected), key
+
+
+def official_initial_weights(config, flatten_features: int) -> dict:
+    """Spec 2: torch seeded from args.seed as the official set_torch_seed does
+    (RandomState(seed).randint(0, 999999) -> torch.manual_seed), then one xavier_uniform_ per conv
+    weight in stage order (the network is built stage by stage) and one for the linear weights."""
+    torch.manual_seed(int(np.random.RandomState(config.seed).randint(0, 999999)))
+    weights = {}
+    in_channels = config.image_channels
+    for stage in range(4):
+        w = torch.empty(config.cnn_num_filters, in_channels, 3, 3)
+        torch.nn.init.xavier_uniform_(w)
+        weights[f"layer_dict.conv{stage}.conv.weight"] = w
+        in_channels = config.cnn_num_filters
+    w = torch.empty(config.num_classes_per_set, flatten_features)
+    torch.nn.init.xavier_uniform_(w)
+    weights["layer_dict.linear.weights"] = w
+    return weights
+
+
+@pytest.mark.parametrize("cls", LEARNERS)
+@pytest.mark.parametrize("name, filters, flatten_features", [
+    # Filters and flatten F from the spec 2 table.
+    ("maml++_omniglot_20w1s", 64, 64),
+    ("maml_omniglot_5w5s", 64, 64),
+    ("maml++_mini-imagenet_5w1s", 48, 1200),
+])
+def test_initialisation_is_the_official_seeded_xavier_uniform(cls, name, filters, flatten_features):
+    """Spec 2: xavier_uniform_ conv/linear weights from torch seeded by args.seed (argparse default
+    104), zero biases, BN gamma 1 / beta 0, LSLR at task_learning_rate 0.1; identical for
+    train_seed 0, 1, 2 and whatever the global torch RNG state was."""
+    learners = []
+    for train_seed in (0, 1, 2):
+        torch.manual_seed(1000 + train_seed)  # the caller's RNG state must not matter
+        config = preset(name, train_seed=train_seed)
+        assert config.seed == 104
+        learners.append(cls(config))
+    config = learners[0].config
+    assert config.cnn_num_filters == filters
+    expected = official_initial_weights(config, flatten_features)
+    for learner in learners:
+        params = dict(learner.classifier.named_parameters())
+        for key, value in expected.items():
+            assert params[key].dtype == torch.float32
+            assert torch.equal(params[key].detach(), value), key
+            fan_out, fan_in = value.shape[0] * value[0][0].numel(), value[0].numel()
+            assert params[key].abs().max() <= (6.0 / (fan_in + fan_out)) ** 0.5
+        for stage in range(4):
+            assert torch.equal(params[f"layer_dict.conv{stage}.conv.bias"], torch.zeros(filters))
+            assert torch.all(params[f"layer_dict.conv{stage}.norm_layer.weight"] == 1)
+            assert torch.all(params[f"layer_dict.conv{stage}.norm_layer.bias"] == 0)
+        assert torch.equal(params["layer_dict.linear.bias"], torch.zeros(config.num_classes_per_set))
+        for rate in learner.inner_loop_optimizer.names_learning_rates_dict.values():
+            assert torch.all(rate == 0.1)
+        for a, b in zip(learner.state_dict().values(), learners[0].state_dict().values()):
+            assert torch.equal(a, b)
+    # The seed does matter: another args.seed gives another init.
+    other = cls(preset(name, seed=105)).classifier.layer_dict["conv0"].conv.weight
+    assert not torch.equal(other, expected["layer_dict.conv0.conv.weight"])
+
+
+@pytest.mark.parametrize("cls", LEARNERS)
+@pytest.mark.parametrize("name", ["maml_omniglot_5w1s", "maml_mini-imagenet_5w1s"])
+def test_maml_baseline_has_fixed_inner_rates_and_per_layer_statistics(cls, name):
+    """Spec 3: the MAML baseline has learnable_per_layer_per_step_inner_loop_learning_rate=false,
+    i.e. a fixed alpha = task_learning_rate = 0.1 for all (mini-ImageNet included), and
+    per_step_bn_statistics=false, which gives (C,) running statistics with running_var initialised
+    to zeros (spec 1c) and (C,) gamma/beta (spec 1d)."""
+    torch.set_num_threads(1)
+    overrides = dict(TINY, cnn_num_filters=4)
+    if "imagenet" in name:  # still the mini-ImageNet preset (dataset, rates), on small images
+        overrides.update(num_target_samples=2, image_height=28, image_width=28)
+    config = preset(name, **overrides)
+    learner = cls(config)
+    rates = learner.inner_loop_optimizer.names_learning_rates_dict
+    in_optimizer = {id(p) for group in learner.optimizer.param_groups for p in group["params"]}
+    assert len(rates) == 10
+    for rate in rates.values():
+        assert rate.requires_grad is False and id(rate) not in in_optimizer
+        assert rate.shape == (config.number_of_training_steps_per_iter + 1,) and torch.all(rate == 0.1)
+    norms = [learner.classifier.layer_dict[f"conv{i}"].norm_layer for i in range(4)]
+    for norm in norms:
+        assert norm.running_mean.shape == norm.running_var.shape == (4,)
+        assert torch.all(norm.running_mean == 0) and torch.all(norm.running_var == 0)
+        assert norm.weight.shape == norm.bias.shape == (4,)
+        assert norm.weight.requires_grad and norm.bias.requires_grad  # BN gamma/beta: outer loop only
+    conv0 = learner.classifier.layer_dict["conv0"].conv.weight.detach().clone()
+    learner.run_train_iter(numpy_batch(config), epoch=0)
+    assert not torch.equal(learner.classifier.layer_dict["conv0"].conv.weight, conv0)  # a meta-step was taken
+    for rate in rates.values():
+        assert torch.all(rate == 0.1) and rate.grad is None
+    # Without per-step statistics the official layer passes running_mean=None to F.batch_norm
+    # (meta_neural_network_architectures.py, MetaBatchNormLayer.forward): nothing is tracked.
+    for norm in norms:
+        assert torch.all(norm.running_mean == 0) and torch.all(norm.running_var == 0)
+
+
+def _official_network(x, weights, gammas, betas, step):
+    """Spec 2: 4 x (conv3x3 stride 1 pad 1 -> batch norm with the batch's statistics and the
+    per-step gamma/beta row `step` (spec 1c/1d) -> leaky_relu(0.01) -> max_pool 2x2), flatten,
+    linear."""
+    out = x
+    for i in range(4):
+        out = F.conv2d(out, weights[f"layer_dict.conv{i}.conv.weight"], weights[f"layer_dict.conv{i}.conv.bias"],
+                       stride=1, padding=1)
+        out = F.batch_norm(out, None, None, gammas[i][step], betas[i][step], training=True, momentum=0.1, eps=1e-5)
+        out = F.max_pool2d(F.leaky_relu(out, 0.01), kernel_size=2, stride=2, padding=0)
+    return F.linear(out.flatten(1), weights["layer_dict.linear.weights"], weights["layer_dict.linear.bias"])
+
+
+def first_order_lslr_gradients(learner, batch):
+    """d meta-loss / d alpha[k][i] under first order, from spec 1b: the inner gradients g_i are
+    constants and theta_{i+1} = theta_i - alpha[i] g_i passes gradients to theta_i unchanged, so
+    d loss / d alpha[k][i] = -< sum_{j >= i} w_j dCE_target(theta_{j+1}) / d theta_{j+1}[k], g_i[k] >,
+    averaged over tasks (spec 1a: mean over tasks; MSL weights w_j = 1/N at epoch 0)."""
+    config = learner.config
+    steps = config.number_of_training_steps_per_iter
+    msl_weights = [1.0 / steps] * steps
+    names = official_trainable_names()[:4 * 4 + 2]
+    inner = [n[len("classifier."):] for n in names if "norm_layer" not in n]
+    params = dict(learner.named_parameters())
+    theta0 = {n: params["classifier." + n].detach() for n in inner}
+    alphas = {n: params["inner_loop_optimizer.names_learning_rates_dict." + n.replace(".", "-")].detach()
+              for n in inner}
+    gammas = [params[f"classifier.layer_dict.conv{i}.norm_layer.weight"].detach() for i in range(4)]
+    betas = [params[f"classifier.layer_dict.conv{i}.norm_layer.bias"].detach() for i in range(4)]
+    x_support, x_target, y_support, y_target = (torch.as_tensor(a).double() for a in batch)
+    num_tasks = x_support.shape[0]
+    expected = {n: torch.zeros(steps + 1, dtype=torch.float64) for n in inner}
+    for b in range(num_tasks):
+        xs, xt = x_support[b].flatten(0, 1), x_target[b].flatten(0, 1)  # class-major (N*K, C, H, W)
+        ys, yt = y_support[b].flatten().long(), y_target[b].flatten().long()
+        theta = dict(theta0)
+        support_grads, target_grads = [], []
+        for i in range(steps):
+            leaf = {n: v.clone().requires_grad_() for n, v in theta.items()}
+            grads = torch.autograd.grad(F.cross_entropy(_official_network(xs, leaf, gammas, betas, i), ys),
+                                        list(leaf.values()))
+            support_grads.append(dict(zip(inner, grads)))
+            theta = {n: theta[n] - alphas[n][i] * support_grads[i][n] for n in inner}
+            leaf = {n: v.clone().requires_grad_() for n, v in theta.items()}
+            grads = torch.autograd.grad(F.cross_entropy(_official_network(xt, leaf, gammas, betas, i), yt),
+                                        list(leaf.values()))
+            target_grads.append(dict(zip(inner, grads)))
+        for n in inner:
+            for i in range(steps):
+                downstream = sum(msl_weights[j] * target_grads[j][n] for j in range(i, steps))
+                expected[n][i] += -(downstream * support_grads[i][n]).sum() / num_tasks
+    return expected
+
+
+@pytest.mark.parametrize("cls", LEARNERS)
+@pytest.mark.parametrize("order", [
+    dict(second_order=False),
+    dict(second_order=True, first_order_to_second_order_epoch=10),  # DA: first order at epoch 0
+])
+def test_lslr_rates_train_under_first_order(cls, order):
+    """Spec 1b: first order, the inner gradients are constants but theta - alpha * g still
+    back-propagates into alpha (d/d alpha = -g): "LSLR therefore still trains under first order".
+    The rates' meta-gradients equal that formula; the unused last entry (spec 1e) gets none."""
+    torch.set_num_threads(1)
+    config = preset("maml++_omniglot_5w1s", **dict(TINY, cnn_num_filters=4, **order))
+    learner = cls(config).double()
+    batch = numpy_batch(config)
+    expected = first_order_lslr_gradients(learner, batch)
+    losses, _ = learner.train_forward_prop(data_batch=learner.prepare_batch(batch), epoch=0)
+    learner.optimizer.zero_grad()
+    losses["loss"].backward()
+    rates = learner.inner_loop_optimizer.names_learning_rates_dict
+    steps = config.number_of_training_steps_per_iter
+    # A conv bias feeds batch norm with batch statistics, which removes it: its gradients, and so
+    # its rates' meta-gradients, are zero up to rounding. Every other rate must train.
+    trained = [n for n in expected if not n.endswith(".conv.bias")]
+    for n, value in expected.items():
+        grad = rates[n.replace(".", "-")].grad
+        assert grad is not None and grad[steps] == 0, n
+        torch.testing.assert_close(grad, value, rtol=1e-8, atol=1e-12, msg=n)
+        if n in trained:
+            assert torch.all(value[:steps].abs() > 1e-6), n
+    # And a training iteration moves every trained rate (Adam's first step is about lr * sign).
+    before = {k: v.detach().clone() for k, v in rates.items()}
+    learner.run_train_iter(batch, epoch=0)
+    for n in trained:
+        rate, old = rates[n.replace(".", "-")], before[n.replace(".", "-")]
+        assert torch.all((rate[:steps] - old[:steps]).abs() > 1e-4) and rate[steps] == old[steps], n
+
+
+# ---------------------------------------------------------------------- Adam state across versions
+def _trained_learner(seed=0):
+    from mamlpp_fast.testing import make_task_batch
+
+    config = preset("maml++_omniglot_5w1s", cnn_num_filters=4, number_of_training_steps_per_iter=2,
+                    number_of_evaluation_steps_per_iter=2)
+    learner = MetaLearner(config).double()
+    for iteration in range(2):
+        learner.run_train_iter(make_task_batch(config, 2, seed=seed + iteration), 0)
+    return config, learner
+
+
+def _adam_state_by_name(learner):
+    names = [name for name, param in learner.named_parameters() if param.requires_grad]
+    state = learner.optimizer.state_dict()["state"]
+    return {names[index]: value for index, value in state.items()}
+
+
+@pytest.mark.parametrize("written_by", ["now", "official", "trainer_before_the_fix"])
+def test_each_lslr_rate_keeps_its_own_adam_moments_through_a_checkpoint(tmp_path, written_by):
+    """Checkpoints written now and official ones index Adam's state in the network's order; the
+    trainer's checkpoints from before the LSLR order fix had the rates sorted by name: those are
+    re-indexed on load, so each rate gets its own moments back."""
+    config, learner = _trained_learner()
+    expected = _adam_state_by_name(learner)
+    state = {"mamlpp_fast_checkpoint_version": 1}
+    learner.save_model(str(tmp_path / "model_1"), state)
+    saved = torch.load(tmp_path / "model_1", weights_only=False)
+    assert saved["mamlpp_fast_lslr_order"] == "network"
+    if written_by != "now":
+        del saved["mamlpp_fast_lslr_order"]
+    if written_by == "official":
+        del saved["mamlpp_fast_checkpoint_version"]
+    if written_by == "trainer_before_the_fix":  # the same moments, at the sorted rates' positions
+        names = [name for name, param in learner.named_parameters() if param.requires_grad]
+        rates = [name for name in names if "names_learning_rates_dict" in name]
+        first = names.index(rates[0])
+        new_to_old = {names.index(name): first + k for k, name in enumerate(sorted(rates))}
+        assert new_to_old != {index: index for index in new_to_old}  # the orders do differ
+        saved["optimizer"]["state"] = {new_to_old.get(i, i): v for i, v in saved["optimizer"]["state"].items()}
+    torch.save(saved, tmp_path / "model_1")
+    fresh = MetaLearner(config).double()
+    fresh.load_model(str(tmp_path), "model", 1)
+    loaded = _adam_state_by_name(fresh)
+    assert set(loaded) == set(expected)
+    for name, moments in expected.items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(loaded[name][key], moments[key]), (name, key)
