@@ -76,6 +76,15 @@ ARGPARSE_DEFAULTS: Dict[str, Any] = {
     "num_samples_per_class": 1,
 }
 
+# Official keys that the released JSON files set and ARGPARSE_DEFAULTS has no value for (the
+# evaluation fixes are mamlpp_fast's own flags, not official keys).
+_OWN_FLAGS = frozenset({"bn_use_running_stats_in_evaluation", "bn_restore_stats_after_evaluation"})
+
+
+def _keys_without_argparse_default() -> set:
+    known = {f.name for f in dataclasses.fields(MAMLConfig)} - {"ignored_keys"}
+    return known - set(ARGPARSE_DEFAULTS) - _OWN_FLAGS
+
 # Keys that the official code accepts but never reads (spec section 3, "Unused keys"), plus
 # argparse options of the official parser that have no effect on MAML++ at their released
 # values (the few whose other values matter are checked in from_dict).
@@ -286,6 +295,16 @@ class MAMLConfig:
         if not isinstance(values, dict):
             raise ValueError(f"path: {str(path)!r} must hold a JSON object, got {type(values)}")
         config = cls.from_dict(values, missing="argparse", ignored="accept")
+        unset = sorted(_keys_without_argparse_default() - set(values))
+        if unset:
+            # The official code reads these from the file (the released files all set them);
+            # e.g. without the LSLR flag it fails (its issue #38). Say what fills them here.
+            warnings.warn(
+                f"{os.path.basename(str(path))}: keys missing from the file, which have no official "
+                f"argparse default that mamlpp_fast knows of: using mamlpp_fast's (MAML++) values "
+                f"{ {key: getattr(config, key) for key in unset} }",
+                stacklevel=2,
+            )
         if config.ignored_keys:
             warnings.warn(
                 f"{os.path.basename(str(path))}: keys ignored by the official code and by "

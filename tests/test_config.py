@@ -37,8 +37,12 @@ OFFICIAL_OMNIGLOT_20W1S = {
 def test_official_json_loads_as_is(tmp_path):
     path = tmp_path / "omniglot_maml++-omniglot_1_8_0.1_64_20_0.json"
     path.write_text(json.dumps(OFFICIAL_OMNIGLOT_20W1S))
-    with pytest.warns(UserWarning, match="ignored by the official code"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         config = MAMLConfig.from_json(path)
+    messages = [str(w.message) for w in caught]
+    assert any("ignored by the official code" in m for m in messages), messages
+    assert not any("keys missing from the file" in m for m in messages), messages  # a released file sets them
     assert config.second_order is True and config.use_multi_step_loss_optimization is True
     assert config.num_classes_per_set == 20 and config.batch_size == 8
     # Missing from the file, so the official argparse defaults apply.
@@ -137,3 +141,107 @@ def test_the_official_network_options_no_released_config_uses():
     with pytest.raises(ValueError, match="learnable_bn_gamma and learnable_bn_beta both"):
         MAMLConfig(enable_inner_loop_optimizable_bn_params=True, learnable_bn_gamma=False)
     MAMLConfig(enable_inner_loop_optimizable_bn_params=True, norm_layer="layer_norm", learnable_bn_gamma=False)
+
+
+# ------------------------------------------------------------------ every preset against the
+# spec's section 3 table. The expected values are written out from the spec text (released
+# HEAD configs, MAML baselines, paper-era variants), never read from mamlpp_fast.config.
+
+# Keys the spec 3 table gives with one value for all six released MAML++ configs.
+SPEC_MAMLPP_ALL = {
+    "number_of_training_steps_per_iter": 5,
+    "number_of_evaluation_steps_per_iter": 5,
+    "total_epochs": 100,
+    "total_iter_per_epoch": 500,
+    "meta_learning_rate": 1e-3,
+    "task_learning_rate": 0.1,  # the LSLR init actually used: 0.1 everywhere, mini-ImageNet "default!"
+    "second_order": True,
+    "first_order_to_second_order_epoch": -1,  # spec 1b: -1 in all 36 configs, DA off
+    "use_multi_step_loss_optimization": True,
+    "learnable_per_layer_per_step_inner_loop_learning_rate": True,
+    "per_step_bn_statistics": True,
+    "learnable_bn_gamma": True,
+    "learnable_bn_beta": True,
+    "enable_inner_loop_optimizable_bn_params": False,
+    "norm_layer": "batch_norm",
+    "num_stages": 4,
+    "max_pooling": True,
+    "conv_padding": True,
+    "num_evaluation_tasks": 600,
+    "num_dataprovider_workers": 4,
+    "seed": 104,  # spec 2: the argparse default; the configs set only train_seed / val_seed
+    "train_seed": 0,  # spec 3: train_seed {0,1,2} (presets are the seed-0 files), val_seed = 0
+    "val_seed": 0,
+}
+# Per-dataset columns of the table, image shapes from spec 2, data keys from spec 4.
+SPEC_OMNIGLOT = {
+    "batch_size": 8, "num_target_samples": 1, "min_learning_rate": 1e-5, "multi_step_loss_num_epochs": 10,
+    "cnn_num_filters": 64, "image_height": 28, "image_width": 28, "image_channels": 1,
+    "sets_are_pre_split": False, "train_val_test_split": [0.70918052988, 0.03080714725, 0.2606284658],
+    "indexes_of_folders_indicating_class": [-3, -2], "load_into_memory": True,
+}
+SPEC_MINI_IMAGENET = {
+    "batch_size": 2, "num_target_samples": 15, "min_learning_rate": 1e-3,  # CA off: min = meta lr
+    "multi_step_loss_num_epochs": 15, "cnn_num_filters": 48, "image_height": 84, "image_width": 84,
+    "image_channels": 3, "sets_are_pre_split": True,
+}
+SPEC_SETTINGS = {  # setting: (dataset columns, N-way, K-shot)
+    "omniglot_5w1s": (SPEC_OMNIGLOT, 5, 1), "omniglot_5w5s": (SPEC_OMNIGLOT, 5, 5),
+    "omniglot_20w1s": (SPEC_OMNIGLOT, 20, 1), "omniglot_20w5s": (SPEC_OMNIGLOT, 20, 5),
+    "mini-imagenet_5w1s": (SPEC_MINI_IMAGENET, 5, 1), "mini-imagenet_5w5s": (SPEC_MINI_IMAGENET, 5, 5),
+}
+# "MAML baseline configs are identical except" these three keys (fixed alpha 0.1 for all).
+SPEC_MAML_BASELINE = {
+    "use_multi_step_loss_optimization": False,
+    "learnable_per_layer_per_step_inner_loop_learning_rate": False,
+    "per_step_bn_statistics": False,
+}
+
+
+def spec_paper_era(setting: str) -> dict:
+    """Spec 3 "Paper-era configs differ": batch 16 for Omniglot (8 for 20w5s), 4 / 2 for
+    mini-ImageNet 1-shot / 5-shot, first_order_to_second_order_epoch 10 for mini-ImageNet (-1 for
+    Omniglot, spec 1b), LSLR init 0.1 / 0.01 (Omniglot / mini-ImageNet)."""
+    if setting.startswith("omniglot"):
+        return {"batch_size": 8 if setting == "omniglot_20w5s" else 16, "first_order_to_second_order_epoch": -1,
+                "task_learning_rate": 0.1}
+    return {"batch_size": 4 if setting.endswith("1s") else 2, "first_order_to_second_order_epoch": 10,
+            "task_learning_rate": 0.01}
+
+
+def spec_expected_config(name: str) -> dict:
+    """The spec's values for preset `name`: maml++_<setting>, maml_<setting> or maml++_<setting>_paper."""
+    method, rest = name.split("_", 1)
+    paper = rest.endswith("_paper")
+    setting = rest[:-len("_paper")] if paper else rest
+    dataset, ways, shots = SPEC_SETTINGS[setting]
+    expected = dict(SPEC_MAMLPP_ALL, **dataset, num_classes_per_set=ways, num_samples_per_class=shots)
+    assert method in ("maml++", "maml") and not (paper and method == "maml")
+    if method == "maml":
+        expected.update(SPEC_MAML_BASELINE)
+    if paper:
+        expected.update(spec_paper_era(setting))
+    return expected
+
+
+def test_presets_are_exactly_the_spec_configs():
+    """Spec 3: 6 settings x {MAML++, MAML} released configs, plus a paper-era MAML++ variant of each
+    (spec 8 asks for one); every preset is one of them."""
+    expected = {f"{m}_{s}" for m in ("maml++", "maml") for s in SPEC_SETTINGS}
+    expected |= {f"maml++_{s}_paper" for s in SPEC_SETTINGS}
+    assert sorted(preset_names()) == sorted(expected)
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_preset_matches_the_spec_table(name):
+    """Spec 3 table (and its MAML-baseline and paper-era paragraphs), key by key, including the
+    quirks: task_learning_rate 0.1 on mini-ImageNet although its file says 0.01, CA off there
+    (min = meta lr), MSL for 10 / 15 epochs, second order from epoch -1."""
+    config = preset(name)
+    expected = spec_expected_config(name)
+    mismatches = {key: (getattr(config, key), value) for key, value in expected.items()
+                  if getattr(config, key) != value or type(getattr(config, key)) is not type(value)}
+    assert mismatches == {}, "key: (preset, spec)"
+    # Spec 1g / 4: 'imagenet' in dataset_name selects the gradient clamp, 'omniglot' the rotations.
+    assert ("imagenet" in config.dataset_name) == name.split("_", 1)[1].startswith("mini-imagenet")
+    assert ("omniglot" in config.dataset_name) == name.split("_", 1)[1].startswith("omniglot")

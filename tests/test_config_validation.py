@@ -193,6 +193,22 @@ def test_official_json_keeps_its_ignored_keys_but_not_a_changed_batch(tmp_path):
             MAMLConfig.from_json(path)
 
 
+def test_a_json_without_the_keys_the_official_code_has_no_default_for_says_what_fills_them(tmp_path):
+    """The official code reads e.g. learnable_per_layer_per_step_inner_loop_learning_rate from the
+    file only (no argparse default, its issue #38): a file without it would fail there; here it
+    loads with MAML++'s value, and a warning names each such key and the value used."""
+    path = tmp_path / "short.json"
+    path.write_text(json.dumps({"batch_size": 4, "dataset_name": "omniglot_dataset", "experiment_name": "short",
+                                "use_multi_step_loss_optimization": "false"}))
+    with pytest.warns(UserWarning, match="keys missing from the file") as caught:
+        config = MAMLConfig.from_json(path)
+    message = next(str(w.message) for w in caught if "keys missing" in str(w.message))
+    assert "'learnable_per_layer_per_step_inner_loop_learning_rate': True" in message
+    assert "'per_step_bn_statistics'" not in message  # it has an argparse default (False), used silently
+    assert "use_multi_step_loss_optimization" not in message  # the file sets it
+    assert config.per_step_bn_statistics is False and config.use_multi_step_loss_optimization is False
+
+
 def test_a_learner_takes_an_official_json_dict_as_it_is():
     """MetaLearner(json.load(official_file)) reads the dict like the file: the keys the official
     code ignores are recorded, not refused (drop-in use)."""
