@@ -192,6 +192,30 @@ def test_max_iters_stops_at_the_epoch_end(tmp_path):
     assert outcome["current_iter"] == 3  # the epoch was finished
 
 
+def test_the_trainer_passes_the_official_epoch_and_logs_the_annealed_rate(tmp_path):
+    """Spec 7: run_train_iter(batch, epoch=int(current_iter / total_iter_per_epoch)); spec 1f: the
+    outer rate of epoch e is CosineAnnealingLR's closed form, eta_min + (lr - eta_min) *
+    (1 + cos(pi e / total_epochs)) / 2, and each epoch's logged learning_rate is that value."""
+    import math
+
+    trainer = make_trainer(tmp_path, total_epochs=3, total_iter_per_epoch=2, min_learning_rate=1e-4)
+    epochs = []
+    original = trainer.learner.run_train_iter
+
+    def spy(batch, epoch):
+        epochs.append(epoch)
+        return original(batch, epoch=epoch)
+
+    trainer.learner.run_train_iter = spy
+    assert trainer.train()["finished"]
+    assert epochs == [0, 0, 1, 1, 2, 2]
+    config = trainer.config
+    expected = [config.min_learning_rate + (config.meta_learning_rate - config.min_learning_rate)
+                * (1 + math.cos(math.pi * e / config.total_epochs)) / 2 for e in range(3)]
+    assert trainer.state["per_epoch_statistics"]["learning_rate"] == pytest.approx(expected, rel=1e-12)
+    assert expected[0] > expected[1] > expected[2]
+
+
 def test_epoch_lines_estimate_the_time_left(tmp_path):
     messages = []
     trainer = Trainer(tiny_config(total_epochs=2, total_iter_per_epoch=1, num_evaluation_tasks=2), tmp_path,
