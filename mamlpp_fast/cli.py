@@ -200,6 +200,9 @@ def _train_parser() -> argparse.ArgumentParser:
                         help="also save train_model_latest mid-epoch every M minutes (default 10; 0: "
                              "only at epoch ends). SIGTERM and Ctrl-C always save after the current "
                              "iteration; a rerun resumes inside the epoch")
+    parser.add_argument("--keep-best-only", action="store_true",
+                        help="delete epoch checkpoints outside the best max(5, max_models_to_save) by "
+                             "validation accuracy (the official code, and the default, keep every epoch's)")
     parser.add_argument("--train-seed", type=int, default=None, metavar="K",
                         help="the official train_seed (which tasks are sampled), with _train_seedK "
                              "appended to the experiment name: the paper's runs are train_seed 0, 1 "
@@ -300,6 +303,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
                       dataset_dir=args.dataset_dir, progress=False if args.no_progress else None,
                       max_minutes=args.max_minutes, max_iters=args.max_iters,
                       checkpoint_minutes=args.checkpoint_minutes or None,
+                      keep_best_only=args.keep_best_only,
                       learner_options={"task_chunk_size": args.task_chunk_size,
                                        "checkpoint_inner_steps": args.checkpoint_inner_steps,
                                        "cuda_graphs": args.cuda_graphs,
@@ -473,9 +477,9 @@ def _test_experiment(args: argparse.Namespace, experiment_dir: str, config, own_
         return trainer, 2
     except FileNotFoundError as error:
         # A training process still running on the experiment prunes checkpoints that fall
-        # out of its top N; the next evaluation sees the new ranking.
-        print(f"mamlpp-eval: error: {error} (if the experiment is still training, a newer "
-              f"epoch may have replaced it: run mamlpp-eval again)", file=sys.stderr)
+        # out of its top N (--keep-best-only); the next evaluation sees the new ranking.
+        print(f"mamlpp-eval: error: {error}; if the experiment is still training, a newer epoch "
+              f"may have replaced it: run mamlpp-eval again", file=sys.stderr)
         return trainer, 2
     print(f"written: {os.path.join(trainer.logs_dir, trainer.test_summary_name)}.json", flush=True)
     return trainer, summary

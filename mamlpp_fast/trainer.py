@@ -5,8 +5,9 @@
     config.json               the config of the latest training run
     .lock                     held by the process that is training it
     saved_models/
-        train_model_{epoch}   one checkpoint per epoch (1-based); only the best N by
-                              validation accuracy are kept, N = max(5, max_models_to_save)
+        train_model_{epoch}   one checkpoint per epoch (1-based), all kept as officially;
+                              with keep_best_only, only the best N by validation
+                              accuracy, N = max(5, max_models_to_save)
         train_model_latest    the newest checkpoint; a rerun resumes from it
     logs/
         summary.csv, summary.json      per-epoch statistics (rewritten atomically)
@@ -38,7 +39,8 @@ What it does better:
   the same ops and thread count: the compiled kernels and the pure-PyTorch fallback round
   differently, and the inner loop amplifies that to ~1e-4 within a few iterations);
 - the official code keeps every epoch's checkpoint (``max_models_to_save`` is read but never
-  used); here only the best N are kept (the test ensemble needs the top 5);
+  used), and so does this trainer by default; ``keep_best_only`` keeps only the best
+  ``max(5, max_models_to_save)`` (the test ensemble needs the top 5);
 - an optional time budget (``max_minutes``) or iteration budget (``max_iters``) that stops
   cleanly at the end of the current epoch;
 - no lost epoch: every ``checkpoint_minutes`` (default 10) ``train_model_latest`` is also
@@ -345,6 +347,8 @@ class Trainer:
             have passed since the last checkpoint (None: only at epoch ends).
         stop_signals: signal names that stop training after the current meta-iteration,
             with a checkpoint (an empty tuple leaves the signals' default actions).
+        keep_best_only: delete epoch checkpoints outside the best ``max(5,
+            max_models_to_save)`` by validation accuracy (the official code keeps them all).
         log: where one-line messages go (default: print to stdout).
         learner, data: prebuilt objects (tests); built from the config otherwise.
         prefetch: batches the data loader builds ahead in a background thread.
@@ -367,6 +371,7 @@ class Trainer:
         max_iters: Optional[int] = None,
         checkpoint_minutes: Optional[float] = 10.0,
         stop_signals: Sequence[str] = DEFAULT_STOP_SIGNALS,
+        keep_best_only: bool = False,
         log: Optional[Callable[[str], None]] = None,
         learner: Any = None,
         data: Any = None,
@@ -396,6 +401,7 @@ class Trainer:
         self.max_iters = None if max_iters is None else int(max_iters)
         self.checkpoint_minutes = checkpoint_minutes
         self.stop_signals = tuple(stop_signals)
+        self.keep_best_only = bool(keep_best_only)
         self.log = log if log is not None else (lambda message: print(message, flush=True))
         self.prefetch = int(prefetch)
         self.distributed = distributed
@@ -566,15 +572,16 @@ class Trainer:
         return state
 
     def save_checkpoint(self, epoch: int) -> None:
-        """``train_model_{epoch}`` then ``train_model_latest``, both atomic; then prune.
-        Only rank 0 writes under torchrun."""
+        """``train_model_{epoch}`` then ``train_model_latest``, both atomic; then, with
+        ``keep_best_only``, prune. Only rank 0 writes under torchrun."""
         if not self.is_main:
             return
         state = self._checkpoint_state(epoch)
         self.learner.save_model(self.checkpoint_path(epoch), state)
         # save_model put the network, optimizer and scheduler in `state`; write the same again.
         atomic_torch_save(state, self.checkpoint_path(LATEST))
-        self.prune_checkpoints()
+        if self.keep_best_only:
+            self.prune_checkpoints()
 
     def save_progress(self, epoch_in_progress: Dict[str, Any]) -> None:
         """A mid-epoch ``train_model_latest`` (atomic): everything `save_checkpoint` writes, plus
@@ -722,17 +729,21 @@ class Trainer:
         tasks through each, logits averaged, argmax. Writes ``logs/{summary_name}.csv``/``.json``
         (`mamlpp-eval` gives runs with other settings another name, so that the official
         result is not overwritten)."""
-        if not 1 <= int(top_n) <= self.keep_top_n:
-            raise ValueError(f"top_n (--top-n) must be between 1 and {self.keep_top_n} (the checkpoints a "
-                             f"run keeps: max(5, max_models_to_save)), got {top_n}")
         stats = self.state["per_epoch_statistics"]
+        # Fewer validated epochs than top_n: all of them (the official slice does the same).
+        bound = max(self.keep_top_n, len(stats["val_accuracy_mean"]))
+        if not 1 <= int(top_n) <= bound:
+            raise ValueError(f"top_n (--top-n) must be between 1 and {bound} (the validated epochs, or "
+                             f"max(5, max_models_to_save) if fewer), got {top_n}")
         epochs = top_epochs(stats["val_accuracy_mean"], top_n)
         if not epochs:
             raise ValueError(f"no validated epoch in {self.experiment_dir!r}: train first")
         paths = [self.checkpoint_path(epoch) for epoch in epochs]
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
-            raise FileNotFoundError(f"checkpoints of the top-{top_n} epochs are missing: {missing}")
+            raise FileNotFoundError(
+                f"checkpoints of the top-{top_n} epochs are missing: {missing} (a run trained with "
+                f"keep_best_only / --keep-best-only keeps the best {self.keep_top_n} epochs only)")
         result = self.evaluate_checkpoints(paths)
         if not self.data_matches_run:  # never over the run's own result
             summary_name = f"{summary_name}_otherdata"

@@ -64,7 +64,8 @@ def test_train_then_eval_end_to_end(tmp_path, capsys):
     assert f"written: {folder / 'logs' / 'test_summary'}.json" in capsys.readouterr().out
     assert json.loads((folder / "logs" / "test_summary.json").read_text())["test_accuracy_mean"] == summary["test_accuracy_mean"]
     assert eval_main(["--experiment", str(folder), "--threads", "1", "--top-n", "7"]) == 2
-    assert "top_n (--top-n) must be between 1 and 5 (the checkpoints a run keeps" in capsys.readouterr().err
+    assert "top_n (--top-n) must be between 1 and 5 (the validated epochs, or max(5, max_models_to_save)" \
+        in capsys.readouterr().err
 
     assert eval_main(["--checkpoint", str(folder / "saved_models" / "train_model_2"), "--threads", "1"]) == 0
     out = capsys.readouterr().out

@@ -144,15 +144,21 @@ def test_prune_keeps_the_best_n(tmp_path, max_models_to_save, kept):
     assert left == sorted([f"train_model_{e}" for e in kept] + ["train_model_latest", "notes.txt"])
 
 
-def test_training_prunes_to_top5_plus_latest(tmp_path):
-    trainer = make_trainer(tmp_path, total_epochs=7, total_iter_per_epoch=1, num_evaluation_tasks=2)
+@pytest.mark.parametrize("keep_best_only, kept", [(False, range(1, 8)), (True, (2, 3, 4, 6, 7))],
+                         ids=["official_keeps_all", "keep_best_only"])
+def test_training_keeps_every_epoch_or_the_top5_plus_latest(tmp_path, keep_best_only, kept):
+    trainer = Trainer(tiny_config(total_epochs=7, total_iter_per_epoch=1, num_evaluation_tasks=2), tmp_path,
+                      progress=False, log=lambda message: None, keep_best_only=keep_best_only)
     scripted = iter([0.1, 0.5, 0.3, 0.9, 0.2, 0.4, 0.6])
     trainer.validate = lambda: {"val_loss_mean": 1.0, "val_loss_std": 0.0,
                                 "val_accuracy_mean": next(scripted), "val_accuracy_std": 0.0}
     outcome = trainer.train()
     assert outcome["finished"] and outcome["epochs_done"] == 7
     files = sorted(os.listdir(trainer.saved_models_dir))
-    assert files == sorted([f"train_model_{e}" for e in (2, 3, 4, 6, 7)] + ["train_model_latest"])
+    assert files == sorted([f"train_model_{e}" for e in kept] + ["train_model_latest"])
+    if not keep_best_only:  # every epoch is there to test: any top-n up to all seven
+        with pytest.raises(ValueError, match="top_n .* between 1 and 7"):
+            trainer.run_test(top_n=8)
     assert trainer.state["best_epoch"] == 4 and trainer.state["best_val_acc"] == 0.9
     assert os.path.isfile(os.path.join(trainer.logs_dir, "summary.csv"))
     with open(os.path.join(trainer.logs_dir, "summary.csv")) as handle:
