@@ -478,11 +478,21 @@ def _test_experiment(args: argparse.Namespace, experiment_dir: str, config, own_
     except FileNotFoundError as error:
         # A training process still running on the experiment prunes checkpoints that fall
         # out of its top N (--keep-best-only); the next evaluation sees the new ranking.
-        print(f"mamlpp-eval: error: {error}; if the experiment is still training, a newer epoch "
-              f"may have replaced it: run mamlpp-eval again", file=sys.stderr)
+        print(f"mamlpp-eval: error: {error}; if the experiment is still training with pruning, a "
+              f"newer epoch may have replaced it: run mamlpp-eval again; else use a smaller --top-n",
+              file=sys.stderr)
         return trainer, 2
     print(f"written: {os.path.join(trainer.logs_dir, trainer.test_summary_name)}.json", flush=True)
     return trainer, summary
+
+
+def _trained_config(folder: str, trainer) -> Dict[str, Any]:
+    """The config a run was trained with (not the evaluation's, which --config/--set change);
+    the evaluation's for a checkpoint that holds none (the official code's)."""
+    try:
+        return _config_of_checkpoint(os.path.join(folder, "saved_models", "train_model_latest"))
+    except CLIError:
+        return trainer.config.to_dict()
 
 
 def eval_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -524,11 +534,8 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
         if not isinstance(summary, dict):
             return summary
         _print_test(summary)
-        # The config the run was trained with (not the evaluation's, which --config/--set change).
-        trained = _config_of_checkpoint(os.path.join(folder, "saved_models", "train_model_latest"))
-        runs.append({"experiment": folder, "config": trained, "test": summary,
-                     "epochs_done": trainer.epochs_done, "total_epochs": trained.get("total_epochs",
-                                                                                    trainer.config.total_epochs)})
+        runs.append({"experiment": folder, "config": _trained_config(folder, trainer), "test": summary,
+                     "epochs_done": trainer.epochs_done, "total_epochs": trainer.config.total_epochs})
     if len(runs) > 1:
         from .runs_summary import format_runs_summary, summarize_runs
 

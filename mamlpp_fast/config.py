@@ -85,6 +85,7 @@ def _keys_without_argparse_default() -> set:
     known = {f.name for f in dataclasses.fields(MAMLConfig)} - {"ignored_keys"}
     return known - set(ARGPARSE_DEFAULTS) - _OWN_FLAGS
 
+
 # Keys that the official code accepts but never reads (spec section 3, "Unused keys"), plus
 # argparse options of the official parser that have no effect on MAML++ at their released
 # values (the few whose other values matter are checked in from_dict).

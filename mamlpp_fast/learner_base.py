@@ -648,12 +648,14 @@ class FewShotLearnerBase(nn.Module):
 
         Adam's state is indexed by position: the classifier's parameters, then the LSLR rates.
         The official code (and mamlpp_fast since the checkpoints carry `LSLR_ORDER_KEY`) orders
-        the rates as the network orders its tensors; mamlpp_fast's trainer checkpoints from
-        before (``mamlpp_fast_checkpoint_version`` without that key) had them sorted by name.
-        Those are re-indexed, so that each rate keeps its own moments.
+        the rates as the network orders its tensors; mamlpp_fast's checkpoints from before had
+        them sorted by name. Those are recognised by what only mamlpp_fast writes (a scheduler
+        entry, or the trainer's version key; the official save_model writes the network and
+        the optimizer only) and re-indexed, so that each rate keeps its own moments.
         """
         optimizer_state = checkpoint["optimizer"]
-        if LSLR_ORDER_KEY in checkpoint or "mamlpp_fast_checkpoint_version" not in checkpoint:
+        written_by_mamlpp_fast = "scheduler" in checkpoint or "mamlpp_fast_checkpoint_version" in checkpoint
+        if LSLR_ORDER_KEY in checkpoint or not written_by_mamlpp_fast:
             return optimizer_state
         names = [name for name, param in self.named_parameters() if param.requires_grad]
         rate_names = [name for name in names if name.startswith(_RATES_PREFIX)]

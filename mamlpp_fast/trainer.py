@@ -469,14 +469,32 @@ class Trainer:
 
     @property
     def epochs_done(self) -> int:
-        return int(self.state["current_iter"]) // int(self.config.total_iter_per_epoch)
+        """Epochs trained and validated."""
+        done = int(self.state["current_iter"]) // int(self.config.total_iter_per_epoch)
+        return done - 1 if self._validation_pending() else done
 
     @property
     def finished(self) -> bool:
         """All iterations trained and every epoch validated."""
-        pending = self._epoch_in_progress
-        unvalidated = pending is not None and pending.get("iterations") == int(self.config.total_iter_per_epoch)
-        return int(self.state["current_iter"]) >= self.total_iters and not unvalidated
+        return int(self.state["current_iter"]) >= self.total_iters and not self._validation_pending()
+
+    def _resumable_record(self) -> Optional[Dict[str, Any]]:
+        """The saved record of the epoch in progress when it matches the current iteration."""
+        saved = self._epoch_in_progress
+        if saved is None:
+            return None
+        per_epoch = int(self.config.total_iter_per_epoch)
+        index, count = saved.get("epoch_index"), saved.get("iterations")
+        if (isinstance(index, int) and isinstance(count, int) and 0 < count <= per_epoch
+                and index * per_epoch + count == int(self.state["current_iter"])):
+            return saved
+        return None
+
+    def _validation_pending(self) -> bool:
+        """Whether an epoch's iterations are all done but its validation is not (a stop or a
+        kill between the two)."""
+        record = self._resumable_record()
+        return record is not None and record["iterations"] == int(self.config.total_iter_per_epoch)
 
     def checkpoint_path(self, index: Union[int, str]) -> str:
         return os.path.join(self.saved_models_dir, f"{CHECKPOINT_PREFIX}_{index}")
@@ -742,8 +760,9 @@ class Trainer:
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
             raise FileNotFoundError(
-                f"checkpoints of the top-{top_n} epochs are missing: {missing} (a run trained with "
-                f"keep_best_only / --keep-best-only keeps the best {self.keep_top_n} epochs only)")
+                f"checkpoints of the top-{top_n} epochs are missing: {missing} (runs trained with "
+                f"keep_best_only / --keep-best-only, the default before 2026-11-30 20:30 UTC, keep the "
+                f"best {self.keep_top_n} epochs only)")
         result = self.evaluate_checkpoints(paths)
         if not self.data_matches_run:  # never over the run's own result
             summary_name = f"{summary_name}_otherdata"
@@ -906,7 +925,8 @@ class Trainer:
                             f"{self.checkpoint_path(LATEST)}")
                         break
                     self._finish_epoch(record, say)
-                    epochs_this_run += 1
+                    if remaining:  # total_epochs_before_pause counts epochs trained here
+                        epochs_this_run += 1
                     stop_signal = self._stop_requested(stop)  # arrived during validation
                     if stop_signal is not None:
                         stopped_because = "signal"
@@ -948,7 +968,7 @@ class Trainer:
     def _position(self) -> str:
         """Where training stands, e.g. "epoch 69/100" or "epoch 70/100 in progress, 212/500"."""
         total = self.config.total_epochs
-        record = self._epoch_in_progress
+        record = self._resumable_record()
         if record is None:
             return f"epoch {self.epochs_done}/{total}"
         index, count, per_epoch = record["epoch_index"], record["iterations"], int(self.config.total_iter_per_epoch)
@@ -960,21 +980,20 @@ class Trainer:
         """The record of the epoch that the current iteration belongs to: continued from a
         mid-epoch checkpoint when it was saved at exactly this iteration (possibly with all of
         the epoch's iterations done and its validation to run), else a new one."""
-        per_epoch = int(self.config.total_iter_per_epoch)
         current = int(self.state["current_iter"])
-        saved, self._epoch_in_progress = self._epoch_in_progress, None
+        saved, matching = self._epoch_in_progress, self._resumable_record()
+        self._epoch_in_progress = None
+        if matching is not None:
+            return _EpochRecord.from_checkpoint(matching)
         if saved is not None:
-            index, count = saved.get("epoch_index"), saved.get("iterations")
-            if (isinstance(index, int) and isinstance(count, int) and 0 < count <= per_epoch
-                    and index * per_epoch + count == current):
-                return _EpochRecord.from_checkpoint(saved)
-            warnings.warn(f"the checkpoint's record of epoch {index} ({count} iterations) does not match "
-                          f"iteration {current}: that epoch's training loss and accuracy will cover only "
-                          f"the iterations run from here", stacklevel=3)
-        return _EpochRecord(current // per_epoch)
+            warnings.warn(f"the checkpoint's record of epoch {saved.get('epoch_index')} ({saved.get('iterations')} "
+                          f"iterations) does not match iteration {current}: that epoch's training loss and "
+                          f"accuracy will cover only the iterations run from here", stacklevel=3)
+        return _EpochRecord(current // int(self.config.total_iter_per_epoch))
 
     def _save_progress(self, record: "_EpochRecord") -> None:
-        self.save_progress(record.to_checkpoint())
+        if self.is_main:  # the record's values come off the device only where they are written
+            self.save_progress(record.to_checkpoint())
         self._last_save = time.time()
 
     def _stop_requested(self, stop: StopRequests) -> Optional[str]:
@@ -1030,6 +1049,6 @@ class Trainer:
     def run_experiment(self) -> Dict[str, Any]:
         """Train (resuming if possible) and, when every epoch is done, run the test protocol."""
         outcome = self.train()
-        if outcome["finished"]:
+        if outcome["finished"] and outcome["stopped_because"] != "signal":  # a stop means stop now
             outcome["test"] = self.run_test()
         return outcome

@@ -296,3 +296,15 @@ def test_summarize_runs_arithmetic_and_format():
     assert any("not finished training" in text for text in summarize_runs(runs)["warnings"])
     with pytest.raises(ValueError, match="runs is empty"):
         summarize_runs([])
+
+
+def test_eval_of_a_checkpoint_without_a_config_takes_the_given_preset(tmp_path, capsys):
+    """Official checkpoints hold no config: --preset supplies it, and the test runs to the end."""
+    _train_run(tmp_path)
+    latest = tmp_path / EXPERIMENT / "saved_models" / "train_model_latest"
+    state = torch.load(latest, map_location="cpu", weights_only=False)
+    del state["config"]
+    torch.save(state, latest)
+    capsys.readouterr()
+    assert eval_main(["--experiment", str(tmp_path / EXPERIMENT), "--preset", "synthetic-tiny", "--threads", "1"]) == 0
+    assert "test accuracy:" in capsys.readouterr().out

@@ -730,11 +730,11 @@ def _adam_state_by_name(learner):
     return {names[index]: value for index, value in state.items()}
 
 
-@pytest.mark.parametrize("written_by", ["now", "official", "trainer_before_the_fix"])
+@pytest.mark.parametrize("written_by", ["now", "official", "trainer_before_the_fix", "save_model_before_the_fix"])
 def test_each_lslr_rate_keeps_its_own_adam_moments_through_a_checkpoint(tmp_path, written_by):
-    """Checkpoints written now and official ones index Adam's state in the network's order; the
-    trainer's checkpoints from before the LSLR order fix had the rates sorted by name: those are
-    re-indexed on load, so each rate gets its own moments back."""
+    """Checkpoints written now and official ones index Adam's state in the network's order;
+    mamlpp_fast's from before the LSLR order fix (the trainer's, or save_model's alone) had the
+    rates sorted by name: those are re-indexed on load, so each rate gets its own moments back."""
     config, learner = _trained_learner()
     expected = _adam_state_by_name(learner)
     state = {"mamlpp_fast_checkpoint_version": 1}
@@ -743,13 +743,18 @@ def test_each_lslr_rate_keeps_its_own_adam_moments_through_a_checkpoint(tmp_path
     assert saved["mamlpp_fast_lslr_order"] == "network"
     if written_by != "now":
         del saved["mamlpp_fast_lslr_order"]
-    if written_by == "official":
+    if written_by in ("official", "save_model_before_the_fix"):
         del saved["mamlpp_fast_checkpoint_version"]
-    if written_by == "trainer_before_the_fix":  # the same moments, at the sorted rates' positions
+    if written_by == "official":  # the official save_model writes the network and optimizer only
+        del saved["scheduler"], saved["current_epoch"]
+    if written_by.endswith("before_the_fix"):  # the same moments, at the old rates' positions
         names = [name for name, param in learner.named_parameters() if param.requires_grad]
         rates = [name for name in names if "names_learning_rates_dict" in name]
         first = names.index(rates[0])
-        new_to_old = {names.index(name): first + k for k, name in enumerate(sorted(rates))}
+        # The old order: what torch's ParameterDict made of the plain dict the rates were built in.
+        old_keys = list(torch.nn.ParameterDict({name.rsplit(".", 1)[1]: torch.nn.Parameter(torch.zeros(1))
+                                                for name in rates}).keys())
+        new_to_old = {names.index(name): first + old_keys.index(name.rsplit(".", 1)[1]) for name in rates}
         assert new_to_old != {index: index for index in new_to_old}  # the orders do differ
         saved["optimizer"]["state"] = {new_to_old.get(i, i): v for i, v in saved["optimizer"]["state"].items()}
     torch.save(saved, tmp_path / "model_1")

@@ -618,6 +618,7 @@ def test_a_signal_in_an_epochs_last_iteration_stops_before_its_validation(tmp_pa
     outcome = trainer.train()
     assert outcome["stopped_because"] == "signal" and outcome["current_iter"] == calls
     assert not outcome["finished"]  # all iterations may be done, but not the last validation
+    assert outcome["epochs_done"] == calls // 3 - 1  # validated epochs
     saved = _final_state(trainer)
     assert saved["epoch_in_progress"]["iterations"] == 3  # trained, not validated
     assert len(saved["per_epoch_statistics"]["val_accuracy_mean"]) == calls // 3 - 1
@@ -626,7 +627,7 @@ def test_a_signal_in_an_epochs_last_iteration_stops_before_its_validation(tmp_pa
     _assert_same_run(_uninterrupted(tmp_path), _final_state(_resume_to_the_end(tmp_path / "parts")))
 
 
-def test_a_signal_during_validation_stops_after_the_epoch_and_the_cli_skips_the_test(tmp_path):
+def test_a_signal_during_the_final_validation_is_reported_and_no_test_starts(tmp_path):
     trainer = make_trainer(tmp_path, total_epochs=STOP_EPOCHS)
     validate = trainer.validate
     calls = []
@@ -639,9 +640,23 @@ def test_a_signal_during_validation_stops_after_the_epoch_and_the_cli_skips_the_
         return result
 
     trainer.validate = validate_then_signal
-    outcome = trainer.train()
+    trainer.run_test = lambda *args, **kwargs: pytest.fail("the test protocol started after a stop signal")
+    outcome = trainer.run_experiment()
     assert outcome["finished"] and outcome["stopped_because"] == "signal" and outcome["signal"] == "SIGTERM"
+    assert "test" not in outcome
     assert "epoch_in_progress" not in _final_state(trainer)
+
+
+def test_a_record_that_does_not_match_a_finished_run_trains_nothing_more(tmp_path):
+    trainer = make_trainer(tmp_path, total_epochs=2)
+    assert trainer.train()["finished"]
+    path = trainer.checkpoint_path("latest")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state["epoch_in_progress"] = {"epoch_index": 0, "iterations": 3}  # inconsistent with iteration 6
+    torch.save(state, path)
+    resumed = make_trainer(tmp_path, total_epochs=2)
+    outcome = resumed.train()
+    assert outcome["finished"] and outcome["current_iter"] == 6 and outcome["epochs_done"] == 2
 
 
 def test_a_kill_during_validation_loses_only_the_validation(tmp_path):
