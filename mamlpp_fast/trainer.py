@@ -761,8 +761,8 @@ class Trainer:
         if missing:
             raise FileNotFoundError(
                 f"checkpoints of the top-{top_n} epochs are missing: {missing} (runs trained with "
-                f"keep_best_only / --keep-best-only, the default before 2026-11-30 20:30 UTC, keep the "
-                f"best {self.keep_top_n} epochs only)")
+                f"keep_best_only / --keep-best-only, and all runs of mamlpp_fast before it kept every "
+                f"epoch by default, keep the best {self.keep_top_n} epochs only)")
         result = self.evaluate_checkpoints(paths)
         if not self.data_matches_run:  # never over the run's own result
             summary_name = f"{summary_name}_otherdata"
