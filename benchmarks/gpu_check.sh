@@ -75,6 +75,10 @@ else
     tests/test_meta_learner_equivalence.py tests/test_cuda_graphs.py
 fi
 
+# The trainer on the device: SIGTERM mid-epoch, resume, same end as an uninterrupted run (with the
+# graphed meta-step and Adam step re-recorded after the resume).
+run train_smoke 90 "$PY" benchmarks/train_smoke.py --device "$DEVICE" --cuda-graphs
+
 # 3. Benchmarks, most important first (JSON and PNG in $LOG). Small repetition counts keep the
 #    whole script inside the lease.
 REPS=10; [[ "$DRY" == 1 ]] && REPS=1
@@ -137,6 +141,9 @@ if os.path.exists(target):
 profile = os.path.join(out, "profile_meta_step.log")
 if os.path.exists(profile):
     print("\n" + "\n".join(l for l in open(profile).read().splitlines() if l.startswith("summary:")))
+smoke = os.path.join(out, "train_smoke.log")
+if os.path.exists(smoke):
+    print("\n" + "\n".join(l for l in open(smoke).read().splitlines() if l.startswith("train_smoke:")))
 tests = os.path.join(out, "tests.log")
 if os.path.exists(tests):
     lines = [l for l in open(tests).read().splitlines() if " passed" in l or " failed" in l or " error" in l]
