@@ -486,7 +486,8 @@ class Trainer:
         per_epoch = int(self.config.total_iter_per_epoch)
         index, count = saved.get("epoch_index"), saved.get("iterations")
         if (isinstance(index, int) and isinstance(count, int) and 0 < count <= per_epoch
-                and index * per_epoch + count == int(self.state["current_iter"])):
+                and index * per_epoch + count == int(self.state["current_iter"])
+                and len(saved.get("train_losses", ())) == len(saved.get("train_accuracies", ())) == count):
             return saved
         return None
 
