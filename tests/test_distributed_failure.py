@@ -116,3 +116,38 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_iteration_and_resum
     assert "epoch 1/1 in progress" in outs[0][1]
     final = torch.load(tmp_path / LATEST, map_location="cpu", weights_only=False)
     assert int(final["current_iter"]) == 30 and "epoch_in_progress" not in final
+
+
+def test_torchrun_forwards_sigterm_and_the_workers_save_mid_epoch(tmp_path):
+    # The real launcher: a scheduler's SIGTERM reaches the torchrun agent, which sends SIGTERM to
+    # its workers (and SIGKILL some 30 s later); they stop after the same iteration and rank 0
+    # saves the epoch's progress. torchrun itself then exits with its own error.
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+               "-m", "mamlpp_fast", *ARGS[:ARGS.index("--iters-per-epoch")], "--iters-per-epoch", "3000",
+               *ARGS[ARGS.index("--no-test"):], "--checkpoint-minutes", "1e-9"]
+    command[command.index(f"total_epochs={EPOCHS}")] = "total_epochs=1"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MAMLPP_DIST_TIMEOUT="120", PYTHONUNBUFFERED="1")
+    agent = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            line = agent.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("saved progress at iteration 2 "):
+                agent.send_signal(signal.SIGTERM)
+                break
+        rest, _ = agent.communicate(timeout=120)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    output = "".join(lines) + rest
+    assert "SIGTERM: stopped at iteration" in output, output[-3000:]
+    state = torch.load(tmp_path / LATEST, map_location="cpu", weights_only=False)
+    assert 2 <= int(state["current_iter"]) < 3000
+    assert state["epoch_in_progress"]["iterations"] == int(state["current_iter"])
+    assert f"stopped at iteration {int(state['current_iter'])} " in output
