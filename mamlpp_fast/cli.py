@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import warnings
@@ -367,7 +368,7 @@ def _eval_parser() -> argparse.ArgumentParser:
                         help="test tasks (default: the config's num_evaluation_tasks)")
     parser.add_argument("--runs-summary", metavar="PATH.json", default=None,
                         help="with several experiments: also write the per-run results and the "
-                             "mean ± std over runs to this JSON file")
+                             "mean ± std over runs to this JSON file, and a figure of them (same name, .png)")
     _common_arguments(parser)
     return parser
 
@@ -529,6 +530,7 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
         _print_test(summary)
         return 0
     runs = []
+    val_accuracies: Dict[str, List[float]] = {}
     for folder, (config, own_num_tasks) in zip(folders, configs):
         trainer, summary = _test_experiment(args, folder, config, own_num_tasks, device, dtype)
         if not isinstance(summary, dict):
@@ -536,6 +538,7 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
         _print_test(summary)
         runs.append({"experiment": folder, "config": _trained_config(folder, trainer), "test": summary,
                      "epochs_done": trainer.epochs_done, "total_epochs": trainer.config.total_epochs})
+        val_accuracies[folder] = list(trainer.state["per_epoch_statistics"]["val_accuracy_mean"])
     if len(runs) > 1:
         from .runs_summary import format_runs_summary, summarize_runs
 
@@ -548,6 +551,13 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
                 json.dump(aggregate, handle, indent=2)
                 handle.write("\n")
             print(f"written: {args.runs_summary}", flush=True)
+            from .plots import plot_runs
+
+            setting = re.sub(r"_train_seed\d+$", "", str(runs[0]["config"].get("experiment_name")))
+            figure = plot_runs(aggregate, val_accuracies, f"{len(runs)} runs of {setting}",
+                               os.path.splitext(args.runs_summary)[0] + ".png")
+            if figure is not None:
+                print(f"written: {figure}", flush=True)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Figures of an experiment: learning curves and the learned inner-loop learning rates.
+"""Figures of an experiment (learning curves, the learned inner-loop learning rates) and of
+several runs of one setting.
 
 Both are drawn with matplotlib's Agg backend and written atomically (a temporary ``*.tmp.png``
 renamed over the target), so a run killed while plotting leaves the previous figure intact. Each
@@ -12,7 +13,7 @@ import os
 import warnings
 from typing import Dict, Mapping, Optional, Sequence
 
-__all__ = ["plot_learning_curves", "plot_inner_loop_learning_rates"]
+__all__ = ["plot_learning_curves", "plot_inner_loop_learning_rates", "plot_runs"]
 
 
 def _two_panel_figure(path: str, **subplots_options):
@@ -95,5 +96,48 @@ def plot_inner_loop_learning_rates(rates: Dict[str, Sequence[float]], title: str
         if axis.lines:
             axis.legend(fontsize=7)
     ax_weights.set_ylabel("inner-loop learning rate")
+    fig.suptitle(title)
+    return _save(fig, plt, path)
+
+
+def plot_runs(summary: Mapping, val_accuracies: Mapping[str, Sequence[float]], title: str,
+              path: str) -> Optional[str]:
+    """Runs of one setting side by side: each run's validation accuracy per epoch, and each
+    run's test accuracy (95% interval over tasks) with the mean ± std over runs.
+
+    Args:
+        summary: `mamlpp_fast.runs_summary.summarize_runs`'s result.
+        val_accuracies: experiment -> its per-epoch validation accuracies (epoch 1 first).
+        title: the figure's title.
+        path: where the PNG goes.
+    """
+    figure = _two_panel_figure(path)
+    if figure is None:
+        return None
+    plt, fig, (ax_val, ax_test) = figure
+    rows = summary["runs"]
+    for row in rows:
+        values = list(val_accuracies.get(row["experiment"], ()))
+        ax_val.plot(range(1, len(values) + 1), values, "-", label=f"train_seed {row['train_seed']}")
+    from matplotlib.ticker import MaxNLocator
+
+    ax_val.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_val.set_xlabel("epoch")
+    ax_val.set_ylabel("validation accuracy")
+    ax_val.grid(alpha=0.3)
+    if ax_val.lines:
+        ax_val.legend(fontsize=8)
+    positions = range(len(rows))
+    ax_test.errorbar(positions, [row["test_accuracy_mean"] for row in rows],
+                     yerr=[row["test_accuracy_ci95"] for row in rows], fmt="o", capsize=4,
+                     label="run (95% CI over tasks)")
+    mean, std = summary["test_accuracy_mean_over_runs"], summary["test_accuracy_std_over_runs"]
+    ax_test.axhline(mean, color="black", lw=1, label=f"mean {mean:.4f} ± {std:.4f} (std over runs)")
+    ax_test.axhspan(mean - std, mean + std, color="black", alpha=0.1)
+    ax_test.set_xticks(list(positions))
+    ax_test.set_xticklabels([f"seed {row['train_seed']}" for row in rows])
+    ax_test.set_ylabel("test accuracy (official protocol)")
+    ax_test.grid(alpha=0.3)
+    ax_test.legend(fontsize=8)
     fig.suptitle(title)
     return _save(fig, plt, path)

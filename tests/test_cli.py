@@ -247,6 +247,8 @@ def test_train_seed_runs_and_their_mean_and_std_over_runs(tmp_path, capsys):
     assert aggregate["test_accuracy_sample_std_over_runs"] == pytest.approx(np.std(each, ddof=1), abs=1e-15)
     assert aggregate["warnings"] == [] and aggregate["differing_config_keys"] == []
     assert f"over 3 runs: {np.mean(each):.4f} ± {np.std(each):.4f}" in out
+    figure = out_json.with_suffix(".png")
+    assert figure.is_file() and figure.stat().st_size > 1000 and f"written: {figure}" in out
 
 
 def test_runs_that_are_not_one_setting_are_flagged(tmp_path, capsys):
