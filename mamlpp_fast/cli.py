@@ -496,6 +496,29 @@ def _trained_config(folder: str, trainer) -> Dict[str, Any]:
         return trainer.config.to_dict()
 
 
+def _report_runs(runs: List[Dict[str, Any]], val_accuracies: Dict[str, List[float]],
+                 summary_path: Optional[str]) -> None:
+    """Several runs of one setting: the table and mean ± std over runs; with `summary_path`,
+    also that JSON and a figure beside it (same name, .png)."""
+    from .plots import plot_runs
+    from .runs_summary import format_runs_summary, summarize_runs
+
+    aggregate = summarize_runs(runs)
+    print(format_runs_summary(aggregate), flush=True)
+    if summary_path is None:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(summary_path)), exist_ok=True)
+    with open(summary_path, "w", encoding="utf-8") as handle:
+        json.dump(aggregate, handle, indent=2)
+        handle.write("\n")
+    print(f"written: {summary_path}", flush=True)
+    setting = re.sub(r"_train_seed\d+$", "", str(runs[0]["config"].get("experiment_name")))
+    figure = plot_runs(aggregate, val_accuracies, f"{len(runs)} runs of {setting}",
+                       os.path.splitext(summary_path)[0] + ".png")
+    if figure is not None:
+        print(f"written: {figure}", flush=True)
+
+
 def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _eval_parser()
     args = parser.parse_args(argv)
@@ -540,24 +563,7 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
                      "epochs_done": trainer.epochs_done, "total_epochs": trainer.config.total_epochs})
         val_accuracies[folder] = list(trainer.state["per_epoch_statistics"]["val_accuracy_mean"])
     if len(runs) > 1:
-        from .runs_summary import format_runs_summary, summarize_runs
-
-        aggregate = summarize_runs(runs)
-        print(format_runs_summary(aggregate), flush=True)
-        if args.runs_summary is not None:
-            folder = os.path.dirname(os.path.abspath(args.runs_summary))
-            os.makedirs(folder, exist_ok=True)
-            with open(args.runs_summary, "w", encoding="utf-8") as handle:
-                json.dump(aggregate, handle, indent=2)
-                handle.write("\n")
-            print(f"written: {args.runs_summary}", flush=True)
-            from .plots import plot_runs
-
-            setting = re.sub(r"_train_seed\d+$", "", str(runs[0]["config"].get("experiment_name")))
-            figure = plot_runs(aggregate, val_accuracies, f"{len(runs)} runs of {setting}",
-                               os.path.splitext(args.runs_summary)[0] + ".png")
-            if figure is not None:
-                print(f"written: {figure}", flush=True)
+        _report_runs(runs, val_accuracies, args.runs_summary)
     return 0
 
 
