@@ -22,6 +22,7 @@ import torch
 
 from mamlpp_fast.cli import CLI_PRESETS
 from mamlpp_fast.config import MAMLConfig
+from mamlpp_fast.testing import call_after
 from mamlpp_fast.trainer import Trainer
 
 EPOCHS = 3
@@ -36,21 +37,6 @@ def make_trainer(folder: str, args: argparse.Namespace) -> Trainer:
 
 def final_state(trainer: Trainer) -> dict:
     return torch.load(trainer.checkpoint_path("latest"), map_location="cpu", weights_only=False)
-
-
-def stop_after(trainer: Trainer, calls: int) -> None:
-    learner = trainer.learner
-    original = learner.run_train_iter
-    count = [0]
-
-    def run_train_iter(*a, **k):
-        out = original(*a, **k)
-        count[0] += 1
-        if count[0] == calls:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return out
-
-    learner.run_train_iter = run_train_iter
 
 
 def largest_difference(a: dict, b: dict) -> float:
@@ -79,7 +65,7 @@ def main() -> int:
         whole = make_trainer(os.path.join(folder, "whole"), args)
         whole_outcome = whole.train()
         part = make_trainer(os.path.join(folder, "parts"), args)
-        stop_after(part, STOP_AFTER)
+        call_after(part.learner, STOP_AFTER, lambda: os.kill(os.getpid(), signal.SIGTERM))
         stopped = part.train()
         resumed = make_trainer(os.path.join(folder, "parts"), args)
         resumed_outcome = resumed.train()

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "call_after",
+    "read_until",
     "META_STEP_RTOL",
     "OMNIGLOT_20WAY_SHAPES",
     "TOLERANCES",
@@ -290,3 +292,36 @@ def call_collecting_warnings(category: type, fn, *args, **kwargs):
         warnings.simplefilter("always")
         out = fn(*args, **kwargs)
     return out, [str(w.message) for w in caught if issubclass(w.category, category)]
+
+
+def call_after(learner, calls: int, action) -> None:
+    """Make `learner.run_train_iter` run `action()` right after its `calls`-th meta-iteration
+    (e.g. send this process a signal at a chosen iteration)."""
+    original = learner.run_train_iter
+    count = [0]
+
+    def run_train_iter(*args, **kwargs):
+        result = original(*args, **kwargs)
+        count[0] += 1
+        if count[0] == calls:
+            action()
+        return result
+
+    learner.run_train_iter = run_train_iter
+
+
+def read_until(stream, prefix: str, timeout: float) -> list:
+    """The lines of the text `stream` up to and including the first one starting with `prefix`;
+    all of them if none does before the stream ends or `timeout` seconds pass."""
+    import time
+
+    lines = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = stream.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith(prefix):
+            break
+    return lines

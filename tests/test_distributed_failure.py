@@ -18,6 +18,8 @@ import time
 import pytest
 import torch
 
+from mamlpp_fast.testing import read_until
+
 EPOCHS = 12
 ARGS = ["train", "--preset", "synthetic-tiny", "--set", f"total_epochs={EPOCHS}", "--iters-per-epoch", "2",
         "--no-test", "--no-progress", "--device", "cpu", "--threads", "1", "--output-dir", "runs"]
@@ -92,16 +94,8 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_iteration_and_resum
             "--checkpoint-minutes", "1e-9"]
     args[args.index(f"total_epochs={EPOCHS}")] = "total_epochs=1"
     procs = _start_ranks(tmp_path, args=args)
-    lines = []
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        line = procs[0].stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.startswith("saved progress at iteration 2 "):
-            procs[1].send_signal(signal.SIGTERM)
-            break
+    lines = read_until(procs[0].stdout, "saved progress at iteration 2 ", timeout=180)
+    procs[1].send_signal(signal.SIGTERM)
     outs = _finish(procs, timeout=150)
     for code, out, err in outs:
         assert code == 128 + signal.SIGTERM, (code, "".join(lines) + out[-2000:], err[-3000:])
@@ -130,17 +124,9 @@ def test_torchrun_forwards_sigterm_and_the_workers_save_mid_epoch(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", MAMLPP_DIST_TIMEOUT="120", PYTHONUNBUFFERED="1")
     agent = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)
-    lines = []
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            line = agent.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("saved progress at iteration 2 "):
-                agent.send_signal(signal.SIGTERM)
-                break
+        lines = read_until(agent.stdout, "saved progress at iteration 2 ", timeout=180)
+        agent.send_signal(signal.SIGTERM)
         rest, _ = agent.communicate(timeout=120)
     finally:
         if agent.poll() is None:

@@ -17,6 +17,7 @@ import torch
 from mamlpp_fast.cli import CLI_PRESETS
 from mamlpp_fast.config import MAMLConfig
 from mamlpp_fast.stop_signals import StopRequests
+from mamlpp_fast.testing import call_after, read_until
 from mamlpp_fast.trainer import Trainer, ensemble_logits_accuracy, top_epochs
 
 
@@ -544,23 +545,6 @@ def test_split_fingerprints_follow_the_classes_and_their_order():
 STOP_EPOCHS = 3  # the tiny preset has 3 iterations per epoch: 9 in all
 
 
-def _after_calls(trainer, calls, action):
-    """Make the trainer's learner run `action()` right after its `calls`-th meta-iteration."""
-    learner = trainer.learner
-    original = learner.run_train_iter
-    count = [0]
-
-    def run_train_iter(*args, **kwargs):
-        result = original(*args, **kwargs)
-        count[0] += 1
-        if count[0] == calls:
-            action()
-        return result
-
-    learner.run_train_iter = run_train_iter
-    return count
-
-
 def _sigterm_self():
     os.kill(os.getpid(), signal.SIGTERM)
 
@@ -584,7 +568,7 @@ def _assert_same_run(a, b):
 def test_sigterm_mid_epoch_saves_and_the_rerun_matches_an_uninterrupted_run(tmp_path):
     before = signal.getsignal(signal.SIGTERM)
     part = make_trainer(tmp_path / "parts", total_epochs=STOP_EPOCHS)
-    _after_calls(part, 4, _sigterm_self)  # iteration 4: the first of epoch 2
+    call_after(part.learner, 4, _sigterm_self)  # iteration 4: the first of epoch 2
     outcome = part.train()
     assert outcome["stopped_because"] == "signal" and outcome["signal"] == "SIGTERM"
     assert outcome["current_iter"] == 4 and not outcome["finished"]
@@ -614,7 +598,7 @@ def _resume_to_the_end(folder):
 @pytest.mark.parametrize("calls", [3, 9], ids=["first_epoch", "last_epoch"])
 def test_a_signal_in_an_epochs_last_iteration_stops_before_its_validation(tmp_path, calls):
     trainer = make_trainer(tmp_path / "parts", total_epochs=STOP_EPOCHS)
-    _after_calls(trainer, calls, _sigterm_self)
+    call_after(trainer.learner, calls, _sigterm_self)
     outcome = trainer.train()
     assert outcome["stopped_because"] == "signal" and outcome["current_iter"] == calls
     assert not outcome["finished"]  # all iterations may be done, but not the last validation
@@ -684,7 +668,7 @@ def test_a_kill_during_validation_loses_only_the_validation(tmp_path):
 
 def test_train_again_in_the_same_process_after_a_signal_continues_the_epoch(tmp_path):
     trainer = make_trainer(tmp_path / "parts", total_epochs=STOP_EPOCHS)
-    _after_calls(trainer, 4, _sigterm_self)
+    call_after(trainer.learner, 4, _sigterm_self)
     assert trainer.train()["stopped_because"] == "signal"
     assert trainer.train()["finished"]  # e.g. Ctrl-C in a notebook, then train() again
     _assert_same_run(_uninterrupted(tmp_path), _final_state(trainer))
@@ -697,7 +681,7 @@ def test_periodic_mid_epoch_checkpoints_survive_a_crash(tmp_path):
     def crash():
         raise RuntimeError("simulated crash")
 
-    _after_calls(crashing, 6, crash)  # inside iteration 6 (the last of epoch 2): never counted
+    call_after(crashing.learner, 6, crash)  # inside iteration 6 (the last of epoch 2): never counted
     with pytest.raises(RuntimeError, match="simulated crash"):
         crashing.train()
     saved = _final_state(crashing)
@@ -724,7 +708,7 @@ def test_without_a_stop_or_the_interval_only_trained_epochs_are_saved_before_val
 
 def test_an_epoch_record_that_does_not_match_the_iteration_is_dropped_with_a_warning(tmp_path):
     part = make_trainer(tmp_path, total_epochs=STOP_EPOCHS)
-    _after_calls(part, 4, _sigterm_self)
+    call_after(part.learner, 4, _sigterm_self)
     part.train()
     path = part.checkpoint_path("latest")
     state = torch.load(path, map_location="cpu", weights_only=False)
@@ -804,16 +788,8 @@ def test_cli_sigterm_exits_143_and_the_rerun_finishes_the_epoch(tmp_path):
     process = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     try:
-        lines = []
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            line = process.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("saved progress at iteration 2 "):
-                process.send_signal(signal.SIGTERM)
-                break
+        lines = read_until(process.stdout, "saved progress at iteration 2 ", timeout=120)
+        process.send_signal(signal.SIGTERM)
         out, err = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
