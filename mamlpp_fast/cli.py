@@ -321,6 +321,20 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     from .trainer import DistributedResumeError
 
     try:
+        return _train_and_test(trainer, args, distributed)
+    finally:
+        if distributed is not None:  # gloo's threads must not outlive the interpreter (std::terminate)
+            from .distributed import destroy
+
+            destroy()
+
+
+def _train_and_test(trainer, args, distributed) -> int:
+    from .data import DataError, DataNotFoundError
+    from .experiment_lock import ExperimentBusyError
+    from .trainer import DistributedResumeError
+
+    try:
         outcome = trainer.train()
         if outcome["stopped_because"] == "signal":
             # The conventional status of a process ended by a signal (a scheduler may requeue on it).
