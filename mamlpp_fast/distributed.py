@@ -22,6 +22,7 @@ collective that tells every rank whether any rank was asked to stop.
 from __future__ import annotations
 
 import datetime
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -199,6 +200,7 @@ def init_from_env(
         timeout_s = float(os.environ.get("MAMLPP_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
     timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
+        _import_modules_that_keep_the_default_group()
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout)
     control_group = None
     if dist.get_backend() != "gloo":  # every rank takes this branch: new_group is a collective
@@ -208,6 +210,48 @@ def init_from_env(
                               control_group=control_group)
 
 
+# Modules whose function defaults are `group.WORLD`, bound when the module is first imported: an
+# import after init_process_group keeps the default group alive for good (torch.distributed.nn
+# alone holds ten references), so destroy_process_group() cannot free it and gloo's worker
+# threads outlive the interpreter. A worker that then drops the last reference to a collective's
+# tensor needs the GIL of a finalizing interpreter and the process dies with "terminate called
+# without an active exception" (SIGABRT) after its work is done. torch.optim.Adam imports
+# torch._dynamo, which imports all of these, so every MetaLearner built after the group would.
+_MODULES_BINDING_THE_WORLD_GROUP = (
+    "torch.distributed.nn.functional",
+    "torch.distributed.fsdp.sharded_grad_scaler",
+    "torch.distributed.optim.zero_redundancy_optimizer",
+)
+
+
+def _import_modules_that_keep_the_default_group() -> None:
+    """Import them while there is no group yet, so that their defaults bind None."""
+    for name in _MODULES_BINDING_THE_WORLD_GROUP:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # other torch versions: nothing to pin
+            pass
+
+
+def gloo_threads() -> List[str]:
+    """Names of this process's gloo threads (Linux; empty elsewhere). After `destroy` there are
+    none, unless something still holds a process group."""
+    tasks = f"/proc/{os.getpid()}/task"
+    if not os.path.isdir(tasks):
+        return []
+    names = []
+    for task in os.listdir(tasks):
+        try:
+            with open(os.path.join(tasks, task, "comm")) as handle:
+                name = handle.read().strip()
+        except OSError:  # the thread ended meanwhile
+            continue
+        if "gloo" in name:
+            names.append(name)
+    return names
+
+
 def destroy() -> None:
+    """Destroy every process group, joining gloo's threads while the interpreter is alive."""
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -84,6 +84,22 @@ def fresh_run_on_different_data(context) -> None:
     torch.save({"outcome": outcome}, os.environ["TEST_OUT"])
 
 
+def threads_after_destroy(context) -> None:
+    """A learner built after the group (its Adam imports torch._dynamo, and with it modules
+    that bind the default group), one collective, then destroy(): no gloo thread may be left
+    for the interpreter's exit."""
+    from mamlpp_fast.distributed import destroy, gloo_threads
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        learner = MetaLearner(config_for(second_order=False))
+    context.broadcast_module(learner)
+    agreed = context.same_on_all_ranks(7)
+    before = gloo_threads()
+    destroy()
+    torch.save({"agreed": agreed, "before": before, "after": gloo_threads()}, os.environ["TEST_OUT"])
+
+
 def main() -> None:
     torch.set_num_threads(1)
     from mamlpp_fast.distributed import destroy, init_from_env
@@ -95,6 +111,9 @@ def main() -> None:
 
         assert context.control_group is None
         context.control_group = dist.new_group(backend="gloo")
+    if os.environ.get("TEST_MODE") == "threads_after_destroy":
+        threads_after_destroy(context)
+        return
     if os.environ.get("TEST_MODE") == "max_minutes":
         stop_on_time(context)
         destroy()
