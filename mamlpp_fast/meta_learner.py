@@ -62,8 +62,9 @@ class MetaLearner(FewShotLearnerBase):
         checkpoint_inner_steps: recompute each training inner step (support forward, inner
             gradient, LSLR update, target forward) in the backward pass instead of keeping its
             activations (torch.utils.checkpoint, use_reentrant=False; works with second order).
-        conv_strategy: how the task-batched convolutions run: "auto" (default, the grouped conv;
-            see `mamlpp_fast.ops.task_conv`), "grouped" (one grouped conv), "explicit" (the
+        conv_strategy: how the task-batched convolutions run: "auto" (default: "explicit" on
+            the CPU, "grouped" on CUDA, as measured end to end; see `mamlpp_fast.ops.task_conv`),
+            "grouped" (one grouped conv under ATen's autograd), "explicit" (the
             grouped kernels under mamlpp_fast's own double-backward formulas), "bmm" (im2col +
             batched matmul), "triton" (implicit-GEMM Triton kernels, CUDA) or "blockdiag" (one
             dense conv with a block-diagonal weight, for few-channel layers); or one of these per
@@ -139,7 +140,8 @@ class MetaLearner(FewShotLearnerBase):
         self._conv_strategy = value if isinstance(value, str) else tuple(value)
 
     def _describe_conv_strategies(self) -> str:
-        strategies = task_conv_strategies(self.device, self._conv_requests, len(self._conv_requests))
+        strategies = task_conv_strategies(self.device, self._conv_requests, len(self._conv_requests),
+                                          self.config.conv_stride, self.config.conv_padding_size)
         return strategies[0] if len(set(strategies)) == 1 else ",".join(strategies)
 
     def _convs(self) -> List[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:

@@ -29,7 +29,7 @@ def test_train_then_eval_end_to_end(tmp_path, capsys):
     assert train_main(TINY + ["--output-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "test accuracy:" in out and "epoch 2/2" in out
-    assert "kernels: bn_lrelu_pool=" in out and "task_conv=grouped" in out  # which backend is active
+    assert "kernels: bn_lrelu_pool=" in out and "task_conv=explicit" in out  # which backend is active
     assert "data: synthetic" in out  # which data, how many classes
     folder = tmp_path / EXPERIMENT
     for name in ("config.json", "saved_models/train_model_1", "saved_models/train_model_2",
@@ -92,9 +92,9 @@ def assert_same_training(actual_state, expected_state):
 
 @pytest.mark.parametrize("name, extra, kernels", [
     # --task-chunk-size and --checkpoint-inner-steps change memory use, not the result.
-    ("bounded", ["--task-chunk-size", "1", "--checkpoint-inner-steps"], "task_conv=grouped"),
+    ("bounded", ["--task-chunk-size", "1", "--checkpoint-inner-steps"], "task_conv=explicit"),
     # and --conv-strategy (here one per layer) changes kernels, not the result.
-    ("conv", ["--conv-strategy", "bmm, explicit,auto,blockdiag"], "task_conv=bmm,explicit,grouped,blockdiag"),
+    ("conv", ["--conv-strategy", "bmm, explicit,auto,blockdiag"], "task_conv=bmm,explicit,explicit,blockdiag"),
 ])
 def test_speed_and_memory_options_match_the_plain_run(tmp_path, capsys, name, extra, kernels):
     optioned = _trained_network(tmp_path, name, extra)

@@ -237,9 +237,9 @@ def test_bad_conv_strategy_names_the_argument(config, strategy, message):
 def test_per_layer_conv_strategy_is_reported(config):
     mixed = MetaLearner(config, conv_strategy=["bmm", "auto", "auto", "explicit"])
     assert mixed.conv_strategy == ("bmm", "auto", "auto", "explicit")  # a tuple: hashable
-    assert mixed.active_backends["task_conv"] == "bmm,grouped,grouped,explicit"
+    assert mixed.active_backends["task_conv"] == "bmm,explicit,explicit,explicit"  # "auto" on the CPU
     uniform = MetaLearner(config, conv_strategy=("auto",) * 4)
-    assert uniform.active_backends["task_conv"] == "grouped"
+    assert uniform.active_backends["task_conv"] == "explicit"
     uniform.conv_strategy = "bmm"  # changing it later takes effect, and is checked
     assert uniform.active_backends["task_conv"] == "bmm"
     with pytest.raises(ValueError, match="conv_strategy: a per-layer strategy needs 4 entries"):

@@ -25,11 +25,13 @@ Five strategies compute the same function:
   which the grouped form sends to ATen's depthwise kernel (3.1 of 25 ms of an Omniglot 20w1s
   meta-step on the H200); pick it per layer, e.g. ``("blockdiag", "auto", "auto", "auto")``.
 
-Gradients of any order come from autograd in all five. ``"auto"`` is ``grouped`` on every device,
-by end-to-end measurement. On the CPU, ``explicit`` is 1.3-1.5x faster than ``grouped`` for an
-isolated second-order pattern (gradients of |dx|^2 + |dw|^2) but equal inside whole meta-steps:
-the group loop it removes costs about what its separate weight-gradient calls add (2026-11-30,
-benchmarks/RESULTS.md). On the H200 (2026-11-30), in isolation ``bmm`` wins the second-order
+Gradients of any order come from autograd in all five. ``"auto"``, by end-to-end measurement, is
+``explicit`` on the CPU and ``grouped`` on CUDA (and ``grouped`` wherever the stride or padding is
+not MAML++'s, which only the ATen strategies implement). On the CPU, ``explicit`` is 1.3-1.5x
+faster than ``grouped`` for an isolated second-order pattern (gradients of |dx|^2 + |dw|^2);
+inside whole second-order meta-steps it was equal on an AVX2 host and 0.5-10% faster on an
+AVX-512 host (all five official settings), and equal in first order, where both run the same
+kernels (benchmarks/RESULTS.md). On the H200 (2026-11-30), in isolation ``bmm`` wins the second-order
 pattern for layers with C_in*9 >= 27 and H*W >= 196 (up to 3.6x at mini-ImageNet's 84x84 first
 layer, TF32 off), but inside whole meta-steps, where cuDNN runs in TF32 and the im2col buffers are
 kept for the outer backward, a per-layer rule built on that was slower (mini-ImageNet 5w1s 242 vs 106 ms, Omniglot
@@ -61,22 +63,28 @@ FLEXIBLE_STRATEGIES = ("grouped", "blockdiag")
 _REQUESTS = ("auto",) + STRATEGIES
 
 
-def task_conv_strategy(device: torch.device, strategy: str = "auto") -> str:
-    """The strategy ``task_conv`` runs on ``device`` when asked for ``strategy`` ("auto" is the
-    grouped convolution on every device and layer; "triton" raises where it cannot run)."""
+def task_conv_strategy(device: torch.device, strategy: str = "auto", stride: int = 1, padding: int = 1) -> str:
+    """The strategy ``task_conv`` runs on ``device`` when asked for ``strategy``: "auto" is
+    "explicit" on the CPU and "grouped" on other devices, or wherever the stride and padding
+    are not 1 and 1; "triton" raises where it cannot run."""
     if strategy not in _REQUESTS:
         raise ValueError(f"task_conv: strategy must be one of {_REQUESTS}, got {strategy!r}")
     if strategy == "triton":
         _backend.select_backend("task_conv", torch.device(device), "triton")  # raises where it cannot run
-    return "grouped" if strategy == "auto" else strategy
+    if strategy != "auto":
+        return strategy
+    if torch.device(device).type == "cpu" and (stride, padding) == (1, 1):
+        return "explicit"
+    return "grouped"
 
 
-def task_conv_strategies(device: torch.device, strategy: Union[str, Sequence[str]], num_layers: int) -> Tuple[str, ...]:
+def task_conv_strategies(device: torch.device, strategy: Union[str, Sequence[str]], num_layers: int,
+                         stride: int = 1, padding: int = 1) -> Tuple[str, ...]:
     """The strategy each of ``num_layers`` conv layers runs on ``device``: ``strategy`` is one
     request for every layer, or one per layer, e.g. ``("triton", "grouped", "grouped", "grouped")``
     (layers differ: a 1-channel first layer and the 64-channel ones favour different kernels)."""
     requested = per_layer_requests(strategy, num_layers)
-    return tuple(task_conv_strategy(device, item) for item in requested)
+    return tuple(task_conv_strategy(device, item, stride, padding) for item in requested)
 
 
 def per_layer_requests(strategy: Union[str, Sequence[str]], num_layers: int,
@@ -293,8 +301,8 @@ def task_conv(x: Tensor, weight: Tensor, bias: Tensor, *, strategy: str = "auto"
         x: [n, B*C_in, H, W], task t's channels at [t*C_in, (t+1)*C_in).
         weight: [B, C_out, C_in, 3, 3], a broadcast (expanded) view is fine.
         bias: [B, C_out].
-        strategy: "auto" (default; see the module docstring), "grouped", "explicit", "bmm",
-            "triton" or "blockdiag".
+        strategy: "auto" (default: "explicit" on the CPU, "grouped" on CUDA; see the module
+            docstring), "grouped", "explicit", "bmm", "triton" or "blockdiag".
         stride, padding: 1 and 1 in MAML++. The official network's other options (stride 2 for
             max_pooling=false, padding 0 for conv_padding=false) run with the ATen strategies
             only: "auto", "grouped" or "blockdiag".
@@ -304,8 +312,8 @@ def task_conv(x: Tensor, weight: Tensor, bias: Tensor, *, strategy: str = "auto"
         Differentiable to any order in x, weight and bias.
     """
     _check(x, weight, bias)
-    name = task_conv_strategy(x.device, strategy)
     check_conv_geometry(strategy, stride, padding)
+    name = task_conv_strategy(x.device, strategy, stride, padding)
     if name == "bmm":
         return _task_conv_bmm(x, weight, bias)
     if name == "blockdiag":
