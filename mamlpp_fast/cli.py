@@ -326,7 +326,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
         if distributed is not None:  # gloo's threads must not outlive the interpreter (std::terminate)
             from .distributed import destroy
 
-            destroy()
+            destroy(distributed)
 
 
 def _train_and_test(trainer, args, distributed) -> int:

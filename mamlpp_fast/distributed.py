@@ -251,7 +251,14 @@ def gloo_threads() -> List[str]:
     return names
 
 
-def destroy() -> None:
-    """Destroy every process group, joining gloo's threads while the interpreter is alive."""
+def destroy(context: Optional[DistributedContext] = None) -> None:
+    """Destroy every process group, and with them gloo's threads, while the interpreter is alive.
+
+    A group is freed (its threads joined) when the last reference goes: pass the context that
+    holds the groups, so that its references go too (under NCCL it holds the gloo control group).
+    """
+    if context is not None:
+        context.group = None
+        context.control_group = None
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -87,7 +87,7 @@ def fresh_run_on_different_data(context) -> None:
 def threads_after_destroy(context) -> None:
     """A learner built after the group (its Adam imports torch._dynamo, and with it modules
     that bind the default group), one collective, then destroy(): no gloo thread may be left
-    for the interpreter's exit."""
+    for the interpreter's exit, also of a control group (TEST_CONTROL_GROUP=1)."""
     from mamlpp_fast.distributed import destroy, gloo_threads
 
     with warnings.catch_warnings():
@@ -96,7 +96,7 @@ def threads_after_destroy(context) -> None:
     context.broadcast_module(learner)
     agreed = context.same_on_all_ranks(7)
     before = gloo_threads()
-    destroy()
+    destroy(context)
     torch.save({"agreed": agreed, "before": before, "after": gloo_threads()}, os.environ["TEST_OUT"])
 
 
@@ -116,15 +116,15 @@ def main() -> None:
         return
     if os.environ.get("TEST_MODE") == "max_minutes":
         stop_on_time(context)
-        destroy()
+        destroy(context)
         return
     if os.environ.get("TEST_MODE") == "different_data":
         fresh_run_on_different_data(context)
-        destroy()
+        destroy(context)
         return
     if os.environ.get("TEST_MODE") == "unshared_folder":
         resume_from_unshared_folders(context)
-        destroy()
+        destroy(context)
         return
     config = config_for(os.environ["TEST_SECOND_ORDER"] == "1")
     chunk = int(os.environ.get("TEST_CHUNK", "0")) or None
@@ -139,7 +139,7 @@ def main() -> None:
     learner.distributed = context
     losses, logits = train(learner, config)
     torch.save({"state": learner.state_dict(), "losses": losses, "logits": logits}, os.environ["TEST_OUT"])
-    destroy()
+    destroy(context)
 
 
 if __name__ == "__main__":

@@ -110,10 +110,12 @@ def test_ranks_that_read_different_data_refuse_to_train(tmp_path):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads thread names from /proc")
-def test_destroy_leaves_no_gloo_thread_behind(tmp_path):
+@pytest.mark.parametrize("control_group", [0, 1], ids=["default_group", "control_group"])
+def test_destroy_leaves_no_gloo_thread_behind(tmp_path, control_group):
     # A gloo thread alive at interpreter exit can abort a rank that has finished its work
     # ("terminate called without an active exception"): CI saw it at random.
-    for result in _launch(tmp_path, 2, TEST_MODE="threads_after_destroy"):
+    results = _launch(tmp_path, 2, TEST_MODE="threads_after_destroy", TEST_CONTROL_GROUP=control_group)
+    for result in results:
         assert result["agreed"]
         assert result["before"], "the check needs gloo threads to look for"
         assert result["after"] == []
