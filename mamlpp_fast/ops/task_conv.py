@@ -30,7 +30,7 @@ Gradients of any order come from autograd in all five. ``"auto"``, by end-to-end
 not MAML++'s, which only the ATen strategies implement). On the CPU, ``explicit`` is 1.3-1.5x
 faster than ``grouped`` for an isolated second-order pattern (gradients of |dx|^2 + |dw|^2);
 inside whole second-order meta-steps it was equal on an AVX2 host and 0.4-11% faster on an
-AVX-512 host (all five official settings; 11% at most), and equal in first order, where both run the same
+AVX-512 host (all five official settings), and equal in first order, where both run the same
 kernels (benchmarks/RESULTS.md). On the H200 (2026-11-30), in isolation ``bmm`` wins the second-order
 pattern for layers with C_in*9 >= 27 and H*W >= 196 (up to 3.6x at mini-ImageNet's 84x84 first
 layer, TF32 off), but inside whole meta-steps, where cuDNN runs in TF32 and the im2col buffers are
