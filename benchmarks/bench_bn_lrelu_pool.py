@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from utils import env_info, measure, write_json  # noqa: E402
+from utils import env_info, keep_freed_host_memory, measure, write_json  # noqa: E402
 
 from mamlpp_fast.ops.bn_lrelu_pool import bn_lrelu_pool  # noqa: E402
 
@@ -128,6 +128,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.graphed and torch.device(args.device).type != "cuda":
         parser.error(f"--graphed needs --device cuda, got {args.device}")
+    keep_freed_host_memory(args.device)
     default = "aten,cuda" if torch.device(args.device).type == "cuda" else "aten,cpp"
     providers = (args.providers or default).split(",")
     results = [run_experiment(c) for c in get_configs(providers, args.quick, args.device, args.graphed)]

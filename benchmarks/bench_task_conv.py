@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from utils import env_info, markdown_table, measure, write_json  # noqa: E402
+from utils import env_info, keep_freed_host_memory, markdown_table, measure, write_json  # noqa: E402
 from mamlpp_fast.tf32 import disable_tf32  # noqa: E402
 
 STRATEGIES = ("grouped", "explicit", "bmm", "loop", "triton", "blockdiag")
@@ -172,6 +172,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_host_memory(args.device)
     disable_tf32()
     print(f"# {env_info()}")
     gen = torch.Generator(device="cpu").manual_seed(0)

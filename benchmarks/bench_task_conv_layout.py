@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from utils import env_info, markdown_table, measure, write_json  # noqa: E402
+from utils import env_info, keep_freed_host_memory, markdown_table, measure, write_json  # noqa: E402
 from mamlpp_fast.tf32 import conv_tf32_enabled, disable_tf32  # noqa: E402
 
 LAYOUTS = {"NCHW": torch.contiguous_format, "NHWC": torch.channels_last}
@@ -118,10 +118,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     if args.no_tf32:
         disable_tf32()
-    if torch.device(args.device).type == "cpu":
-        from mamlpp_fast.allocator import keep_freed_memory
-
-        keep_freed_memory()  # as mamlpp-train does: no page faults in the timings
+    keep_freed_host_memory(args.device)  # as mamlpp-train does: no page faults in the timings
     print(f"# {env_info()}")
     print(f"# TF32 convolutions: {conv_tf32_enabled()}")
     results: List[Result] = []

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from utils import Timing, markdown_table, measure, write_json  # noqa: E402
+from utils import Timing, keep_freed_host_memory, markdown_table, measure, write_json  # noqa: E402
 
 from mamlpp_fast import _backend  # noqa: E402
 from mamlpp_fast.ops import task_cross_entropy  # noqa: E402
@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--graphed needs --device cuda, got {args.device}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_host_memory(args.device)
     providers = args.providers.split(",") if args.providers else default_providers(args.device)
     print(f"# task_cross_entropy, {args.device}" + (" (CUDA-graph replay)" if args.graphed else "")
           + f": {_backend.describe_backends()}\n")

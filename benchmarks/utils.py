@@ -82,6 +82,17 @@ def time_cuda_graph(fn: Callable[[], Any], *, rep_ms: float = 50) -> Timing:
     return Timing(p20, p50, p80, reps=-1)
 
 
+def keep_freed_host_memory(device: str | torch.device) -> None:
+    """On the CPU, keep freed buffers in the process instead of returning them to the kernel, as
+    mamlpp-train does (`mamlpp_fast.allocator`). Otherwise every large temporary is page-faulted
+    and zeroed again on its next allocation, which adds more to the timings (and their scatter)
+    than many of the kernels being timed take."""
+    if torch.device(device).type == "cpu":
+        from mamlpp_fast.allocator import keep_freed_memory
+
+        keep_freed_memory()
+
+
 def measure(fn: Callable[[], Any], device: str | torch.device, graphed: bool = False) -> Timing:
     """``fn()``'s time on ``device``; ``graphed``: replayed from a CUDA graph (CUDA only)."""
     if graphed:
