@@ -187,11 +187,13 @@ def test_network_variant_trains_like_the_reference_over_iterations():
     ("maml++_mini-imagenet_5w1s", dict(SMALL, cnn_num_filters=8, num_target_samples=2)),
 ])
 @pytest.mark.parametrize("second_order", [True, False])
-def test_bmm_conv_strategy_matches_reference(name, overrides, second_order):
-    """The im2col + batched-matmul convolution (the GPU's choice for large layers) on the CPU."""
+@pytest.mark.parametrize("conv_strategy", ["grouped", "bmm"])
+def test_conv_strategies_match_reference(name, overrides, second_order, conv_strategy):
+    """The strategies that "auto" does not pick on the CPU, with the fused ops: ATen's grouped
+    convolution under ATen's autograd (CUDA's "auto") and im2col + batched matmul."""
     config = preset(name, second_order=second_order, **overrides)
-    compare_one_pass(config, 2, conv_strategy="bmm")
-    compare_one_pass(config, 2, conv_strategy="bmm", training=False)
+    compare_one_pass(config, 2, conv_strategy=conv_strategy)
+    compare_one_pass(config, 2, conv_strategy=conv_strategy, training=False)
 
 
 @pytest.mark.parametrize("second_order", [True, False])
@@ -285,8 +287,9 @@ def test_several_train_iterations_end_with_equal_parameters():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("second_order", [True, False])
-@pytest.mark.parametrize("backend, conv_strategy", [("auto", "auto"), ("aten", "grouped"), ("auto", "bmm"),
-                                                    ("auto", "triton"), ("auto", ("triton", "auto", "auto", "auto"))])
+@pytest.mark.parametrize("backend, conv_strategy", [("auto", "auto"), ("aten", "grouped"), ("auto", "explicit"),
+                                                    ("auto", "bmm"), ("auto", "triton"),
+                                                    ("auto", ("triton", "auto", "auto", "auto"))])
 @pytest.mark.parametrize("name, overrides", [
     ("maml++_omniglot_20w1s", SMALL),
     ("maml++_mini-imagenet_5w1s", dict(SMALL, cnn_num_filters=8, num_target_samples=2)),
