@@ -3,9 +3,9 @@
 MetaLearner convolves B tasks with B different weight sets at every inner step. The strategies:
 
 - ``grouped``: tasks as channel groups, one ``F.conv2d(..., groups=B)`` (cuDNN / oneDNN);
-  what MetaLearner runs today;
+  what MetaLearner runs on CUDA;
 - ``explicit``: the same grouped kernels under mamlpp_fast's own autograd formulas (no loop over
-  groups in the double backward);
+  groups in the double backward); what MetaLearner runs on the CPU;
 - ``bmm``: ``F.unfold`` (im2col) then one batched matmul over tasks;
 - ``loop``: one ``F.conv2d`` per task (the per-task reference's pattern);
 - ``triton``: the implicit-GEMM Triton kernels of ``mamlpp_fast.kernels.task_conv`` (CUDA only);

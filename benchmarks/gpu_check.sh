@@ -86,7 +86,7 @@ SETTINGS=maml++_omniglot_20w1s,maml++_mini-imagenet_5w1s
 PROVIDERS=reference,mamlpp_fast:aten,mamlpp_fast,mamlpp_fast+triton,mamlpp_fast+graphs,mamlpp_fast+graphs+eageradam,mamlpp_fast+graphs+cudnnbench,mamlpp_fast+graphs+explicit,mamlpp_fast+graphs+bmm,mamlpp_fast+graphs+triton,mamlpp_fast+graphs+triton/auto/auto/auto,mamlpp_fast+graphs+blockdiag/auto/auto/auto,torchfunc
 if [[ "$DRY" == 1 ]]; then  # no Triton kernels on the CPU
   SETTINGS=maml++_omniglot_5w1s
-  PROVIDERS=reference,mamlpp_fast:aten,mamlpp_fast,mamlpp_fast+explicit,mamlpp_fast+graphs,mamlpp_fast+graphs+bmm,torchfunc
+  PROVIDERS=reference,mamlpp_fast:aten,mamlpp_fast,mamlpp_fast+grouped,mamlpp_fast+graphs,mamlpp_fast+graphs+bmm,torchfunc
 fi
 run bench_meta_step 150 "$PY" benchmarks/bench_meta_step.py --device "$DEVICE" --settings "$SETTINGS" \
   --providers "$PROVIDERS" --reps "$REPS" --json "$LOG/bench_meta_step.json"

@@ -227,7 +227,7 @@ def _train_parser() -> argparse.ArgumentParser:
 
 
 def _describe_kernels(learner) -> str:
-    """What the learner's ops run on, e.g. "bn_lrelu_pool=cpp, lslr_update=cpp, task_conv=grouped"."""
+    """What the learner's ops run on, e.g. "bn_lrelu_pool=cpp, lslr_update=cpp, task_conv=explicit"."""
     from . import _backend
 
     active = ", ".join(f"{op}={name}" for op, name in learner.active_backends.items())

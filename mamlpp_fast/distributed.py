@@ -256,6 +256,8 @@ def destroy(context: Optional[DistributedContext] = None) -> None:
 
     A group is freed (its threads joined) when the last reference goes: pass the context that
     holds the groups, so that its references go too (under NCCL it holds the gloo control group).
+    A default group created before `init_from_env` (by your own ``init_process_group``) may be
+    held for good by torch modules imported after it; import torch._dynamo first in that case.
     """
     if context is not None:
         context.group = None

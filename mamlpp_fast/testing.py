@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import socket
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
@@ -19,6 +20,7 @@ from torch import Tensor
 
 __all__ = [
     "call_after",
+    "free_port",
     "read_until",
     "META_STEP_RTOL",
     "OMNIGLOT_20WAY_SHAPES",
@@ -325,3 +327,11 @@ def read_until(stream, prefix: str, timeout: float) -> list:
         if line.startswith(prefix):
             break
     return lines
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago, for a test's rendezvous (MASTER_PORT).
+    Another process may take it before the ranks do; tests give the ranks a short timeout."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

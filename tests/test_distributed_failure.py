@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import time
 import pytest
 import torch
 
-from mamlpp_fast.testing import read_until
+from mamlpp_fast.testing import free_port, read_until
 
 EPOCHS = 12
 ARGS = ["train", "--preset", "synthetic-tiny", "--set", f"total_epochs={EPOCHS}", "--iters-per-epoch", "2",
@@ -26,14 +25,8 @@ ARGS = ["train", "--preset", "synthetic-tiny", "--set", f"total_epochs={EPOCHS}"
 LATEST = os.path.join("runs", "synthetic_tiny_5way_1shot", "saved_models", "train_model_latest")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start_ranks(cwd, world_size=2, args=ARGS):
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(world_size):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
@@ -117,7 +110,7 @@ def test_torchrun_forwards_sigterm_and_the_workers_save_mid_epoch(tmp_path):
     # its workers (and SIGKILL some 30 s later); they stop after the same iteration and rank 0
     # saves the epoch's progress. torchrun itself then exits with its own error.
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                "-m", "mamlpp_fast", *ARGS[:ARGS.index("--iters-per-epoch")], "--iters-per-epoch", "3000",
                *ARGS[ARGS.index("--no-test"):], "--checkpoint-minutes", "1e-9"]
     command[command.index(f"total_epochs={EPOCHS}")] = "total_epochs=1"

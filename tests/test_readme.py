@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+
+from mamlpp_fast.testing import free_port
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -47,22 +48,22 @@ def test_readme_torchrun_example_runs_on_two_ranks(tmp_path):
     example.write_text(match.group(1))
     script = tmp_path / "rank.py"
     script.write_text(_RANK_SCRIPT)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = []
-    for rank in range(2):
+    port = free_port()
+    procs, logs = [], [tmp_path / f"rank{rank}.log" for rank in range(2)]
+    for rank, log in enumerate(logs):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", TEST_OUT=str(tmp_path / f"rank{rank}.pt"))
-        procs.append(subprocess.Popen([sys.executable, str(script), str(example)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", MAMLPP_DIST_TIMEOUT="60",
+                   TEST_OUT=str(tmp_path / f"rank{rank}.pt"))
+        with open(log, "wb") as handle:  # files, not pipes: a rank never blocks on its output
+            procs.append(subprocess.Popen([sys.executable, str(script), str(example)], env=env,
+                                          stdout=handle, stderr=subprocess.STDOUT))
     try:
-        logs = [proc.communicate(timeout=180)[0].decode(errors="replace") for proc in procs]
+        codes = [proc.wait(timeout=180) for proc in procs]
     finally:
         for proc in procs:
             proc.kill()
-    for proc, log in zip(procs, logs):
-        assert proc.returncode == 0, log[-3000:]
+    output = "\n".join(f"--- rank {rank}:\n{log.read_text(errors='replace')[-2000:]}" for rank, log in enumerate(logs))
+    assert codes == [0, 0], output
     results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
     assert results[0]["world_size"] == results[1]["world_size"] == 2  # the learner was sharded
     assert results[0]["loss"] == results[1]["loss"]  # the mean over all tasks, on every rank

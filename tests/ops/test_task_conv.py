@@ -131,10 +131,23 @@ def test_strategy_choice():
     # The official network's stride 2 and padding 0 run on the ATen strategies only.
     for stride, padding in ((2, 1), (1, 0), (2, 0)):
         assert task_conv_strategy(cpu, "auto", stride, padding) == "grouped"
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # explicit's Functions do not autocast
+        assert task_conv_strategy(cpu) == "grouped"
+    assert task_conv_strategy(cpu) == "explicit"
     assert task_conv_strategy(cpu, "explicit") == "explicit"
     assert task_conv_strategy(cpu, "bmm") == "bmm"
     assert task_conv_strategy(cpu, "blockdiag") == "blockdiag"
     assert task_conv_strategy(cuda, "grouped") == "grouped"
+
+
+def test_auto_runs_second_order_under_cpu_autocast():
+    x, weight, bias = inputs(4, 2, 3, 5, 7, 7, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = task_conv(x, weight, bias)
+        grad_x, grad_w = torch.autograd.grad(out.float().square().sum(), (x, weight), create_graph=True)
+        grads = torch.autograd.grad(grad_x.float().square().sum() + grad_w.float().sum(), (x, weight, bias))
+    assert out.dtype == torch.bfloat16
+    assert all(torch.isfinite(g).all() for g in grads)
 
 
 def test_bad_inputs_name_the_argument():
