@@ -287,8 +287,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     except CLIError as error:
         parser.error(str(error))
         return 2  # not reached
-    from .trainer import Trainer
-    from .distributed import init_from_env, torchrun_world_size
+    from .distributed import destroy, init_from_env, torchrun_world_size
 
     distributed = None
     if torchrun_world_size() > 1:  # launched by torchrun: shard tasks over the ranks
@@ -300,6 +299,18 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
             device = distributed.device
         if distributed.rank != 0:
             args.no_test = True  # rank 0 runs the test protocol and writes its summary
+    try:
+        trainer = _make_trainer(config, args, device, dtype, conv_strategy, distributed)
+        return _train_and_test(trainer, args, distributed)
+    finally:
+        if distributed is not None:  # gloo's threads must not outlive the interpreter (std::terminate)
+            destroy(distributed)
+
+
+def _make_trainer(config, args, device, dtype, conv_strategy, distributed):
+    """The Trainer the command line describes; rank 0 prints what it trains and on which kernels."""
+    from .trainer import Trainer
+
     trainer = Trainer(config, args.output_dir, device=device, dtype=dtype, backend=args.backend,
                       dataset_dir=args.dataset_dir, progress=False if args.no_progress else None,
                       max_minutes=args.max_minutes, max_iters=args.max_iters,
@@ -316,17 +327,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
               f"{config.total_iter_per_epoch} iterations, batch {config.batch_size}, device {device}"
               + (f", {distributed.world_size} ranks" if distributed is not None else "") + ")", flush=True)
         print(f"kernels: {_describe_kernels(trainer.learner)}", flush=True)
-    from .data import DataError, DataNotFoundError
-    from .experiment_lock import ExperimentBusyError
-    from .trainer import DistributedResumeError
-
-    try:
-        return _train_and_test(trainer, args, distributed)
-    finally:
-        if distributed is not None:  # gloo's threads must not outlive the interpreter (std::terminate)
-            from .distributed import destroy
-
-            destroy(distributed)
+    return trainer
 
 
 def _train_and_test(trainer, args, distributed) -> int:

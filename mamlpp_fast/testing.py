@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import random
 import socket
+import time
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
@@ -315,8 +316,6 @@ def call_after(learner, calls: int, action) -> None:
 def read_until(stream, prefix: str, timeout: float) -> list:
     """The lines of the text `stream` up to and including the first one starting with `prefix`;
     all of them if none does before the stream ends or `timeout` seconds pass."""
-    import time
-
     lines = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

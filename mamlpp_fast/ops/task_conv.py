@@ -69,13 +69,14 @@ def task_conv_strategy(device: torch.device, strategy: str = "auto", stride: int
     stride and padding are not 1 and 1; "triton" raises where it cannot run."""
     if strategy not in _REQUESTS:
         raise ValueError(f"task_conv: strategy must be one of {_REQUESTS}, got {strategy!r}")
+    device = torch.device(device)
     if strategy == "triton":
-        _backend.select_backend("task_conv", torch.device(device), "triton")  # raises where it cannot run
+        _backend.select_backend("task_conv", device, "triton")  # raises where it cannot run
     if strategy != "auto":
         return strategy
     # explicit's autograd Functions save the inputs as they came and differentiate without
     # autocast, so mixed precision keeps ATen's autograd (which casts in its backward too).
-    if torch.device(device).type == "cpu" and (stride, padding) == (1, 1) and not torch.is_autocast_enabled("cpu"):
+    if device.type == "cpu" and (stride, padding) == (1, 1) and not torch.is_autocast_enabled("cpu"):
         return "explicit"
     return "grouped"
 
