@@ -45,6 +45,7 @@ differently; in float64 they agree to rounding.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -65,8 +66,8 @@ _REQUESTS = ("auto",) + STRATEGIES
 
 def task_conv_strategy(device: torch.device, strategy: str = "auto", stride: int = 1, padding: int = 1) -> str:
     """The strategy ``task_conv`` runs on ``device`` when asked for ``strategy``: "auto" is
-    "explicit" on the CPU and "grouped" on other devices, under CPU autocast, or wherever the
-    stride and padding are not 1 and 1; "triton" raises where it cannot run."""
+    "explicit" on the CPU and "grouped" on other devices or wherever the stride and padding are
+    not 1 and 1; "triton" raises where it cannot run."""
     if strategy not in _REQUESTS:
         raise ValueError(f"task_conv: strategy must be one of {_REQUESTS}, got {strategy!r}")
     device = torch.device(device)
@@ -74,9 +75,7 @@ def task_conv_strategy(device: torch.device, strategy: str = "auto", stride: int
         _backend.select_backend("task_conv", device, "triton")  # raises where it cannot run
     if strategy != "auto":
         return strategy
-    # explicit's autograd Functions save the inputs as they came and differentiate without
-    # autocast, so mixed precision keeps ATen's autograd (which casts in its backward too).
-    if device.type == "cpu" and (stride, padding) == (1, 1) and not torch.is_autocast_enabled("cpu"):
+    if device.type == "cpu" and (stride, padding) == (1, 1):
         return "explicit"
     return "grouped"
 
@@ -314,6 +313,7 @@ def task_conv(x: Tensor, weight: Tensor, bias: Tensor, *, strategy: str = "auto"
         [n, B*C_out, H', W'], H' = (H + 2 * padding - 3) // stride + 1, contiguous.
         Differentiable to any order in x, weight and bias.
     """
+    x, weight, bias, autocast_off = _autocast_inputs(x, weight, bias)
     _check(x, weight, bias)
     check_conv_geometry(strategy, stride, padding)
     name = task_conv_strategy(x.device, strategy, stride, padding)
@@ -321,8 +321,27 @@ def task_conv(x: Tensor, weight: Tensor, bias: Tensor, *, strategy: str = "auto"
         return _task_conv_bmm(x, weight, bias)
     if name == "blockdiag":
         return _task_conv_blockdiag(x, weight, bias, stride, padding)
-    if name == "triton":
-        return _TaskConv.apply(x, weight, bias, _TRITON_KERNELS)
-    if name == "explicit":
-        return _TaskConv.apply(x, weight, bias, _GROUPED_KERNELS)
+    if name in ("triton", "explicit"):
+        kernels = _TRITON_KERNELS if name == "triton" else _GROUPED_KERNELS
+        with autocast_off:
+            return _TaskConv.apply(x, weight, bias, kernels)
     return _grouped_forward(x, weight, bias, stride, padding)  # ATen's autograd
+
+
+def _autocast_inputs(x: Tensor, weight: Tensor, bias: Tensor):
+    """What autocast does to ``F.conv2d``'s inputs, done once for every strategy.
+
+    Under autocast the float32 inputs are cast to the autocast dtype, as autocast casts a
+    convolution's (so activations of the autocast dtype meet float32 weights without a dtype
+    error). The strategies with their own autograd Functions ("explicit", "triton") then save
+    and differentiate, to any order, tensors of that one dtype, as ATen's convolution autograd
+    does under autocast; they run with autocast off, since their inputs are cast already. The
+    casts are ordinary differentiable ops, so gradients reach float32 leaves in float32.
+    Returns (x, weight, bias, a context that turns autocast off).
+    """
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return x, weight, bias, contextlib.nullcontext()
+    dtype = torch.get_autocast_dtype(device_type)
+    x, weight, bias = (t.to(dtype) if t.dtype == torch.float32 else t for t in (x, weight, bias))
+    return x, weight, bias, torch.autocast(device_type, enabled=False)

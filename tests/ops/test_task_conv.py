@@ -131,23 +131,51 @@ def test_strategy_choice():
     # The official network's stride 2 and padding 0 run on the ATen strategies only.
     for stride, padding in ((2, 1), (1, 0), (2, 0)):
         assert task_conv_strategy(cpu, "auto", stride, padding) == "grouped"
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # explicit's Functions do not autocast
-        assert task_conv_strategy(cpu) == "grouped"
-    assert task_conv_strategy(cpu) == "explicit"
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # explicit casts as autocast does
+        assert task_conv_strategy(cpu) == "explicit"
     assert task_conv_strategy(cpu, "explicit") == "explicit"
     assert task_conv_strategy(cpu, "bmm") == "bmm"
     assert task_conv_strategy(cpu, "blockdiag") == "blockdiag"
     assert task_conv_strategy(cuda, "grouped") == "grouped"
 
 
-def test_auto_runs_second_order_under_cpu_autocast():
-    x, weight, bias = inputs(4, 2, 3, 5, 7, 7, dtype=torch.float32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = task_conv(x, weight, bias)
+def second_order_under_autocast(strategy, x, weight, bias, device_type="cpu", dtype=torch.bfloat16):
+    """The MAML pattern under autocast: the output, and float32 gradients of a function of the
+    first-order gradients."""
+    with torch.autocast(device_type, dtype=dtype):
+        out = task_conv(x, weight, bias, strategy=strategy)
         grad_x, grad_w = torch.autograd.grad(out.float().square().sum(), (x, weight), create_graph=True)
         grads = torch.autograd.grad(grad_x.float().square().sum() + grad_w.float().sum(), (x, weight, bias))
+    return out, grads
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_second_order_under_autocast_matches_aten_autocast(device, strategy):
+    # "grouped" is F.conv2d under ATen's autocast; "explicit" (the CPU's auto) and "triton" cast
+    # their inputs themselves and must give what ATen gives, saved tensors and double backward
+    # included. bfloat16 on the CPU, float16 on CUDA (each device's autocast default).
+    skip_unless_runnable(strategy, device)
+    dtype = torch.bfloat16 if device == "cpu" else torch.float16
+    x, weight, bias = inputs(4, 2, 3, 5, 7, 7, dtype=torch.float32, device=device)
+    out, grads = second_order_under_autocast(strategy, x, weight, bias, device, dtype)
+    expected_out, expected_grads = second_order_under_autocast("grouped", x, weight, bias, device, dtype)
+    assert out.dtype == dtype
+    assert relative_error(out.float(), expected_out.float()) < 1e-2
+    for name, g, e in zip(("x", "weight", "bias"), grads, expected_grads):
+        assert g.dtype == torch.float32, name  # the leaves' dtype, through the casts
+        assert relative_error(g, e) < 2e-2, name
+
+
+@pytest.mark.parametrize("strategy", ATEN_STRATEGIES)
+def test_autocast_activations_meet_float32_weights(strategy):
+    # Under autocast a layer's input is the previous layer's bfloat16 output while the weights
+    # stay float32: cast together, as F.conv2d's autocast does, instead of a dtype error.
+    x, weight, bias = inputs(4, 2, 3, 5, 7, 7, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = task_conv(x.bfloat16(), weight, bias, strategy=strategy)
+        expected = task_conv(x, weight, bias, strategy="grouped")
     assert out.dtype == torch.bfloat16
-    assert all(torch.isfinite(g).all() for g in grads)
+    assert torch.equal(out, expected)
 
 
 def test_bad_inputs_name_the_argument():
