@@ -50,6 +50,21 @@ def _finish(procs, timeout=180):
     return outs
 
 
+def _await_line(stream, prefix, procs, timeout=180):
+    """The lines up to the first starting with `prefix`; if it never comes, stop every process
+    and fail with what they printed (instead of signalling a run that is not where it should be)."""
+    lines = read_until(stream, prefix, timeout=timeout)
+    if not lines or not lines[-1].startswith(prefix):
+        for proc in procs:
+            proc.kill()
+        printed = "".join(lines)
+        for proc in procs:
+            out, err = proc.communicate()
+            printed += f"\n--- exit {proc.returncode}: stdout ---\n{out[-2000:]}\n--- stderr ---\n{err[-3000:] if err else ''}"
+        pytest.fail(f"never printed a line starting with {prefix!r}:\n{printed}")
+    return lines
+
+
 def test_dead_rank_ends_the_run_with_a_message_and_a_resumable_checkpoint(tmp_path):
     procs = _start_ranks(tmp_path)
     latest = tmp_path / LATEST
@@ -87,7 +102,7 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_iteration_and_resum
             "--checkpoint-minutes", "1e-9"]
     args[args.index(f"total_epochs={EPOCHS}")] = "total_epochs=1"
     procs = _start_ranks(tmp_path, args=args)
-    lines = read_until(procs[0].stdout, "saved progress at iteration 2 ", timeout=180)
+    lines = _await_line(procs[0].stdout, "saved progress at iteration 2 ", procs)
     procs[1].send_signal(signal.SIGTERM)
     outs = _finish(procs, timeout=150)
     for code, out, err in outs:
@@ -118,7 +133,7 @@ def test_torchrun_forwards_sigterm_and_the_workers_save_mid_epoch(tmp_path):
     agent = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)
     try:
-        lines = read_until(agent.stdout, "saved progress at iteration 2 ", timeout=180)
+        lines = _await_line(agent.stdout, "saved progress at iteration 2 ", [agent])
         agent.send_signal(signal.SIGTERM)
         rest, _ = agent.communicate(timeout=120)
     finally:
