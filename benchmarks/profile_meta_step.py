@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_meta_step import random_batch  # noqa: E402
-from utils import env_info  # noqa: E402
+from utils import env_info, keep_freed_host_memory  # noqa: E402
 
 from mamlpp_fast import MetaLearner, preset  # noqa: E402
 
@@ -34,9 +34,14 @@ def main(argv=None) -> None:
     parser.add_argument("--first-order", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--allocator", default="keep", choices=("system", "keep"),
+                        help="keep (default): keep freed host memory, as mamlpp-train does, so that the "
+                             "profile is not of page faults; system: glibc's defaults")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.allocator == "keep":
+        keep_freed_host_memory(args.device)
     print(f"# {env_info()}")
     config = preset(args.setting, second_order=not args.first_order)
     with warnings.catch_warnings():

@@ -20,11 +20,14 @@
 //
 // Vectorisation: loops are flat, never per row (Omniglot's planes are 28, 14, 7 and 3 wide, so
 // row loops would be mostly remainder). Window loops run over the Ho*Wo windows of a plane and
-// gather their corners through a table of window offsets; the output passes run over the H*W
-// elements and gather their window's gradient and argmax offset. Every select is a blend and
-// every sum a vector reduction, in one copy of each per-plane function per x86-64 ISA level
-// (simd.h): AVX2/AVX-512 gathers where the CPU has them. Sums run in the input dtype within a
-// block of 1024 elements and accumulate in double across blocks.
+// gather their corners (forward) or argmax (backward passes) through a table of window offsets,
+// keeping what they gathered (u, x and hx at the argmax) in per-thread scratch; the output passes
+// then write the dense affine part over the H*W elements as a streaming loop and add the sparse
+// part at the J argmax positions, so no element gathers its window's values. Every select is a
+// blend and every sum a vector reduction, in one copy of each per-plane function per x86-64 ISA
+// level (simd.h). Sums run in the input dtype within a block of 1024 elements and accumulate in
+// double across blocks. A channel's planes lie G planes apart, one per image, so each pass asks
+// for the next plane's cache lines before working on the current one.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -115,26 +118,30 @@ MAMLPP_FAST_SIMD_CLONES void plane_sum_h(const T* __restrict__ h, const T* __res
   }
 }
 
-// Index tables of one plane geometry (H x W, windows Ho x Wo), shared by every plane of a call.
-// They turn the 2x2 windows into flat loops: over the J = Ho*Wo windows (gathering the four
-// corners) and over the H*W elements (gathering their window's values). Flat loops vectorise
-// whatever the plane width; row loops would be mostly remainder at Omniglot's 14, 7 and 3.
+// The window table of one plane geometry (H x W, windows Ho x Wo), shared by every plane of a
+// call: it turns the 2x2 windows into flat loops over the J = Ho*Wo windows (gathering the four
+// corners). Flat loops vectorise whatever the plane width; row loops would be mostly remainder at
+// Omniglot's 14, 7 and 3.
 struct WindowTables {
   int64_t J;
   std::vector<int32_t> corner;  // [J] flat offset of each window's top-left element
-  std::vector<int32_t> window;  // [H*W] window of each element (0 for the uncovered last
-                                // row/column of odd H/W: never that window's argmax)
 
-  WindowTables(int64_t h, int64_t w) : J((h / 2) * (w / 2)), corner(J), window(h * w, 0) {
+  WindowTables(int64_t h, int64_t w) : J((h / 2) * (w / 2)), corner(J) {
     TORCH_CHECK(h * w < (int64_t{1} << 31), "bn_lrelu_pool: planes of 2^31 or more elements are not supported");
     const int64_t wo = w / 2;
-    for (int64_t j = 0; j < J; ++j) {
-      const int64_t o = 2 * (j / wo) * w + 2 * (j % wo);
-      corner[j] = static_cast<int32_t>(o);
-      for (int64_t e : {o, o + 1, o + w, o + w + 1}) window[e] = static_cast<int32_t>(j);
-    }
+    for (int64_t j = 0; j < J; ++j) corner[j] = static_cast<int32_t>(2 * (j / wo) * w + 2 * (j % wo));
   }
 };
+
+// Ask for the next plane's cache lines while the current one is worked on. The argmax passes
+// read a plane in window order, a pattern the hardware prefetcher does not follow, and a channel's
+// planes are far apart (one per image, G planes apart).
+template <typename T>
+MAMLPP_FAST_ALWAYS_INLINE void prefetch_plane(const T* p, int64_t len) {
+  const char* c = reinterpret_cast<const char*>(p);
+  const int64_t bytes = len * static_cast<int64_t>(sizeof(T));
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o);
+}
 
 // Flat offset of each window's argmax: corner + (k & 1) + (k >> 1) W for the stored index k.
 MAMLPP_FAST_SIMD_CLONES void argmax_offsets(int32_t* __restrict__ out, const int32_t* __restrict__ corner,
@@ -154,10 +161,16 @@ MAMLPP_FAST_SIMD_CLONES void argmax_offsets(int32_t* __restrict__ out, const int
 // 0 < slope <= 1; kMaxForm), the running max a maxss and the argmax a cmov. NaN: in this op a
 // channel is NaN everywhere or nowhere (any non-finite x makes the mean, and hence every z,
 // NaN), and for an all-NaN window !(a <= best) picks the last position, as ATen's max_pool2d.
+//
+// The window loop writes the argmax as int32 into `arg` (J entries of scratch), and a second loop
+// narrows it to the uint8 `idx`: a uint8 store in the window loop would set its vectorisation
+// factor to 64 windows (one byte lane each of a 512-bit vector), so Omniglot's 14x14 planes
+// (49 windows) would run entirely in the scalar remainder; with int32 it is 16.
 template <typename T, bool kMaxForm>
 MAMLPP_FAST_SIMD_CLONES void forward_plane(const T* __restrict__ x, T* __restrict__ y,
-                                           uint8_t* __restrict__ idx, const int32_t* __restrict__ corner,
-                                           int64_t J, int64_t W, T alpha, T shift, T slope) {
+                                           uint8_t* __restrict__ idx, int32_t* __restrict__ arg_out,
+                                           const int32_t* __restrict__ corner, int64_t J, int64_t W,
+                                           T alpha, T shift, T slope) {
   auto activate = [slope](T z) -> T {
     if constexpr (kMaxForm) {
       return std::max(z, z * slope);
@@ -181,17 +194,21 @@ MAMLPP_FAST_SIMD_CLONES void forward_plane(const T* __restrict__ x, T* __restric
     arg = !(a3 <= best) ? 3 : arg;
     best = std::max(best, a3);
     y[j] = best;
-    idx[j] = static_cast<uint8_t>(arg);
+    arg_out[j] = arg;
   }
+  for (int64_t j = 0; j < J; ++j) idx[j] = static_cast<uint8_t>(arg_out[j]);
 }
 
 // Sums over the argmax positions am[j] of u = D gy (D: the leaky-relu slope there):
-// s_u += sum u, s_ux += sum u (x - mean), and, with h, s_uh += sum u h.
+// s_u += sum u, s_ux += sum u (x - mean), and, with h, s_uh += sum u h. The gathered values are
+// kept for the output pass (u_out[j] = u, x_out[j] = x, with h h_out[j] = h at am[j]), which then
+// needs no gather: the argmax positions are the only places its sparse terms touch.
 template <typename T, bool kWithH>
 MAMLPP_FAST_SIMD_CLONES void argmax_sums_plane(const T* __restrict__ x, const T* __restrict__ h,
                                                const T* __restrict__ gy, const int32_t* __restrict__ am,
                                                int64_t J, T alpha, T shift, T slope, T mean,
-                                               acc_t& s_u, acc_t& s_ux, acc_t& s_uh) {
+                                               acc_t& s_u, acc_t& s_ux, acc_t& s_uh, T* __restrict__ u_out,
+                                               T* __restrict__ x_out, T* __restrict__ h_out) {
   for (int64_t b = 0; b < J; b += kBlock) {
     const int64_t e = std::min(J, b + kBlock);
     T a = 0, c = 0, d = 0;
@@ -201,7 +218,13 @@ MAMLPP_FAST_SIMD_CLONES void argmax_sums_plane(const T* __restrict__ x, const T*
       const T u = gy[j] * leaky_relu_slope(xv * alpha + shift, slope);
       a += u;
       c += u * (xv - mean);
-      if constexpr (kWithH) d += u * h[am[j]];
+      u_out[j] = u;
+      x_out[j] = xv;
+      if constexpr (kWithH) {
+        const T hv = h[am[j]];
+        d += u * hv;
+        h_out[j] = hv;
+      }
     }
     s_u += a;
     s_ux += c;
@@ -209,20 +232,26 @@ MAMLPP_FAST_SIMD_CLONES void argmax_sums_plane(const T* __restrict__ x, const T*
   }
 }
 
-// backward output: gx = c1 (x - mean) + c0, plus wr D gy at each window's argmax.
-template <typename T>
-MAMLPP_FAST_SIMD_CLONES void backward_write_plane(T* __restrict__ gx, const T* __restrict__ x,
-                                                  const T* __restrict__ gy, const int32_t* __restrict__ am,
-                                                  const int32_t* __restrict__ window, int64_t HW,
-                                                  T alpha, T shift, T slope, T mean, T c1, T c0, T wr) {
+// The dense part of an output plane, out = e1 (x - mean) + e0 (+ e_h h): a streaming loop.
+template <typename T, bool kWithH>
+MAMLPP_FAST_SIMD_CLONES void affine_plane(T* __restrict__ out, const T* __restrict__ x,
+                                          const T* __restrict__ h, int64_t HW, T mean, T e1, T e0,
+                                          T e_h) {
   MAMLPP_FAST_SIMD
   for (int64_t p = 0; p < HW; ++p) {
-    const int32_t j = window[p];
-    // Computed unconditionally, then selected: a conditional multiply is control flow to the
-    // vectoriser (floating-point ops may trap).
-    const T s = wr * gy[j] * leaky_relu_slope(x[p] * alpha + shift, slope);
-    gx[p] = c1 * (x[p] - mean) + c0 + (am[j] == p ? s : T(0));
+    T v = e1 * (x[p] - mean) + e0;
+    if constexpr (kWithH) v += e_h * h[p];
+    out[p] = v;
   }
+}
+
+// The sparse part: out[am[j]] += coef u[j] at each window's argmax. Windows do not overlap, so
+// the J positions are distinct; this touches a quarter of the plane, where a dense pass would
+// gather every element's window value.
+template <typename T>
+MAMLPP_FAST_ALWAYS_INLINE void add_at_argmax(T* __restrict__ out, const int32_t* __restrict__ am,
+                                             const T* __restrict__ u, int64_t J, T coef) {
+  for (int64_t j = 0; j < J; ++j) out[am[j]] += coef * u[j];
 }
 
 // Per-channel coefficients of the double backward's output pass (see the header comment).
@@ -234,27 +263,17 @@ struct DoubleBackwardCoefficients {
   T hw_r, hb;
 };
 
-// double backward outputs: d x (dense + argmax correction) and d gy (one per window).
+// d gy, one per window, from x and hx at its argmax (kept by argmax_sums_plane).
 template <typename T, bool kWithH>
-MAMLPP_FAST_SIMD_CLONES void double_backward_write_plane(
-    T* __restrict__ dx, T* __restrict__ dgy, const T* __restrict__ x, const T* __restrict__ h,
-    const T* __restrict__ gy, const int32_t* __restrict__ am, const int32_t* __restrict__ window,
-    int64_t J, int64_t HW, T alpha, T shift, T slope, T mean, DoubleBackwardCoefficients<T> q) {
-  MAMLPP_FAST_SIMD
-  for (int64_t p = 0; p < HW; ++p) {
-    const int32_t j = window[p];
-    const T s = q.su_coef * gy[j] * leaky_relu_slope(x[p] * alpha + shift, slope);
-    T v = q.e1 * (x[p] - mean) + q.e0;
-    if constexpr (kWithH) v += q.e_h * h[p];
-    dx[p] = v + (am[j] == p ? s : T(0));
-  }
+MAMLPP_FAST_SIMD_CLONES void double_backward_dgy_plane(T* __restrict__ dgy, const T* __restrict__ xv,
+                                                       const T* __restrict__ hv, int64_t J, T alpha,
+                                                       T shift, T slope, T mean,
+                                                       DoubleBackwardCoefficients<T> q) {
   MAMLPP_FAST_SIMD
   for (int64_t j = 0; j < J; ++j) {
-    const T xv = x[am[j]];
-    T hv = 0;
-    if constexpr (kWithH) hv = h[am[j]];
-    const T d = leaky_relu_slope(xv * alpha + shift, slope);
-    dgy[j] = d * (q.wr * (hv - q.hm) + (q.hw_r - q.cr) * (xv - mean) + q.hb);
+    const T h = kWithH ? hv[j] : T(0);
+    const T d = leaky_relu_slope(xv[j] * alpha + shift, slope);
+    dgy[j] = d * (q.wr * (h - q.hm) + (q.hw_r - q.cr) * (xv[j] - mean) + q.hb);
   }
 }
 
@@ -292,10 +311,14 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Ten
   const WindowTables tables(geo.H, geo.W);
 
   at::parallel_for(0, geo.G, channel_grain(geo.n * HW), [&](int64_t g0, int64_t g1) {
+    std::vector<int32_t> arg(tables.J);  // one plane's argmax, before narrowing to uint8
     for (int64_t g = g0; g < g1; ++g) {
       // Two-pass statistics (mean, then squared deviations): exact enough for float64 too.
       acc_t s = 0;
-      for (int64_t i = 0; i < geo.n; ++i) s += plane_sum(xp + geo.x_offset(i, g), HW);
+      for (int64_t i = 0; i < geo.n; ++i) {
+        if (i + 1 < geo.n) prefetch_plane(xp + geo.x_offset(i + 1, g), HW);
+        s += plane_sum(xp + geo.x_offset(i, g), HW);
+      }
       const scalar_t mean = static_cast<scalar_t>(s / M);
       acc_t ss = 0;
       for (int64_t i = 0; i < geo.n; ++i) ss += plane_sum_sq_dev(xp + geo.x_offset(i, g), HW, mean);
@@ -308,9 +331,11 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Ten
         scalar_t* yi = yp + geo.y_offset(i, g);
         uint8_t* ii = ip + geo.y_offset(i, g);
         if (max_form) {
-          forward_plane<scalar_t, true>(xi, yi, ii, tables.corner.data(), tables.J, geo.W, c.alpha, c.shift, slope);
+          forward_plane<scalar_t, true>(xi, yi, ii, arg.data(), tables.corner.data(), tables.J, geo.W,
+                                        c.alpha, c.shift, slope);
         } else {
-          forward_plane<scalar_t, false>(xi, yi, ii, tables.corner.data(), tables.J, geo.W, c.alpha, c.shift, slope);
+          forward_plane<scalar_t, false>(xi, yi, ii, arg.data(), tables.corner.data(), tables.J, geo.W,
+                                         c.alpha, c.shift, slope);
         }
       }
     }
@@ -364,16 +389,20 @@ void backward_kernel(const at::Tensor& gy, const at::Tensor& x, const at::Tensor
   const int64_t J = tables.J;
 
   at::parallel_for(0, geo.G, channel_grain(geo.n * HW), [&](int64_t g0, int64_t g1) {
-    std::vector<int32_t> argmax(geo.n * J);  // per image, the flat offset of each window's argmax
+    // Per image and window: the flat offset of the argmax, and u and x there.
+    std::vector<int32_t> argmax(geo.n * J);
+    std::vector<scalar_t> u(geo.n * J), x_at(geo.n * J);
     for (int64_t g = g0; g < g1; ++g) {
       const BnAffine<scalar_t> c = bn_affine(wp[g], bp[g], mp[g], rp[g]);
       const acc_t r = rp[g];
       acc_t su = 0, sux = 0, unused = 0;
       for (int64_t i = 0; i < geo.n; ++i) {
         int32_t* am = argmax.data() + i * J;
+        if (i + 1 < geo.n) prefetch_plane(xp + geo.x_offset(i + 1, g), HW);
         argmax_offsets(am, tables.corner.data(), ip + geo.y_offset(i, g), J, geo.W);
         argmax_sums_plane<scalar_t, false>(xp + geo.x_offset(i, g), nullptr, gyp + geo.y_offset(i, g),
-                                           am, J, c.alpha, c.shift, slope, mp[g], su, sux, unused);
+                                           am, J, c.alpha, c.shift, slope, mp[g], su, sux, unused,
+                                           u.data() + i * J, x_at.data() + i * J, nullptr);
       }
       sux *= r;  // sum u xh
       gbp[g] = static_cast<scalar_t>(su);
@@ -383,9 +412,9 @@ void backward_kernel(const at::Tensor& gy, const at::Tensor& x, const at::Tensor
       const scalar_t c1 = static_cast<scalar_t>(-wr * r * (sux / M));
       const scalar_t c0 = static_cast<scalar_t>(-wr * (su / M));
       for (int64_t i = 0; i < geo.n; ++i) {
-        backward_write_plane(gxp + geo.x_offset(i, g), xp + geo.x_offset(i, g),
-                             gyp + geo.y_offset(i, g), argmax.data() + i * J, tables.window.data(),
-                             HW, c.alpha, c.shift, slope, mp[g], c1, c0, static_cast<scalar_t>(wr));
+        scalar_t* gxi = gxp + geo.x_offset(i, g);
+        affine_plane<scalar_t, false>(gxi, xp + geo.x_offset(i, g), nullptr, HW, mp[g], c1, c0, 0);
+        add_at_argmax(gxi, argmax.data() + i * J, u.data() + i * J, J, static_cast<scalar_t>(wr));
       }
     }
   });
@@ -414,8 +443,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_lrelu_pool_backward_cpu(
 // ---------------------------------------------------------------------------------------------
 // double backward
 
+// Scratch of one thread for double_backward_channel: per image and window, the flat offset of the
+// argmax and u, x and hx there.
+template <typename scalar_t>
+struct ArgmaxScratch {
+  std::vector<int32_t> offset;
+  std::vector<scalar_t> u, x, h;
+  explicit ArgmaxScratch(int64_t size) : offset(size), u(size), x(size), h(size) {}
+};
+
 template <typename scalar_t, bool kWithH>
-void double_backward_channel(const Geometry& geo, const WindowTables& tables, int32_t* argmax,
+void double_backward_channel(const Geometry& geo, const WindowTables& tables, ArgmaxScratch<scalar_t>& at,
                              int64_t g, const scalar_t* gyp,
                              const scalar_t* xp, const scalar_t* wp, const scalar_t* bp,
                              const scalar_t* mp, const scalar_t* rp, const uint8_t* ip,
@@ -433,11 +471,16 @@ void double_backward_channel(const Geometry& geo, const WindowTables& tables, in
   acc_t su = 0, sux = 0, shu = 0;
   const int64_t J = tables.J;
   for (int64_t i = 0; i < geo.n; ++i) {
-    int32_t* am = argmax + i * J;
+    int32_t* am = at.offset.data() + i * J;
+    if (i + 1 < geo.n) {
+      prefetch_plane(plane(xp, i + 1), HW);
+      if constexpr (kWithH) prefetch_plane(plane(hxp, i + 1), HW);
+    }
     argmax_offsets(am, tables.corner.data(), ip + geo.y_offset(i, g), J, geo.W);
     argmax_sums_plane<scalar_t, kWithH>(plane(xp, i), kWithH ? plane(hxp, i) : nullptr,
                                         gyp + geo.y_offset(i, g), am, J, c.alpha, c.shift, slope,
-                                        mp[g], su, sux, shu);
+                                        mp[g], su, sux, shu, at.u.data() + i * J, at.x.data() + i * J,
+                                        at.h.data() + i * J);
   }
   sux *= r;
   // Dense reductions over hx: sum hx, sum hx xh.
@@ -466,10 +509,13 @@ void double_backward_channel(const Geometry& geo, const WindowTables& tables, in
   q.hw_r = static_cast<scalar_t>(hw * r);       // hw xh = hw_r (x - mu)
   q.hb = static_cast<scalar_t>(hb);
   for (int64_t i = 0; i < geo.n; ++i) {
-    double_backward_write_plane<scalar_t, kWithH>(
-        dxp + geo.x_offset(i, g), dgyp + geo.y_offset(i, g), plane(xp, i),
-        kWithH ? plane(hxp, i) : nullptr, gyp + geo.y_offset(i, g), argmax + i * J,
-        tables.window.data(), J, HW, c.alpha, c.shift, slope, mp[g], q);
+    scalar_t* dxi = dxp + geo.x_offset(i, g);
+    affine_plane<scalar_t, kWithH>(dxi, plane(xp, i), kWithH ? plane(hxp, i) : nullptr, HW, mp[g],
+                                   q.e1, q.e0, q.e_h);
+    add_at_argmax(dxi, at.offset.data() + i * J, at.u.data() + i * J, J, q.su_coef);
+    double_backward_dgy_plane<scalar_t, kWithH>(dgyp + geo.y_offset(i, g), at.x.data() + i * J,
+                                                at.h.data() + i * J, J, c.alpha, c.shift, slope,
+                                                mp[g], q);
   }
 }
 
@@ -498,13 +544,13 @@ void double_backward_kernel(const at::Tensor& gy, const at::Tensor& x, const at:
   const WindowTables tables(geo.H, geo.W);
 
   at::parallel_for(0, geo.G, channel_grain(geo.n * geo.plane()), [&](int64_t g0, int64_t g1) {
-    std::vector<int32_t> argmax(geo.n * tables.J);
+    ArgmaxScratch<scalar_t> scratch(geo.n * tables.J);
     for (int64_t g = g0; g < g1; ++g) {
       if (hxp) {
-        double_backward_channel<scalar_t, true>(geo, tables, argmax.data(), g, gyp, xp, wp, bp, mp,
+        double_backward_channel<scalar_t, true>(geo, tables, scratch, g, gyp, xp, wp, bp, mp,
                                                 rp, ip, hxp, hwp, hbp, s, dgyp, dxp, dwp);
       } else {
-        double_backward_channel<scalar_t, false>(geo, tables, argmax.data(), g, gyp, xp, wp, bp,
+        double_backward_channel<scalar_t, false>(geo, tables, scratch, g, gyp, xp, wp, bp,
                                                  mp, rp, ip, hxp, hwp, hbp, s, dgyp, dxp, dwp);
       }
     }
