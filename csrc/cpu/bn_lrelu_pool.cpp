@@ -26,14 +26,16 @@
 // part at the J argmax positions, so no element gathers its window's values. Every select is a
 // blend and every sum a vector reduction, in one copy of each per-plane function per x86-64 ISA
 // level (simd.h). Sums run in the input dtype within a block of 1024 elements and accumulate in
-// double across blocks. A channel's planes lie G planes apart, one per image, so each pass asks
-// for the next plane's cache lines before working on the current one.
+// double across blocks. A channel's planes lie G planes apart, one per image, so the first pass
+// over them (the mean, or the argmax sums) asks for the next plane's cache lines before working on
+// the current one; later passes find the channel in cache.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <tuple>
 #include <vector>
@@ -144,14 +146,24 @@ MAMLPP_FAST_ALWAYS_INLINE void prefetch_plane(const T* p, int64_t len) {
 }
 
 // Flat offset of each window's argmax: corner + (k & 1) + (k >> 1) W for the stored index k.
-MAMLPP_FAST_SIMD_CLONES void argmax_offsets(int32_t* __restrict__ out, const int32_t* __restrict__ corner,
+// Returns false if some k is not 0..3 (indices that are not the forward's): the caller must then
+// not use the offsets, which would point outside the window, or the plane.
+MAMLPP_FAST_SIMD_CLONES bool argmax_offsets(int32_t* __restrict__ out, const int32_t* __restrict__ corner,
                                             const uint8_t* __restrict__ idx, int64_t J, int64_t W) {
   const int32_t w = static_cast<int32_t>(W);
-  MAMLPP_FAST_SIMD
+  int32_t out_of_range = 0;
+  MAMLPP_FAST_SIMD_REDUCE(out_of_range)
   for (int64_t j = 0; j < J; ++j) {
     const int32_t k = idx[j];
     out[j] = corner[j] + (k & 1) + (k >> 1) * w;
+    out_of_range += k >> 2;
   }
+  return out_of_range == 0;
+}
+
+[[noreturn]] void invalid_indices(const char* op) {
+  TORCH_CHECK(false, op, ": indices must hold argmax positions 0..3 within each 2x2 window (the "
+              "forward's output for x), got a larger value");
 }
 
 // forward: y = max over each window of leaky_relu(alpha x + shift), idx = the first argmax.
@@ -165,7 +177,7 @@ MAMLPP_FAST_SIMD_CLONES void argmax_offsets(int32_t* __restrict__ out, const int
 // The window loop writes the argmax as int32 into `arg` (J entries of scratch), and a second loop
 // narrows it to the uint8 `idx`: a uint8 store in the window loop would set its vectorisation
 // factor to 64 windows (one byte lane each of a 512-bit vector), so Omniglot's 14x14 planes
-// (49 windows) would run entirely in the scalar remainder; with int32 it is 16.
+// (49 windows) would run entirely in the scalar remainder; with int32 it is 16 (float32, AVX-512).
 template <typename T, bool kMaxForm>
 MAMLPP_FAST_SIMD_CLONES void forward_plane(const T* __restrict__ x, T* __restrict__ y,
                                            uint8_t* __restrict__ idx, int32_t* __restrict__ arg_out,
@@ -388,6 +400,7 @@ void backward_kernel(const at::Tensor& gy, const at::Tensor& x, const at::Tensor
   const WindowTables tables(geo.H, geo.W);
   const int64_t J = tables.J;
 
+  std::atomic<bool> bad_indices{false};
   at::parallel_for(0, geo.G, channel_grain(geo.n * HW), [&](int64_t g0, int64_t g1) {
     // Per image and window: the flat offset of the argmax, and u and x there.
     std::vector<int32_t> argmax(geo.n * J);
@@ -396,13 +409,20 @@ void backward_kernel(const at::Tensor& gy, const at::Tensor& x, const at::Tensor
       const BnAffine<scalar_t> c = bn_affine(wp[g], bp[g], mp[g], rp[g]);
       const acc_t r = rp[g];
       acc_t su = 0, sux = 0, unused = 0;
-      for (int64_t i = 0; i < geo.n; ++i) {
+      bool valid = true;
+      for (int64_t i = 0; i < geo.n && valid; ++i) {
         int32_t* am = argmax.data() + i * J;
         if (i + 1 < geo.n) prefetch_plane(xp + geo.x_offset(i + 1, g), HW);
-        argmax_offsets(am, tables.corner.data(), ip + geo.y_offset(i, g), J, geo.W);
-        argmax_sums_plane<scalar_t, false>(xp + geo.x_offset(i, g), nullptr, gyp + geo.y_offset(i, g),
-                                           am, J, c.alpha, c.shift, slope, mp[g], su, sux, unused,
-                                           u.data() + i * J, x_at.data() + i * J, nullptr);
+        valid = argmax_offsets(am, tables.corner.data(), ip + geo.y_offset(i, g), J, geo.W);
+        if (valid) {
+          argmax_sums_plane<scalar_t, false>(xp + geo.x_offset(i, g), nullptr, gyp + geo.y_offset(i, g),
+                                             am, J, c.alpha, c.shift, slope, mp[g], su, sux, unused,
+                                             u.data() + i * J, x_at.data() + i * J, nullptr);
+        }
+      }
+      if (!valid) {
+        bad_indices.store(true, std::memory_order_relaxed);
+        continue;
       }
       sux *= r;  // sum u xh
       gbp[g] = static_cast<scalar_t>(su);
@@ -418,6 +438,7 @@ void backward_kernel(const at::Tensor& gy, const at::Tensor& x, const at::Tensor
       }
     }
   });
+  if (bad_indices.load()) invalid_indices("bn_lrelu_pool_backward");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_lrelu_pool_backward_cpu(
@@ -444,16 +465,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_lrelu_pool_backward_cpu(
 // double backward
 
 // Scratch of one thread for double_backward_channel: per image and window, the flat offset of the
-// argmax and u, x and hx there.
+// argmax and u, x and (with a cotangent hx) hx there.
 template <typename scalar_t>
 struct ArgmaxScratch {
   std::vector<int32_t> offset;
   std::vector<scalar_t> u, x, h;
-  explicit ArgmaxScratch(int64_t size) : offset(size), u(size), x(size), h(size) {}
+  ArgmaxScratch(int64_t size, bool with_h) : offset(size), u(size), x(size), h(with_h ? size : 0) {}
 };
 
+// One channel of the double backward; false (and nothing written) if `indices` holds a value
+// outside 0..3.
+
 template <typename scalar_t, bool kWithH>
-void double_backward_channel(const Geometry& geo, const WindowTables& tables, ArgmaxScratch<scalar_t>& at,
+bool double_backward_channel(const Geometry& geo, const WindowTables& tables, ArgmaxScratch<scalar_t>& at,
                              int64_t g, const scalar_t* gyp,
                              const scalar_t* xp, const scalar_t* wp, const scalar_t* bp,
                              const scalar_t* mp, const scalar_t* rp, const uint8_t* ip,
@@ -476,11 +500,11 @@ void double_backward_channel(const Geometry& geo, const WindowTables& tables, Ar
       prefetch_plane(plane(xp, i + 1), HW);
       if constexpr (kWithH) prefetch_plane(plane(hxp, i + 1), HW);
     }
-    argmax_offsets(am, tables.corner.data(), ip + geo.y_offset(i, g), J, geo.W);
+    if (!argmax_offsets(am, tables.corner.data(), ip + geo.y_offset(i, g), J, geo.W)) return false;
     argmax_sums_plane<scalar_t, kWithH>(plane(xp, i), kWithH ? plane(hxp, i) : nullptr,
                                         gyp + geo.y_offset(i, g), am, J, c.alpha, c.shift, slope,
                                         mp[g], su, sux, shu, at.u.data() + i * J, at.x.data() + i * J,
-                                        at.h.data() + i * J);
+                                        kWithH ? at.h.data() + i * J : nullptr);
   }
   sux *= r;
   // Dense reductions over hx: sum hx, sum hx xh.
@@ -514,9 +538,10 @@ void double_backward_channel(const Geometry& geo, const WindowTables& tables, Ar
                                    q.e1, q.e0, q.e_h);
     add_at_argmax(dxi, at.offset.data() + i * J, at.u.data() + i * J, J, q.su_coef);
     double_backward_dgy_plane<scalar_t, kWithH>(dgyp + geo.y_offset(i, g), at.x.data() + i * J,
-                                                at.h.data() + i * J, J, c.alpha, c.shift, slope,
-                                                mp[g], q);
+                                                kWithH ? at.h.data() + i * J : nullptr, J, c.alpha,
+                                                c.shift, slope, mp[g], q);
   }
+  return true;
 }
 
 template <typename scalar_t>
@@ -543,18 +568,19 @@ void double_backward_kernel(const at::Tensor& gy, const at::Tensor& x, const at:
   const scalar_t s = static_cast<scalar_t>(slope);
   const WindowTables tables(geo.H, geo.W);
 
+  std::atomic<bool> bad_indices{false};
   at::parallel_for(0, geo.G, channel_grain(geo.n * geo.plane()), [&](int64_t g0, int64_t g1) {
-    ArgmaxScratch<scalar_t> scratch(geo.n * tables.J);
+    ArgmaxScratch<scalar_t> scratch(geo.n * tables.J, hxp != nullptr);
     for (int64_t g = g0; g < g1; ++g) {
-      if (hxp) {
-        double_backward_channel<scalar_t, true>(geo, tables, scratch, g, gyp, xp, wp, bp, mp,
-                                                rp, ip, hxp, hwp, hbp, s, dgyp, dxp, dwp);
-      } else {
-        double_backward_channel<scalar_t, false>(geo, tables, scratch, g, gyp, xp, wp, bp,
-                                                 mp, rp, ip, hxp, hwp, hbp, s, dgyp, dxp, dwp);
-      }
+      const bool valid =
+          hxp ? double_backward_channel<scalar_t, true>(geo, tables, scratch, g, gyp, xp, wp, bp, mp,
+                                                        rp, ip, hxp, hwp, hbp, s, dgyp, dxp, dwp)
+              : double_backward_channel<scalar_t, false>(geo, tables, scratch, g, gyp, xp, wp, bp,
+                                                         mp, rp, ip, hxp, hwp, hbp, s, dgyp, dxp, dwp);
+      if (!valid) bad_indices.store(true, std::memory_order_relaxed);
     }
   });
+  if (bad_indices.load()) invalid_indices("bn_lrelu_pool_double_backward");
 }
 
 const at::Tensor* optional_cotangent(const char* op, const char* name,

@@ -72,9 +72,12 @@ struct Geo {
     return (i * G + g) * P + (e - i * P);
   }
   // Flat offset in x of position k (0..3, row-major) of channel g's window e.
+  // k is the window position 0..3. Only its two low bits are read, so indices that are not the
+  // forward's (the CPU kernels reject them; a device-side check would need a synchronisation)
+  // still address an element of the window, never memory outside x or gx.
   __device__ __forceinline__ index_t window_at(index_t g, index_t e, int k) const {
     const index_t P = Ho * Wo, i = e / P, rem = e - i * P, oh = rem / Wo, ow = rem - oh * Wo;
-    return (i * G + g) * H * W + (2 * oh + (k >> 1)) * W + 2 * ow + (k & 1);
+    return (i * G + g) * H * W + (2 * oh + ((k >> 1) & 1)) * W + 2 * ow + (k & 1);
   }
   __host__ __device__ index_t elements() const { return n * H * W; }
   __host__ __device__ index_t windows() const { return n * Ho * Wo; }

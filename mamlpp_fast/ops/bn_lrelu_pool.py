@@ -11,7 +11,9 @@ Three registered ops (schemas in ``csrc/registration.cpp``, kernels in ``csrc/cp
   ``indices`` (uint8, pooled shape) is the argmax position 0..3 inside each 2x2 window.
 * ``bn_lrelu_pool_backward(grad_y, x, weight, bias, mean, invstd, indices, negative_slope)
   -> (grad_x, grad_weight, grad_bias)``. ``mean``/``invstd``/``indices`` must be the forward's
-  outputs for ``x``: they are saved statistics, not free inputs, and get no gradient.
+  outputs for ``x``: they are saved statistics, not free inputs, and get no gradient. An index
+  outside 0..3 raises on the CPU; the CUDA kernels read its two low bits (no device-side check,
+  which would need a synchronisation), so it never addresses memory outside the window.
 * ``bn_lrelu_pool_double_backward(grad_y, x, weight, bias, mean, invstd, indices, grad_grad_x?,
   grad_grad_weight?, grad_grad_bias?, negative_slope) -> (grad_grad_y, grad_x, grad_weight)``: the
   backward of the backward op. It has **no autograd formula**: second-order MAML needs exactly two

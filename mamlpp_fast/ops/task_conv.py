@@ -331,8 +331,8 @@ def task_conv(x: Tensor, weight: Tensor, bias: Tensor, *, strategy: str = "auto"
 def _autocast_inputs(x: Tensor, weight: Tensor, bias: Tensor):
     """What autocast does to ``F.conv2d``'s inputs, done once for every strategy.
 
-    Under autocast the float32 inputs are cast to the autocast dtype, as autocast casts a
-    convolution's (so activations of the autocast dtype meet float32 weights without a dtype
+    Under autocast the floating-point inputs other than float64 are cast to the autocast dtype,
+    as autocast casts a convolution's (so activations of the autocast dtype meet float32 weights without a dtype
     error). The strategies with their own autograd Functions ("explicit", "triton") then save
     and differentiate, to any order, tensors of that one dtype, as ATen's convolution autograd
     does under autocast; they run with autocast off, since their inputs are cast already. The
@@ -340,8 +340,11 @@ def _autocast_inputs(x: Tensor, weight: Tensor, bias: Tensor):
     Returns (x, weight, bias, a context that turns autocast off).
     """
     device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
+    # Devices without autocast (meta tensors, as under fake-tensor tracing) raise on the query.
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
         return x, weight, bias, contextlib.nullcontext()
     dtype = torch.get_autocast_dtype(device_type)
-    x, weight, bias = (t.to(dtype) if t.dtype == torch.float32 else t for t in (x, weight, bias))
+    # As autocast: every floating-point tensor but float64 is cast.
+    x, weight, bias = (t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+                       for t in (x, weight, bias))
     return x, weight, bias, torch.autocast(device_type, enabled=False)

@@ -375,6 +375,26 @@ def test_raw_ops_reject_bad_saved_tensors():
         dbwd(gy, x, w, b, mean, invstd, idx, gy, None, None, SLOPE)
 
 
+@needs_op
+@pytest.mark.parametrize("value", [4, 7, 255])
+def test_cpu_ops_reject_indices_outside_the_window(value):
+    # The backward passes address x and write grad_x at the stored argmax: an index that is not
+    # 0..3 would point outside the window (or the tensor), so it raises instead, in one channel
+    # of many (the others valid) and with either cotangent of the double backward.
+    x, w, b = sample_inputs()
+    _, mean, invstd, idx = raw_forward(x, w, b)
+    bad = idx.clone()
+    bad[1, 2, 0, 1] = value
+    gy = torch.randn(3, 4, 2, 3, dtype=x.dtype)
+    message = "indices must hold argmax positions 0..3"
+    with pytest.raises(RuntimeError, match="bn_lrelu_pool_backward: " + message):
+        torch.ops.mamlpp_fast.bn_lrelu_pool_backward.default(gy, x, w, b, mean, invstd, bad, SLOPE)
+    dbwd = torch.ops.mamlpp_fast.bn_lrelu_pool_double_backward.default
+    for hx, hw in ((torch.randn_like(x), None), (None, torch.randn_like(w))):
+        with pytest.raises(RuntimeError, match="bn_lrelu_pool_double_backward: " + message):
+            dbwd(gy, x, w, b, mean, invstd, bad, hx, hw, None, SLOPE)
+
+
 def test_backend_choice():
     x, _, _ = sample_inputs()
     assert bn_lrelu_pool_backend(x) == ("cpp" if _has_op() else "aten")

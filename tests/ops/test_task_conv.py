@@ -167,6 +167,22 @@ def test_second_order_under_autocast_matches_aten_autocast(device, strategy):
 
 
 @pytest.mark.parametrize("strategy", ATEN_STRATEGIES)
+def test_autocast_casts_float16_inputs_too(strategy):
+    # autocast casts every floating-point input but float64, float16 under bfloat16 autocast too.
+    x, weight, bias = inputs(4, 2, 3, 5, 7, 7, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = task_conv(x.half(), weight, bias, strategy=strategy)
+    assert out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("strategy", ("auto",) + ATEN_STRATEGIES)
+def test_meta_tensors_give_the_output_shape(strategy):
+    # Fake-tensor tracing (torch.compile, opcheck) runs on the meta device, which has no autocast.
+    x, weight, bias = (t.detach().to("meta") for t in inputs(4, 2, 3, 5, 7, 6, dtype=torch.float32))
+    assert task_conv(x, weight, bias, strategy=strategy).shape == (4, 10, 7, 6)
+
+
+@pytest.mark.parametrize("strategy", ATEN_STRATEGIES)
 def test_autocast_activations_meet_float32_weights(strategy):
     # Under autocast a layer's input is the previous layer's bfloat16 output while the weights
     # stay float32: cast together, as F.conv2d's autocast does, instead of a dtype error.
