@@ -2,7 +2,7 @@
 // per-channel affine coefficients, so that every kernel recomputes exactly the same z (and hence
 // the same leaky-relu branch) as the forward did.
 //
-// Layout: x is [n, G, H, W] contiguous, one batch-norm channel per g (G = tasks * channels in the
+// Layout: x is [n, G, H, W] contiguous (the CPU kernels also take it channels-last), one batch-norm channel per g (G = tasks * channels in the
 // grouped meta-batch layout). The pooled tensors (y, grad_y, indices) are [n, G, H/2, W/2].
 // indices holds the position of the max inside each 2x2 window in row-major order (0..3, uint8).
 // Keep mamlpp_fast/ops/bn_lrelu_pool.py (_check_*) in sync with these checks.
@@ -14,11 +14,15 @@
 
 namespace mamlpp_fast {
 
-inline void check_bn_lrelu_pool_x(const char* op, const at::Tensor& x) {
+// allow_channels_last: the CPU kernels also take channels-last x (csrc/cpu/bn_lrelu_pool_nhwc.cpp).
+inline void check_bn_lrelu_pool_x(const char* op, const at::Tensor& x, bool allow_channels_last = false) {
   TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D [n, G, H, W], got shape ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
               ": x must be float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous (NCHW), got strides ", x.strides());
+  TORCH_CHECK(x.is_contiguous() || (allow_channels_last && x.is_contiguous(at::MemoryFormat::ChannelsLast)),
+              op, allow_channels_last ? ": x must be contiguous (NCHW) or channels-last, got strides "
+                                      : ": x must be contiguous (NCHW), got strides ",
+              x.strides());
   TORCH_CHECK(x.size(0) >= 1, op, ": x must hold at least one image, got shape ", x.sizes());
   TORCH_CHECK(x.size(2) >= 2 && x.size(3) >= 2, op,
               ": x must have H >= 2 and W >= 2 for 2x2 max pooling, got shape ", x.sizes());
@@ -49,8 +53,9 @@ inline void check_bn_lrelu_pool_backward_args(const char* op, const at::Tensor& 
                                               const at::Tensor& x, const at::Tensor& weight,
                                               const at::Tensor& bias, const at::Tensor& mean,
                                               const at::Tensor& invstd,
-                                              const at::Tensor& indices) {
-  check_bn_lrelu_pool_x(op, x);
+                                              const at::Tensor& indices,
+                                              bool allow_channels_last = false) {
+  check_bn_lrelu_pool_x(op, x, allow_channels_last);
   check_bn_lrelu_pool_channel_vec(op, "weight", weight, x);
   check_bn_lrelu_pool_channel_vec(op, "bias", bias, x);
   check_bn_lrelu_pool_channel_vec(op, "mean", mean, x);

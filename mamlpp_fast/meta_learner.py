@@ -34,6 +34,7 @@ __all__ = ["MetaLearner", "check_task_chunk_size"]
 
 FastWeights = Dict[str, torch.Tensor]
 _BACKENDS = ("auto", "aten", "reference", "cpp", "cuda", "triton")
+_MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 
 
 def check_task_chunk_size(value: Any) -> Optional[int]:
@@ -76,6 +77,10 @@ class MetaLearner(FewShotLearnerBase):
             and replay it. Same results and optimizer state_dict as eager mode. Elsewhere, or
             combined with task chunking, sharding or checkpointing, it warns once and runs
             eagerly. See `mamlpp_fast.cuda_graphs`.
+        memory_format: the layout of the activations: "contiguous" (NCHW), "channels_last"
+            (NHWC: oneDNN's grouped convolutions are faster in it on the CPU, and the fused
+            batch-norm stage has channels-last CPU kernels), or "auto" (default: see
+            `active_memory_format`). The results are the same to rounding in either layout.
 
     Example:
         >>> from mamlpp_fast import MetaLearner, preset
@@ -94,11 +99,13 @@ class MetaLearner(FewShotLearnerBase):
         checkpoint_inner_steps: bool = False,
         cuda_graphs: bool = False,
         conv_strategy: Union[str, Sequence[str]] = "auto",
+        memory_format: str = "auto",
         **kwargs: Any,
     ) -> None:
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         super().__init__(config, *official_positional, **kwargs)
+        self.memory_format = memory_format
         self.conv_strategy = conv_strategy
         self.backend = backend
         self.task_chunk_size = check_task_chunk_size(task_chunk_size)
@@ -106,6 +113,30 @@ class MetaLearner(FewShotLearnerBase):
         self._deferred_statistics: Optional[Dict[int, List[Any]]] = None
         self.cuda_graphs = bool(cuda_graphs)
         self.graphs = MetaStepGraphs(self)
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def memory_format(self) -> str:
+        """The requested activation layout: "auto", "contiguous" or "channels_last"."""
+        return self._memory_format
+
+    @memory_format.setter
+    def memory_format(self, value: str) -> None:
+        if value not in _MEMORY_FORMATS:
+            raise ValueError(f"memory_format must be one of {_MEMORY_FORMATS}, got {value!r}")
+        self._memory_format = value
+
+    @property
+    def active_memory_format(self) -> str:
+        """The layout the activations run in: "auto" is "contiguous" (measured: benchmarks/RESULTS.md)."""
+        return "contiguous" if self._memory_format == "auto" else self._memory_format
+
+    def _to_task_channels(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, N, K, C, H, W] -> [N*K, B*C, H, W] in the active layout."""
+        out = to_task_channels(images)
+        if self.active_memory_format == "channels_last":
+            return out.contiguous(memory_format=torch.channels_last)
+        return out
 
     # ------------------------------------------------------------------ backends
     def _op_backend(self) -> Optional[str]:
@@ -238,7 +269,7 @@ class MetaLearner(FewShotLearnerBase):
         """
         x_support, x_target, y_support, y_target = data_batch
         num_tasks = x_support.shape[0]
-        support, target = to_task_channels(x_support), to_task_channels(x_target)
+        support, target = self._to_task_channels(x_support), self._to_task_channels(x_target)
         y_support, y_target = y_support.reshape(num_tasks, -1), y_target.reshape(num_tasks, -1)
         use_msl = (use_multi_step_loss_optimization and training_phase
                    and epoch < self.config.multi_step_loss_num_epochs)
@@ -404,7 +435,7 @@ class MetaLearner(FewShotLearnerBase):
             )
         dummy_target = support_x[:, :, :1] if isinstance(support_x, torch.Tensor) else support_x[:, :, :1].copy()
         x, _, y, _ = self.prepare_batch((support_x, dummy_target, support_y, support_y[:, :, :1]))
-        images = to_task_channels(x)
+        images = self._to_task_channels(x)
         labels = y.reshape(x.shape[0], -1)
         fast = self._initial_fast_weights(x.shape[0], track_meta_gradients=True)
         for step in range(steps):
@@ -436,6 +467,6 @@ class MetaLearner(FewShotLearnerBase):
         if x.shape[0] != num_tasks:
             raise ValueError(f"query_x has {x.shape[0]} tasks but fast_weights were adapted on {num_tasks}")
         step = self.config.number_of_training_steps_per_iter - 1 if step is None else int(step)
-        images = to_task_channels(x.to(device=self.device, dtype=self.dtype))
+        images = self._to_task_channels(x.to(device=self.device, dtype=self.dtype))
         logits, _ = self._logits(images, fast_weights, step, training_phase=True)
         return logits

@@ -26,11 +26,13 @@ RTOL = META_STEP_RTOL
 make_batch = make_task_batch
 
 
-def make_pair(config, backend: str = "auto", device: str = "cpu", conv_strategy: str = "auto"):
+def make_pair(config, backend: str = "auto", device: str = "cpu", conv_strategy: str = "auto",
+              memory_format: str = "auto"):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reference = MAMLFewShotClassifier(config).double()
-        learner = MetaLearner(config, backend=backend, device=device, conv_strategy=conv_strategy).double()
+        learner = MetaLearner(config, backend=backend, device=device, conv_strategy=conv_strategy,
+                              memory_format=memory_format).double()
     learner.load_state_dict(reference.state_dict())
     return reference, learner
 
@@ -68,8 +70,8 @@ def stack_reference_trace(trace: List[dict], num_tasks: int) -> List[dict]:
 
 
 def compare_one_pass(config, num_tasks: int, epoch: int = 0, training: bool = True, backend: str = "auto",
-                     device: str = "cpu", conv_strategy: str = "auto"):
-    reference, learner = make_pair(config, backend, device, conv_strategy)
+                     device: str = "cpu", conv_strategy: str = "auto", memory_format: str = "auto"):
+    reference, learner = make_pair(config, backend, device, conv_strategy, memory_format)
     batch = make_batch(config, num_tasks)
     ref_losses, ref_logits, ref_grads, ref_trace = meta_gradients(reference, batch, epoch, training)
     losses, logits, grads, trace = meta_gradients(learner, batch, epoch, training)
@@ -194,6 +196,42 @@ def test_conv_strategies_match_reference(name, overrides, second_order, conv_str
     config = preset(name, second_order=second_order, **overrides)
     compare_one_pass(config, 2, conv_strategy=conv_strategy)
     compare_one_pass(config, 2, conv_strategy=conv_strategy, training=False)
+
+
+@pytest.mark.parametrize("name, overrides, num_tasks", [
+    ("maml++_omniglot_20w1s", dict(SMALL, num_target_samples=2), 2),
+    ("maml++_omniglot_5w1s", SMALL, 3),  # 3 x 16 = 48 channels: a partial 16-channel chunk
+    ("maml++_mini-imagenet_5w1s", dict(SMALL, cnn_num_filters=8, num_target_samples=2), 2),  # 5x5 features
+])
+@pytest.mark.parametrize("second_order", [True, False])
+@pytest.mark.parametrize("backend, conv_strategy", [("auto", "auto"), ("auto", "grouped"), ("aten", "auto")])
+def test_channels_last_matches_reference(name, overrides, num_tasks, second_order, backend, conv_strategy):
+    """Activations in channels-last: the fused stage's channels-last CPU kernels ("auto") or the
+    ATen composition, under the explicit ("auto") or ATen's grouped convolutions."""
+    config = preset(name, second_order=second_order, **overrides)
+    for training in (True, False):
+        compare_one_pass(config, num_tasks, training=training, backend=backend, conv_strategy=conv_strategy,
+                         memory_format="channels_last")
+
+
+def test_channels_last_reaches_the_fused_stage_and_bad_values_are_refused():
+    config = preset("maml++_omniglot_5w1s", **SMALL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        learner = MetaLearner(config, memory_format="channels_last").double()
+    assert learner.active_memory_format == "channels_last"
+    layouts = []
+    stage = learner._stage
+
+    def spy(x, weight, bias):
+        layouts.append(not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last))
+        return stage(x, weight, bias)
+
+    learner._stage = spy
+    meta_gradients(learner, make_batch(config, 2), epoch=0)
+    assert layouts and all(layouts), layouts
+    with pytest.raises(ValueError, match="memory_format must be one of"):
+        learner.memory_format = "nhwc"
 
 
 @pytest.mark.parametrize("second_order", [True, False])

@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "bn_lrelu_pool.h"
+#include "bn_lrelu_pool_nhwc.h"
 #include "simd.h"
 
 namespace mamlpp_fast {
@@ -358,11 +359,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_lrelu_pool_forward
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
     double negative_slope) {
   constexpr const char* op = "bn_lrelu_pool_forward";
-  check_bn_lrelu_pool_x(op, x);
+  check_bn_lrelu_pool_x(op, x, /*allow_channels_last=*/true);
   check_bn_lrelu_pool_channel_vec(op, "weight", weight, x);
   check_bn_lrelu_pool_channel_vec(op, "bias", bias, x);
   TORCH_CHECK(eps > 0, op, ": eps must be positive, got ", eps);
   TORCH_INTERNAL_ASSERT(x.device().is_cpu());
+  if (bn_lrelu_pool_is_channels_last(x)) return bn_lrelu_pool_forward_cpu_nhwc(x, weight, bias, eps, negative_slope);
   const auto geo = geometry(x);
   at::Tensor y = at::empty({geo.n, geo.G, geo.Ho, geo.Wo}, x.options());
   at::Tensor mean = at::empty({geo.G}, x.options());
@@ -446,8 +448,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_lrelu_pool_backward_cpu(
     const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& invstd,
     const at::Tensor& indices, double negative_slope) {
   constexpr const char* op = "bn_lrelu_pool_backward";
-  check_bn_lrelu_pool_backward_args(op, grad_y, x, weight, bias, mean, invstd, indices);
+  check_bn_lrelu_pool_backward_args(op, grad_y, x, weight, bias, mean, invstd, indices, /*allow_channels_last=*/true);
   TORCH_INTERNAL_ASSERT(x.device().is_cpu());
+  if (bn_lrelu_pool_is_channels_last(x)) {
+    return bn_lrelu_pool_backward_cpu_nhwc(grad_y, x, weight, bias, mean, invstd, indices, negative_slope);
+  }
   // Incoming gradients are often expanded or strided views; the kernels read dense planes.
   const at::Tensor gy = grad_y.contiguous(), idx = indices.contiguous();
   const at::Tensor w = weight.contiguous(), b = bias.contiguous();
@@ -593,7 +598,7 @@ const at::Tensor* optional_cotangent(const char* op, const char* name,
               like.scalar_type(), ", got ", t->scalar_type());
   TORCH_CHECK(t->device() == like.device(), op, ": ", name, " must be on device ", like.device(),
               ", got ", t->device());
-  storage = t->contiguous();
+  storage = t->contiguous(like.suggest_memory_format());  // x's layout, NCHW or channels-last
   return &storage;
 }
 
@@ -604,12 +609,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_lrelu_pool_double_backward_cpu
     const std::optional<at::Tensor>& grad_grad_weight,
     const std::optional<at::Tensor>& grad_grad_bias, double negative_slope) {
   constexpr const char* op = "bn_lrelu_pool_double_backward";
-  check_bn_lrelu_pool_backward_args(op, grad_y, x, weight, bias, mean, invstd, indices);
+  check_bn_lrelu_pool_backward_args(op, grad_y, x, weight, bias, mean, invstd, indices, /*allow_channels_last=*/true);
   TORCH_INTERNAL_ASSERT(x.device().is_cpu());
   at::Tensor hx_s, hw_s, hb_s;
   const at::Tensor* hx = optional_cotangent(op, "grad_grad_x", grad_grad_x, x, hx_s);
   const at::Tensor* hw = optional_cotangent(op, "grad_grad_weight", grad_grad_weight, weight, hw_s);
   const at::Tensor* hb = optional_cotangent(op, "grad_grad_bias", grad_grad_bias, bias, hb_s);
+  if (bn_lrelu_pool_is_channels_last(x)) {
+    return bn_lrelu_pool_double_backward_cpu_nhwc(grad_y, x, weight, bias, mean, invstd, indices, hx, hw,
+                                                  hb, negative_slope);
+  }
   const at::Tensor gy = grad_y.contiguous(), idx = indices.contiguous();
   const at::Tensor w = weight.contiguous(), b = bias.contiguous();
   const at::Tensor m = mean.contiguous(), r = invstd.contiguous();

@@ -76,7 +76,8 @@ def bn_lrelu_pool(
 
     Returns:
         ``(y, mean, invstd)``: ``y`` is ``(n, G, H // 2, W // 2)`` (odd trailing rows/columns are
-        dropped, as ``max_pool2d`` does), ``mean`` and ``invstd = (var + eps)^-1/2`` are ``(G,)``
+        dropped, as ``max_pool2d`` does; channels-last when ``x`` is, on the "cpp" backend, whose
+        kernels take that layout as it is), ``mean`` and ``invstd = (var + eps)^-1/2`` are ``(G,)``
         batch statistics for running-statistics bookkeeping; they carry no gradient.
 
     Example:
@@ -88,7 +89,7 @@ def bn_lrelu_pool(
     name = bn_lrelu_pool_backend(x, backend=backend)
     if name in ("cpp", "cuda"):
         y, mean, invstd, _ = torch.ops.mamlpp_fast.bn_lrelu_pool_forward.default(
-            x.contiguous(), weight, bias, eps, negative_slope
+            x if name == "cpp" and is_channels_last(x) else x.contiguous(), weight, bias, eps, negative_slope
         )
         return y, mean, invstd
     _check_forward(x, weight, bias, eps)
@@ -144,6 +145,20 @@ def _bn_lrelu_pool_aten(
 
 def _has_op() -> bool:
     return _HAS_OP
+
+
+def is_channels_last(x: Tensor) -> bool:
+    """Whether the CPU kernels take ``x`` in channels-last layout: 4-D, channels-last contiguous
+    and not also NCHW-contiguous (as csrc/cpu/bn_lrelu_pool_nhwc.h)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _kernel_layout(x: Tensor) -> torch.memory_format:
+    """The layout of the compiled kernels' outputs for ``x``: channels-last where the CPU
+    kernels take channels-last ``x``, else NCHW (the CUDA kernels take NCHW only)."""
+    if x.device.type != "cuda" and is_channels_last(x):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def _missing_op(name: str) -> str:
@@ -204,7 +219,8 @@ def _check_forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, op: str 
 
 def _check_backward(op, grad_y, x, weight, bias, mean, invstd, indices) -> None:
     _check_x(op, x)
-    torch._check(x.is_contiguous(), lambda: f"{op}: x must be contiguous (NCHW)")
+    torch._check(x.is_contiguous() or _kernel_layout(x) == torch.channels_last,
+                 lambda: f"{op}: x must be contiguous (NCHW)" + (" or channels-last" if x.device.type != "cuda" else ""))
     for name, t in (("weight", weight), ("bias", bias), ("mean", mean), ("invstd", invstd)):
         _check_channel_vec(op, name, t, x)
     _check_pooled(op, "grad_y", grad_y, x)
@@ -221,20 +237,23 @@ def _check_backward(op, grad_y, x, weight, bias, mean, invstd, indices) -> None:
 def _forward_fake(x, weight, bias, eps, negative_slope):
     op = "bn_lrelu_pool_forward"
     _check_forward(x, weight, bias, eps, op)
-    torch._check(x.is_contiguous(), lambda: f"{op}: x must be contiguous (NCHW)")
+    layout = _kernel_layout(x)
+    torch._check(x.is_contiguous() or layout == torch.channels_last,
+                 lambda: f"{op}: x must be contiguous (NCHW)" + (" or channels-last" if x.device.type != "cuda" else ""))
     pooled = _pooled_shape(x)
     G = x.shape[1]
     return (
-        x.new_empty(pooled),
+        x.new_empty(pooled).contiguous(memory_format=layout),
         x.new_empty([G]),
         x.new_empty([G]),
-        x.new_empty(pooled, dtype=torch.uint8),
+        x.new_empty(pooled, dtype=torch.uint8).contiguous(memory_format=layout),
     )
 
 
 def _backward_fake(grad_y, x, weight, bias, mean, invstd, indices, negative_slope):
     _check_backward("bn_lrelu_pool_backward", grad_y, x, weight, bias, mean, invstd, indices)
-    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)
+    grad_x = torch.empty_like(x, memory_format=_kernel_layout(x))
+    return grad_x, torch.empty_like(weight), torch.empty_like(bias)
 
 
 def _double_backward_fake(
@@ -254,7 +273,9 @@ def _double_backward_fake(
                 lambda: f"{op}: {name} must have shape {list(like.shape)}, got {list(h.shape)}",
             )
             torch._check(h.dtype == like.dtype, lambda: f"{op}: {name} must have dtype {like.dtype}, got {h.dtype}")
-    return x.new_empty(grad_y.shape), torch.empty_like(x), torch.empty_like(weight)
+    layout = _kernel_layout(x)
+    return (x.new_empty(grad_y.shape).contiguous(memory_format=layout),
+            torch.empty_like(x, memory_format=layout), torch.empty_like(weight))
 
 
 # --- autograd --------------------------------------------------------------------------------------

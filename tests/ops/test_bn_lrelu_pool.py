@@ -303,6 +303,119 @@ def test_mean_and_invstd_carry_no_gradient(device):
         assert not mean.requires_grad and not invstd.requires_grad, backend
 
 
+# --- channels-last (CPU kernels) -----------------------------------------------------------------
+
+CL = torch.channels_last
+# G across the 16-channel chunks (3, 17, 40, 48 = mini-ImageNet's 96 over two threads) and the
+# 8-channel float64 cache line; odd H/W with uncovered rows/columns; n = 1.
+CL_SHAPES = [(3, 4, 5, 7), (1, 17, 6, 6), (2, 40, 7, 5), (3, 48, 4, 4), (2, 3, 3, 3), (20, 128, 14, 14)]
+
+
+def as_channels_last(*tensors):
+    return [t.contiguous(memory_format=CL) if t is not None and t.dim() == 4 else t for t in tensors]
+
+
+@needs_op
+@pytest.mark.parametrize("shape", CL_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_channels_last_kernels_match_nchw(shape, dtype):
+    # All three raw ops on channels-last tensors against the NCHW kernels on the same values:
+    # the same indices, outputs within rounding, and outputs in channels-last.
+    x, w, b = sample_inputs("cpu", dtype=dtype, shape=shape, seed=3)
+    (xc,) = as_channels_last(x)
+    assert not xc.is_contiguous()
+    ops = torch.ops.mamlpp_fast
+    nchw = raw_forward(x, w, b)
+    nhwc = raw_forward(xc, w, b)
+    assert nhwc[0].is_contiguous(memory_format=CL) and nhwc[3].is_contiguous(memory_format=CL)
+    assert torch.equal(nchw[3], nhwc[3]), "indices"
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for k in range(3):
+        assert_rel(nhwc[k], nchw[k], tol, f"forward output {k}")
+    gen = torch.Generator().manual_seed(4)
+    gy = torch.randn(nchw[0].shape, generator=gen, dtype=torch.float64).to(dtype)
+    hx = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    hw, hb = torch.randn_like(w), torch.randn_like(b)
+    _, mean, invstd, idx = nchw
+    for grad_y in (gy, *as_channels_last(gy)):  # the incoming gradient in either layout
+        got = ops.bn_lrelu_pool_backward(grad_y, xc, w, b, mean, invstd, nhwc[3], SLOPE)
+        expected = ops.bn_lrelu_pool_backward(gy, x, w, b, mean, invstd, idx, SLOPE)
+        assert got[0].is_contiguous(memory_format=CL)
+        for k in range(3):
+            assert_rel(got[k], expected[k], tol * 10, f"backward output {k}")
+    for h in ((hx, hw, hb), (hx, None, None), (None, hw, None), (None, None, hb), (*as_channels_last(hx), hw, hb)):
+        got = ops.bn_lrelu_pool_double_backward(gy, xc, w, b, mean, invstd, nhwc[3], *h, SLOPE)
+        hn = (h[0].contiguous() if h[0] is not None else None, h[1], h[2])
+        expected = ops.bn_lrelu_pool_double_backward(gy, x, w, b, mean, invstd, idx, *hn, SLOPE)
+        assert got[0].is_contiguous(memory_format=CL) and got[1].is_contiguous(memory_format=CL)
+        for k in range(3):
+            assert_rel(got[k], expected[k], tol * 10, f"double backward output {k}")
+
+
+@needs_op
+@pytest.mark.parametrize("shape", [(3, 4, 5, 7), (2, 17, 4, 6)], ids=str)
+def test_channels_last_gradcheck_and_gradgradcheck(shape):
+    x, w, b = sample_inputs("cpu", shape=shape, seed=5)
+    (x,) = as_channels_last(x)
+    inputs = [t.detach().requires_grad_() for t in (x, w, b)]
+    assert not inputs[0].is_contiguous()
+
+    def fn(x, w, b):
+        y = bn_lrelu_pool(x, w, b, EPS, SLOPE, backend="cpp")[0]
+        assert y.is_contiguous(memory_format=CL)
+        return y
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+@needs_op
+@pytest.mark.parametrize("threads", [1, 2])
+def test_channels_last_results_do_not_depend_on_the_thread_count(threads):
+    # Each channel's sums run in one fixed order whichever thread owns it.
+    x, w, b = sample_inputs("cpu", dtype=torch.float32, shape=(6, 96, 12, 10), seed=6)
+    (xc,) = as_channels_last(x)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        expected = raw_forward(xc, w, b)
+        torch.set_num_threads(threads)
+        got = raw_forward(xc, w, b)
+    finally:
+        torch.set_num_threads(previous)
+    for k in range(4):
+        assert torch.equal(got[k], expected[k]), k
+
+
+@needs_op
+def test_channels_last_opcheck():
+    x, w, b = sample_inputs("cpu", shape=(2, 19, 5, 6))
+    (x,) = as_channels_last(x)
+    torch.library.opcheck(torch.ops.mamlpp_fast.bn_lrelu_pool_forward.default, (x, w, b, EPS, SLOPE))
+    _, mean, invstd, idx = raw_forward(x, w, b)
+    (gy,) = as_channels_last(torch.randn(2, 19, 2, 3, dtype=x.dtype))
+    torch.library.opcheck(torch.ops.mamlpp_fast.bn_lrelu_pool_backward.default,
+                          (gy, x, w, b, mean, invstd, idx, SLOPE))
+    hx, hw, hb = torch.randn_like(x), torch.randn_like(w), torch.randn_like(b)
+    torch.library.opcheck(torch.ops.mamlpp_fast.bn_lrelu_pool_double_backward.default,
+                          (gy, x, w, b, mean, invstd, idx, hx, hw, hb, SLOPE),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+@needs_op
+def test_channels_last_rejects_indices_outside_the_window():
+    x, w, b = sample_inputs("cpu", shape=(2, 20, 4, 4))
+    (x,) = as_channels_last(x)
+    _, mean, invstd, idx = raw_forward(x, w, b)
+    bad = idx.clone()
+    bad[1, 17, 1, 0] = 9
+    gy = torch.randn(2, 20, 2, 2, dtype=x.dtype)
+    with pytest.raises(RuntimeError, match="bn_lrelu_pool_backward: indices must hold"):
+        torch.ops.mamlpp_fast.bn_lrelu_pool_backward(gy, x, w, b, mean, invstd, bad, SLOPE)
+    with pytest.raises(RuntimeError, match="bn_lrelu_pool_double_backward: indices must hold"):
+        torch.ops.mamlpp_fast.bn_lrelu_pool_double_backward(gy, x, w, b, mean, invstd, bad, x, None, None, SLOPE)
+
+
 # --- registration, checks, fallback -----------------------------------------------------------------
 
 
