@@ -223,14 +223,20 @@ def _train_parser() -> argparse.ArgumentParser:
                         help="how the task-batched convolutions run: auto (default), grouped, explicit, "
                              "bmm, triton (CUDA) or blockdiag, or one per conv layer, comma-separated "
                              "(e.g. triton,auto,auto,auto); all give the same results to rounding")
+    parser.add_argument("--memory-format", default="auto", choices=("auto", "contiguous", "channels_last"),
+                        help="layout of the activations: auto (default: channels_last where the fused "
+                             "batch-norm stage runs on the compiled CPU kernels, else contiguous), "
+                             "contiguous (NCHW) or channels_last; the same results to rounding")
     return parser
 
 
 def _describe_kernels(learner) -> str:
-    """What the learner's ops run on, e.g. "bn_lrelu_pool=cpp, lslr_update=cpp, task_conv=explicit"."""
+    """What the learner's ops run on, e.g. "bn_lrelu_pool=cpp, lslr_update=cpp, task_conv=explicit;
+    activations channels_last"."""
     from . import _backend
 
     active = ", ".join(f"{op}={name}" for op, name in learner.active_backends.items())
+    active += f"; activations {learner.active_memory_format}"
     if not _backend.has_extension():
         active += f" (compiled extension not loaded: {_backend._C_ERROR})"
     return active
@@ -319,7 +325,8 @@ def _make_trainer(config, args, device, dtype, conv_strategy, distributed):
                       learner_options={"task_chunk_size": args.task_chunk_size,
                                        "checkpoint_inner_steps": args.checkpoint_inner_steps,
                                        "cuda_graphs": args.cuda_graphs,
-                                       "conv_strategy": conv_strategy},
+                                       "conv_strategy": conv_strategy,
+                                       "memory_format": args.memory_format},
                       distributed=distributed)
     if distributed is None or distributed.is_main:
         print(f"experiment: {trainer.experiment_dir} ({config.num_classes_per_set}-way "

@@ -79,7 +79,8 @@ class MetaLearner(FewShotLearnerBase):
             eagerly. See `mamlpp_fast.cuda_graphs`.
         memory_format: the layout of the activations: "contiguous" (NCHW), "channels_last"
             (NHWC: oneDNN's grouped convolutions are faster in it on the CPU, and the fused
-            batch-norm stage has channels-last CPU kernels), or "auto" (default: see
+            batch-norm stage has channels-last CPU kernels), or "auto" (default: channels-last
+            where the fused stage runs on the compiled CPU kernels, else contiguous; see
             `active_memory_format`). The results are the same to rounding in either layout.
 
     Example:
@@ -128,8 +129,19 @@ class MetaLearner(FewShotLearnerBase):
 
     @property
     def active_memory_format(self) -> str:
-        """The layout the activations run in: "auto" is "contiguous" (measured: benchmarks/RESULTS.md)."""
-        return "contiguous" if self._memory_format == "auto" else self._memory_format
+        """The layout the activations run in. "auto" is "channels_last" where the fused stage runs
+        on the compiled CPU kernels, which have a channels-last version (second order, 2 threads:
+        Omniglot 20w1s 16% faster, mini-ImageNet 5w1s 8%; benchmarks/RESULTS.md), and
+        "contiguous" elsewhere: the CUDA kernels are NCHW-only, and the ATen composition of the
+        stage was slower in channels-last."""
+        if self._memory_format != "auto":
+            return self._memory_format
+        fused_stage = runs_fused_stage(self.config.norm_layer, self.config.max_pooling)
+        if fused_stage and self.device.type == "cpu":
+            probe = torch.empty(1, 1, 2, 2, dtype=self.dtype)
+            if bn_lrelu_pool_backend(probe, backend=self._op_backend()) == "cpp":
+                return "channels_last"
+        return "contiguous"
 
     def _to_task_channels(self, images: torch.Tensor) -> torch.Tensor:
         """[B, N, K, C, H, W] -> [N*K, B*C, H, W] in the active layout."""

@@ -30,6 +30,7 @@ def test_train_then_eval_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "test accuracy:" in out and "epoch 2/2" in out
     assert "kernels: bn_lrelu_pool=" in out and "task_conv=explicit" in out  # which backend is active
+    assert "activations channels_last" in out  # and which layout
     assert "data: synthetic" in out  # which data, how many classes
     folder = tmp_path / EXPERIMENT
     for name in ("config.json", "saved_models/train_model_1", "saved_models/train_model_2",
@@ -95,6 +96,8 @@ def assert_same_training(actual_state, expected_state):
     ("bounded", ["--task-chunk-size", "1", "--checkpoint-inner-steps"], "task_conv=explicit"),
     # and --conv-strategy (here one per layer) changes kernels, not the result.
     ("conv", ["--conv-strategy", "bmm, explicit,auto,blockdiag"], "task_conv=bmm,explicit,explicit,blockdiag"),
+    # and --memory-format changes the activations' layout (the plain run: channels_last), not the result.
+    ("nchw", ["--memory-format", "contiguous"], "activations contiguous"),
 ])
 def test_speed_and_memory_options_match_the_plain_run(tmp_path, capsys, name, extra, kernels):
     optioned = _trained_network(tmp_path, name, extra)

@@ -205,13 +205,16 @@ def test_conv_strategies_match_reference(name, overrides, second_order, conv_str
 ])
 @pytest.mark.parametrize("second_order", [True, False])
 @pytest.mark.parametrize("backend, conv_strategy", [("auto", "auto"), ("auto", "grouped"), ("aten", "auto")])
-def test_channels_last_matches_reference(name, overrides, num_tasks, second_order, backend, conv_strategy):
-    """Activations in channels-last: the fused stage's channels-last CPU kernels ("auto") or the
-    ATen composition, under the explicit ("auto") or ATen's grouped convolutions."""
+@pytest.mark.parametrize("memory_format", ["channels_last", "contiguous"])
+def test_memory_formats_match_reference(name, overrides, num_tasks, second_order, backend, conv_strategy,
+                                        memory_format):
+    """Activations in either layout ("auto" is channels_last on the CPU, so the other tests run
+    that): the fused stage's CPU kernels ("auto") or the ATen composition, under the explicit
+    ("auto") or ATen's grouped convolutions."""
     config = preset(name, second_order=second_order, **overrides)
     for training in (True, False):
         compare_one_pass(config, num_tasks, training=training, backend=backend, conv_strategy=conv_strategy,
-                         memory_format="channels_last")
+                         memory_format=memory_format)
 
 
 def test_channels_last_reaches_the_fused_stage_and_bad_values_are_refused():
@@ -232,6 +235,15 @@ def test_channels_last_reaches_the_fused_stage_and_bad_values_are_refused():
     assert layouts and all(layouts), layouts
     with pytest.raises(ValueError, match="memory_format must be one of"):
         learner.memory_format = "nhwc"
+    # "auto": channels-last where the fused stage runs on the compiled CPU kernels only.
+    learner.memory_format = "auto"
+    assert learner.active_memory_format == ("channels_last" if learner.active_backends["bn_lrelu_pool"] == "cpp"
+                                            else "contiguous")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert MetaLearner(config, backend="aten").active_memory_format == "contiguous"
+        layer_norm = preset("maml++_omniglot_5w1s", norm_layer="layer_norm", **SMALL)
+        assert MetaLearner(layer_norm).active_memory_format == "contiguous"
 
 
 @pytest.mark.parametrize("second_order", [True, False])

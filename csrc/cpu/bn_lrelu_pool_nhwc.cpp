@@ -38,9 +38,6 @@ constexpr int64_t kRowBlock = 1024;
 // Minimum elements handled by one parallel task, so small problems stay on the calling thread.
 constexpr int64_t kGrainElements = 32768;
 
-template <typename T>
-constexpr int64_t kLineChannels = 64 / static_cast<int64_t>(sizeof(T));  // one cache line
-
 struct Geometry {
   int64_t n, G, H, W, Ho, Wo;
   int64_t rows() const { return n * H * W; }
@@ -66,16 +63,8 @@ MAMLPP_FAST_ALWAYS_INLINE T at_position(int32_t k, T v0, T v1, T v2, T v3) {
   return (k & 2) ? bottom : top;
 }
 
-// Per-thread arrays of one value per channel of the block.
-template <typename T>
-struct PerChannel {
-  std::vector<T> data;
-  PerChannel(int64_t count, int64_t width) : data(count * width) {}
-  T* operator()(int64_t which, int64_t width) { return data.data() + which * width; }
-};
-
 // ---------------------------------------------------------------------------------------------
-// statistics: per channel, sum over rows of x, then of (x - mean)^2, or of h and h (x - mean)
+// statistics: per channel, the sum over rows of x, then of (x - mean)^2
 
 template <typename T>
 MAMLPP_FAST_SIMD_CLONES void block_sum(const T* __restrict__ x, int64_t rows, int64_t G, int64_t nc,
@@ -108,31 +97,6 @@ MAMLPP_FAST_SIMD_CLONES void block_sum_sq_dev(const T* __restrict__ x, int64_t r
       }
     }
     for (int64_t c = 0; c < nc; ++c) total[c] += part[c];
-  }
-}
-
-template <typename T>
-MAMLPP_FAST_SIMD_CLONES void block_sum_h(const T* __restrict__ h, const T* __restrict__ x, int64_t rows,
-                                         int64_t G, int64_t nc, const T* __restrict__ mean,
-                                         T* __restrict__ part_h, T* __restrict__ part_hx,
-                                         acc_t* __restrict__ s_h, acc_t* __restrict__ s_hx) {
-  for (int64_t rb = 0; rb < rows; rb += kRowBlock) {
-    const int64_t re = std::min(rows, rb + kRowBlock);
-    std::fill(part_h, part_h + nc, T(0));
-    std::fill(part_hx, part_hx + nc, T(0));
-    for (int64_t r = rb; r < re; ++r) {
-      const T* __restrict__ hr = h + r * G;
-      const T* __restrict__ xr = x + r * G;
-      MAMLPP_FAST_SIMD
-      for (int64_t c = 0; c < nc; ++c) {
-        part_h[c] += hr[c];
-        part_hx[c] += hr[c] * (xr[c] - mean[c]);
-      }
-    }
-    for (int64_t c = 0; c < nc; ++c) {
-      s_h[c] += part_h[c];
-      s_hx[c] += part_hx[c];
-    }
   }
 }
 
@@ -185,23 +149,23 @@ MAMLPP_FAST_ALWAYS_INLINE void forward_chunk(const T* __restrict__ x0, const T* 
   for (int64_t c = 0; c < nw; ++c) idx[c] = static_cast<uint8_t>(args[c]);
 }
 
+// The windows of window rows [io0, io1) (window row io = i * Ho + oh).
 template <typename T>
-MAMLPP_FAST_SIMD_CLONES void block_forward_windows(const T* __restrict__ x, T* __restrict__ y,
-                                                   uint8_t* __restrict__ idx, const Geometry& geo,
-                                                   int64_t nc, const T* __restrict__ alpha,
-                                                   const T* __restrict__ shift, T slope) {
+MAMLPP_FAST_SIMD_CLONES void forward_windows(const T* __restrict__ x, T* __restrict__ y,
+                                             uint8_t* __restrict__ idx, const Geometry& geo, int64_t io0,
+                                             int64_t io1, const T* __restrict__ alpha,
+                                             const T* __restrict__ shift, T slope) {
   const int64_t G = geo.G, W = geo.W;
-  for (int64_t i = 0; i < geo.n; ++i) {
-    for (int64_t oh = 0; oh < geo.Ho; ++oh) {
-      for (int64_t ow = 0; ow < geo.Wo; ++ow) {
-        const T* x0 = x + geo.row(i, 2 * oh, 2 * ow) * G;
-        const T* x2 = x0 + W * G;
-        const int64_t j = (i * geo.Ho + oh) * geo.Wo + ow;
+  for (int64_t io = io0; io < io1; ++io) {
+    const int64_t i = io / geo.Ho, oh = io - i * geo.Ho;
+    for (int64_t ow = 0; ow < geo.Wo; ++ow) {
+      const T* x0 = x + geo.row(i, 2 * oh, 2 * ow) * G;
+      const T* x2 = x0 + W * G;
+      const int64_t j = io * geo.Wo + ow;
 #define MAMLPP_FAST_CALL(K, c, w) \
   forward_chunk<T, K>(x0 + (c), x2 + (c), y + j * G + (c), idx + j * G + (c), alpha + (c), shift + (c), slope, G, w)
-        MAMLPP_FAST_FOR_CHUNKS(nc, MAMLPP_FAST_CALL);
+      MAMLPP_FAST_FOR_CHUNKS(G, MAMLPP_FAST_CALL);
 #undef MAMLPP_FAST_CALL
-      }
     }
   }
 }
@@ -211,7 +175,8 @@ MAMLPP_FAST_SIMD_CLONES void block_forward_windows(const T* __restrict__ x, T* _
 // corners; u = gy D(xv). Elements no window covers (the last row/column of odd H/W) get only the
 // dense part of their output.
 
-// One window's chunk of the argmax sums: pa += u, pb += u (xv - mean), with h pd += u hv.
+// One window's chunk of the argmax sums: pa += u, pb += u (xv - mean), and with h pd += u hv and
+// the dense sums of the window's four elements, pe += h, pf += h (x - mean).
 // Returns the number of indices above 3 (k >> 2 summed; zero for the forward's indices).
 template <typename T, bool kWithH, int64_t kWidth>
 MAMLPP_FAST_ALWAYS_INLINE int32_t argmax_sums_chunk(const T* __restrict__ x0, const T* __restrict__ x2,
@@ -219,8 +184,8 @@ MAMLPP_FAST_ALWAYS_INLINE int32_t argmax_sums_chunk(const T* __restrict__ x0, co
                                                     const T* __restrict__ gy, const uint8_t* __restrict__ idx,
                                                     const T* __restrict__ alpha, const T* __restrict__ shift,
                                                     const T* __restrict__ mean, T slope, T* __restrict__ pa,
-                                                    T* __restrict__ pb, T* __restrict__ pd, int64_t G,
-                                                    int64_t width) {
+                                                    T* __restrict__ pb, T* __restrict__ pd, T* __restrict__ pe,
+                                                    T* __restrict__ pf, int64_t G, int64_t width) {
   const int64_t nw = kWidth ? kWidth : width;
   alignas(64) int32_t ks[kChunk];
   for (int64_t c = 0; c < nw; ++c) ks[c] = idx[c];
@@ -229,11 +194,17 @@ MAMLPP_FAST_ALWAYS_INLINE int32_t argmax_sums_chunk(const T* __restrict__ x0, co
   for (int64_t c = 0; c < nw; ++c) {
     const int32_t k = ks[c];
     out_of_range += k >> 2;
-    const T xv = at_position(k, x0[c], x0[c + G], x2[c], x2[c + G]);
+    const T v0 = x0[c], v1 = x0[c + G], v2 = x2[c], v3 = x2[c + G];
+    const T xv = at_position(k, v0, v1, v2, v3);
     const T u = gy[c] * lrelu_slope(xv * alpha[c] + shift[c], slope);
     pa[c] += u;
     pb[c] += u * (xv - mean[c]);
-    if constexpr (kWithH) pd[c] += u * at_position(k, h0[c], h0[c + G], h2[c], h2[c + G]);
+    if constexpr (kWithH) {
+      const T g0 = h0[c], g1 = h0[c + G], g2 = h2[c], g3 = h2[c + G];
+      pd[c] += u * at_position(k, g0, g1, g2, g3);
+      pe[c] += (g0 + g1) + (g2 + g3);
+      pf[c] += (g0 * (v0 - mean[c]) + g1 * (v1 - mean[c])) + (g2 * (v2 - mean[c]) + g3 * (v3 - mean[c]));
+    }
   }
   return out_of_range;
 }
@@ -241,21 +212,25 @@ MAMLPP_FAST_ALWAYS_INLINE int32_t argmax_sums_chunk(const T* __restrict__ x0, co
 // s_u += sum u, s_ux += sum u (x - mean), with h s_uh += sum u h. Returns false if some index is
 // not 0..3 (the sums are then meaningless and must not be used).
 template <typename T, bool kWithH>
-MAMLPP_FAST_SIMD_CLONES bool block_argmax_sums(const T* __restrict__ x, const T* __restrict__ h,
-                                               const T* __restrict__ gy, const uint8_t* __restrict__ idx,
-                                               const Geometry& geo, int64_t nc, const T* __restrict__ alpha,
-                                               const T* __restrict__ shift, const T* __restrict__ mean,
-                                               T slope, T* __restrict__ pa, T* __restrict__ pb,
-                                               T* __restrict__ pd, acc_t* __restrict__ s_u,
-                                               acc_t* __restrict__ s_ux, acc_t* __restrict__ s_uh) {
-  const int64_t G = geo.G, W = geo.W;
+MAMLPP_FAST_SIMD_CLONES bool argmax_sums(const T* __restrict__ x, const T* __restrict__ h,
+                                         const T* __restrict__ gy, const uint8_t* __restrict__ idx,
+                                         const Geometry& geo, int64_t io0, int64_t io1,
+                                         const T* __restrict__ alpha, const T* __restrict__ shift,
+                                         const T* __restrict__ mean, T slope, T* __restrict__ scratch,
+                                         acc_t* __restrict__ sums) {
+  const int64_t G = geo.G, W = geo.W, nc = G;
+  T* __restrict__ pa = scratch;
+  T* __restrict__ pb = scratch + G;
+  T* __restrict__ pd = scratch + 2 * G;
+  T* __restrict__ pe = scratch + 3 * G;
+  T* __restrict__ pf = scratch + 4 * G;
+  acc_t* __restrict__ s_u = sums;
+  acc_t* __restrict__ s_ux = sums + G;
   int32_t out_of_range = 0;
   // Sums run in T over one row of windows, then move to double.
-  for (int64_t io = 0; io < geo.n * geo.Ho; ++io) {
+  for (int64_t io = io0; io < io1; ++io) {
     const int64_t i = io / geo.Ho, oh = io - i * geo.Ho;
-    std::fill(pa, pa + nc, T(0));
-    std::fill(pb, pb + nc, T(0));
-    if constexpr (kWithH) std::fill(pd, pd + nc, T(0));
+    std::fill(pa, pa + (kWithH ? 5 : 2) * G, T(0));
     for (int64_t ow = 0; ow < geo.Wo; ++ow) {
       const int64_t r = geo.row(i, 2 * oh, 2 * ow), j = io * geo.Wo + ow;
       const T* x0 = x + r * G;
@@ -266,14 +241,40 @@ MAMLPP_FAST_SIMD_CLONES bool block_argmax_sums(const T* __restrict__ x, const T*
   out_of_range += argmax_sums_chunk<T, kWithH, K>(                                                         \
       x0 + (c), x2 + (c), kWithH ? h0 + (c) : nullptr, kWithH ? h2 + (c) : nullptr, gy + j * G + (c),      \
       idx + j * G + (c), alpha + (c), shift + (c), mean + (c), slope, pa + (c), pb + (c),                  \
-      kWithH ? pd + (c) : nullptr, G, w)
+      kWithH ? pd + (c) : nullptr, kWithH ? pe + (c) : nullptr, kWithH ? pf + (c) : nullptr, G, w)
       MAMLPP_FAST_FOR_CHUNKS(nc, MAMLPP_FAST_CALL);
 #undef MAMLPP_FAST_CALL
     }
     for (int64_t c = 0; c < nc; ++c) {
       s_u[c] += pa[c];
       s_ux[c] += pb[c];
-      if constexpr (kWithH) s_uh[c] += pd[c];
+    }
+    if constexpr (kWithH) {
+      acc_t* __restrict__ s_uh = sums + 2 * G;
+      acc_t* __restrict__ s_h = sums + 3 * G;
+      acc_t* __restrict__ s_hx = sums + 4 * G;
+      for (int64_t c = 0; c < nc; ++c) {
+        s_uh[c] += pd[c];
+        s_h[c] += pe[c];
+        s_hx[c] += pf[c];
+      }
+      // The dense sums also cover the elements of no window: the last column of odd W (rows 2 oh
+      // and 2 oh + 1) and, after the last window row, the last row of odd H.
+      auto add_dense = [&](int64_t hh, int64_t ww) {
+        const T* xr = x + geo.row(i, hh, ww) * G;
+        const T* hr = h + geo.row(i, hh, ww) * G;
+        for (int64_t c = 0; c < nc; ++c) {
+          s_h[c] += hr[c];
+          s_hx[c] += hr[c] * (xr[c] - mean[c]);
+        }
+      };
+      if (W % 2) {
+        add_dense(2 * oh, W - 1);
+        add_dense(2 * oh + 1, W - 1);
+      }
+      if (geo.H % 2 && oh == geo.Ho - 1) {
+        for (int64_t ww = 0; ww < W; ++ww) add_dense(geo.H - 1, ww);
+      }
     }
   }
   return out_of_range == 0;
@@ -350,17 +351,20 @@ MAMLPP_FAST_ALWAYS_INLINE void outputs_chunk(T* __restrict__ o0, T* __restrict__
   }
 }
 
+// The output rows of window rows [io0, io1): rows 2 oh and 2 oh + 1 of image i, and with odd H,
+// for oh = Ho - 1, the last row too.
 template <typename T, bool kWithH, bool kDgy>
-MAMLPP_FAST_SIMD_CLONES void block_outputs(T* __restrict__ out, T* __restrict__ dgy, const T* __restrict__ x,
-                                           const T* __restrict__ h, const T* __restrict__ gy,
-                                           const uint8_t* __restrict__ idx, const Geometry& geo, int64_t nc,
-                                           const T* __restrict__ alpha, const T* __restrict__ shift,
-                                           const T* __restrict__ mean, T slope, const OutputCoefficients<T>& q) {
-  const int64_t G = geo.G, W = geo.W;
-  for (int64_t i = 0; i < geo.n; ++i) {
-    for (int64_t oh = 0; oh < geo.Ho; ++oh) {
+MAMLPP_FAST_SIMD_CLONES void outputs(T* __restrict__ out, T* __restrict__ dgy, const T* __restrict__ x,
+                                     const T* __restrict__ h, const T* __restrict__ gy,
+                                     const uint8_t* __restrict__ idx, const Geometry& geo, int64_t io0,
+                                     int64_t io1, const T* __restrict__ alpha, const T* __restrict__ shift,
+                                     const T* __restrict__ mean, T slope, const OutputCoefficients<T>& q) {
+  const int64_t G = geo.G, W = geo.W, nc = G;
+  for (int64_t io = io0; io < io1; ++io) {
+    const int64_t i = io / geo.Ho, oh = io - i * geo.Ho;
+    {
       for (int64_t ow = 0; ow < geo.Wo; ++ow) {
-        const int64_t r = geo.row(i, 2 * oh, 2 * ow), j = (i * geo.Ho + oh) * geo.Wo + ow;
+        const int64_t r = geo.row(i, 2 * oh, 2 * ow), j = io * geo.Wo + ow;
         const int64_t o = r * G, o2 = (r + W) * G;
 #define MAMLPP_FAST_CALL(K, c, w)                                                                         \
   outputs_chunk<T, kWithH, kDgy, K>(out + o + (c), out + o2 + (c), kDgy ? dgy + j * G + (c) : nullptr,      \
@@ -373,12 +377,12 @@ MAMLPP_FAST_SIMD_CLONES void block_outputs(T* __restrict__ out, T* __restrict__ 
     }
     // The last column and row of odd W / H belong to no window: dense part only.
     if (geo.W % 2) {
-      for (int64_t hh = 0; hh < 2 * geo.Ho; ++hh) {
+      for (int64_t hh = 2 * oh; hh < 2 * oh + 2; ++hh) {
         const int64_t rr = geo.row(i, hh, geo.W - 1) * G;
         dense_element<T, kWithH>(out + rr, x + rr, kWithH ? h + rr : nullptr, nc, mean, q);
       }
     }
-    if (geo.H % 2) {
+    if (geo.H % 2 && oh == geo.Ho - 1) {
       for (int64_t ww = 0; ww < geo.W; ++ww) {
         const int64_t rr = geo.row(i, geo.H - 1, ww) * G;
         dense_element<T, kWithH>(out + rr, x + rr, kWithH ? h + rr : nullptr, nc, mean, q);
@@ -388,30 +392,41 @@ MAMLPP_FAST_SIMD_CLONES void block_outputs(T* __restrict__ out, T* __restrict__ 
 }
 
 // ---------------------------------------------------------------------------------------------
-// drivers
+// drivers. The work splits over rows, every thread taking all G channels of its rows, so that each
+// streams through its own contiguous part of memory. Sums are taken per fixed chunk of rows (or
+// window rows) into their own double partials, which are then added in chunk order: the result
+// does not depend on the thread count.
 
-// Calls body(c0, nc) for the channel range of each parallel task: whole cache lines of channels,
-// split over the threads, at least kGrainElements elements a task.
+// Window rows per chunk of a sum: about kRowBlock windows.
+int64_t window_rows_per_chunk(const Geometry& geo) {
+  return std::max<int64_t>(1, kRowBlock / std::max<int64_t>(1, geo.Wo));
+}
+
+int64_t parallel_grain(int64_t elements_per_unit) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, elements_per_unit));
+}
+
+// sum_fn(first_row, rows, part_scratch, partial_out) over the row chunks of x, in parallel.
 template <typename T, typename F>
-void for_each_block(const Geometry& geo, F&& body) {
-  constexpr int64_t L = kLineChannels<T>;
-  const int64_t lines = (geo.G + L - 1) / L;
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, geo.rows() * L));
-  at::parallel_for(0, lines, grain, [&](int64_t l0, int64_t l1) {
-    const int64_t c0 = l0 * L;
-    body(c0, std::min(geo.G, l1 * L) - c0);
+void sum_over_row_chunks(const Geometry& geo, std::vector<acc_t>& partial, F&& sum_fn) {
+  const int64_t chunks = (geo.rows() + kRowBlock - 1) / kRowBlock;
+  partial.assign(chunks * geo.G, acc_t(0));
+  at::parallel_for(0, chunks, parallel_grain(kRowBlock * geo.G), [&](int64_t k0, int64_t k1) {
+    std::vector<T> part(geo.G);
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t r0 = k * kRowBlock;
+      sum_fn(r0, std::min(kRowBlock, geo.rows() - r0), part.data(), partial.data() + k * geo.G);
+    }
   });
 }
 
-// The per-channel batch-norm constants of a block: z = x alpha + shift, and the mean.
+// The per-channel batch-norm constants: z = x alpha + shift.
 template <typename T>
-void block_affine(const T* w, const T* b, const T* m, const T* r, int64_t c0, int64_t nc, T* alpha,
-                  T* shift, T* mean) {
-  for (int64_t c = 0; c < nc; ++c) {
-    const BnAffine<T> a = bn_affine(w[c0 + c], b[c0 + c], m[c0 + c], r[c0 + c]);
+void affine_constants(const T* w, const T* b, const T* m, const T* r, int64_t G, T* alpha, T* shift) {
+  for (int64_t c = 0; c < G; ++c) {
+    const BnAffine<T> a = bn_affine(w[c], b[c], m[c], r[c]);
     alpha[c] = a.alpha;
     shift[c] = a.shift;
-    mean[c] = m[c0 + c];
   }
 }
 
@@ -420,33 +435,81 @@ void block_affine(const T* w, const T* b, const T* m, const T* r, int64_t c0, in
               "forward's output for x), got a larger value");
 }
 
+// The sums of argmax_sums per chunk: s_u, s_ux, and with h s_uh, s_h, s_hx.
+template <bool kWithH>
+constexpr int64_t kArgmaxSums = kWithH ? 5 : 2;
+
+// The argmax sums over window-row chunks, in parallel: per chunk, kArgmaxSums partials of G.
+// Returns false if some index is not 0..3.
+template <typename T, bool kWithH>
+bool argmax_sums_over_chunks(const Geometry& geo, const T* xp, const T* hxp, const T* gyp, const uint8_t* ip,
+                             const T* alpha, const T* shift, const T* mean, T slope,
+                             std::vector<acc_t>& partial, int64_t& chunks) {
+  const int64_t G = geo.G, per = window_rows_per_chunk(geo), arrays = kArgmaxSums<kWithH>;
+  chunks = (geo.n * geo.Ho + per - 1) / per;
+  partial.assign(chunks * G * arrays, acc_t(0));
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, chunks, parallel_grain(per * geo.Wo * 4 * G), [&](int64_t k0, int64_t k1) {
+    std::vector<T> scratch(5 * G);
+    for (int64_t k = k0; k < k1; ++k) {
+      const bool valid = argmax_sums<T, kWithH>(xp, hxp, gyp, ip, geo, k * per, std::min(geo.n * geo.Ho, (k + 1) * per),
+                                                alpha, shift, mean, slope, scratch.data(),
+                                                partial.data() + k * G * arrays);
+      if (!valid) bad.store(true, std::memory_order_relaxed);
+    }
+  });
+  return !bad.load();
+}
+
+// Per channel, the sum over chunks of array `which` of `arrays` per chunk.
+void add_chunk_array(const std::vector<acc_t>& partial, int64_t chunks, int64_t G, int64_t arrays,
+                     int64_t which, acc_t* total) {
+  std::fill(total, total + G, acc_t(0));
+  for (int64_t k = 0; k < chunks; ++k) {
+    const acc_t* p = partial.data() + (k * arrays + which) * G;
+    for (int64_t c = 0; c < G; ++c) total[c] += p[c];
+  }
+}
+
+template <typename T, bool kWithH, bool kDgy>
+void outputs_in_parallel(const Geometry& geo, T* out, T* dgy, const T* x, const T* h, const T* gy,
+                         const uint8_t* idx, const T* alpha, const T* shift, const T* mean, T slope,
+                         const OutputCoefficients<T>& q) {
+  at::parallel_for(0, geo.n * geo.Ho, parallel_grain(2 * geo.W * geo.G), [&](int64_t io0, int64_t io1) {
+    outputs<T, kWithH, kDgy>(out, dgy, x, h, gy, idx, geo, io0, io1, alpha, shift, mean, slope, q);
+  });
+}
+
 template <typename T>
 void forward_nhwc(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
                   double slope_d, at::Tensor& y, at::Tensor& mean_out, at::Tensor& invstd_out,
                   at::Tensor& indices) {
   const Geometry geo = geometry(x);
+  const int64_t G = geo.G;
   const T *xp = x.data_ptr<T>(), *wp = weight.data_ptr<T>(), *bp = bias.data_ptr<T>();
   T *yp = y.data_ptr<T>(), *mp = mean_out.data_ptr<T>(), *rp = invstd_out.data_ptr<T>();
   uint8_t* ip = indices.data_ptr<uint8_t>();
   const T slope = static_cast<T>(slope_d);
   const acc_t M = static_cast<acc_t>(geo.rows());
+  const int64_t chunks = (geo.rows() + kRowBlock - 1) / kRowBlock;
+  std::vector<acc_t> partial, total(G);
 
-  for_each_block<T>(geo, [&](int64_t c0, int64_t nc) {
-    PerChannel<T> v(4, nc);  // partial sums, alpha, shift, mean
-    std::vector<acc_t> sum(nc, 0), sq(nc, 0);
-    T *part = v(0, nc), *alpha = v(1, nc), *shift = v(2, nc), *mean = v(3, nc);
-    block_sum(xp + c0, geo.rows(), geo.G, nc, part, sum.data());
-    for (int64_t c = 0; c < nc; ++c) mean[c] = static_cast<T>(sum[c] / M);
-    block_sum_sq_dev(xp + c0, geo.rows(), geo.G, nc, mean, part, sq.data());
-    for (int64_t c = 0; c < nc; ++c) {
-      const T invstd = static_cast<T>(1.0 / std::sqrt(sq[c] / M + eps));
-      mp[c0 + c] = mean[c];
-      rp[c0 + c] = invstd;
-      const BnAffine<T> a = bn_affine(wp[c0 + c], bp[c0 + c], mean[c], invstd);
-      alpha[c] = a.alpha;
-      shift[c] = a.shift;
-    }
-    block_forward_windows(xp + c0, yp + c0, ip + c0, geo, nc, alpha, shift, slope);
+  // Two-pass statistics, as the NCHW kernels: the mean, then the squared deviations.
+  sum_over_row_chunks<T>(geo, partial, [&](int64_t r0, int64_t rows, T* part, acc_t* out) {
+    block_sum(xp + r0 * G, rows, G, G, part, out);
+  });
+  add_chunk_array(partial, chunks, G, 1, 0, total.data());
+  for (int64_t c = 0; c < G; ++c) mp[c] = static_cast<T>(total[c] / M);
+  sum_over_row_chunks<T>(geo, partial, [&](int64_t r0, int64_t rows, T* part, acc_t* out) {
+    block_sum_sq_dev(xp + r0 * G, rows, G, G, mp, part, out);
+  });
+  add_chunk_array(partial, chunks, G, 1, 0, total.data());
+  for (int64_t c = 0; c < G; ++c) rp[c] = static_cast<T>(1.0 / std::sqrt(total[c] / M + eps));
+
+  std::vector<T> alpha(G), shift(G);
+  affine_constants(wp, bp, mp, rp, G, alpha.data(), shift.data());
+  at::parallel_for(0, geo.n * geo.Ho, parallel_grain(2 * geo.W * G), [&](int64_t io0, int64_t io1) {
+    forward_windows(xp, yp, ip, geo, io0, io1, alpha.data(), shift.data(), slope);
   });
 }
 
@@ -456,70 +519,72 @@ void backward_nhwc(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& 
                    const at::Tensor& indices, double slope_d, at::Tensor& gx, at::Tensor& gw,
                    at::Tensor& gb) {
   const Geometry geo = geometry(x);
+  const int64_t G = geo.G;
   const T *gyp = gy.data_ptr<T>(), *xp = x.data_ptr<T>(), *wp = weight.data_ptr<T>();
   const T *bp = bias.data_ptr<T>(), *mp = mean.data_ptr<T>(), *rp = invstd.data_ptr<T>();
   const uint8_t* ip = indices.data_ptr<uint8_t>();
   T *gxp = gx.data_ptr<T>(), *gwp = gw.data_ptr<T>(), *gbp = gb.data_ptr<T>();
   const T slope = static_cast<T>(slope_d);
   const acc_t M = static_cast<acc_t>(geo.rows());
-  std::atomic<bool> bad_indices{false};
 
-  for_each_block<T>(geo, [&](int64_t c0, int64_t nc) {
-    PerChannel<T> v(8, nc);
-    T *alpha = v(0, nc), *shift = v(1, nc), *mu = v(2, nc), *pa = v(3, nc), *pb = v(4, nc);
-    T *e1 = v(5, nc), *e0 = v(6, nc), *wr_t = v(7, nc);
-    block_affine(wp, bp, mp, rp, c0, nc, alpha, shift, mu);
-    std::vector<acc_t> su(nc, 0), sux(nc, 0);
-    if (!block_argmax_sums<T, false>(xp + c0, nullptr, gyp + c0, ip + c0, geo, nc, alpha, shift, mu, slope,
-                                     pa, pb, nullptr, su.data(), sux.data(), nullptr)) {
-      bad_indices.store(true, std::memory_order_relaxed);
-      return;
-    }
-    // gx = w r (u - A - xh Bu) = e1 (x - mu) + e0, plus w r u at the argmax positions.
-    for (int64_t c = 0; c < nc; ++c) {
-      const acc_t r = rp[c0 + c];
-      const acc_t s_ux = sux[c] * r;  // sum u xh
-      gbp[c0 + c] = static_cast<T>(su[c]);
-      gwp[c0 + c] = static_cast<T>(s_ux);
-      const acc_t wr = static_cast<acc_t>(wp[c0 + c]) * r;
-      e1[c] = static_cast<T>(-wr * r * (s_ux / M));
-      e0[c] = static_cast<T>(-wr * (su[c] / M));
-      wr_t[c] = static_cast<T>(wr);
-    }
-    const OutputCoefficients<T> q{e1, e0, nullptr, wr_t, nullptr, nullptr, nullptr, nullptr, nullptr};
-    block_outputs<T, false, false>(gxp + c0, nullptr, xp + c0, nullptr, gyp + c0, ip + c0, geo, nc, alpha,
-                                   shift, mu, slope, q);
-  });
-  if (bad_indices.load()) invalid_indices("bn_lrelu_pool_backward");
+  std::vector<T> alpha(G), shift(G);
+  affine_constants(wp, bp, mp, rp, G, alpha.data(), shift.data());
+  std::vector<acc_t> partial, su(G), sux(G);
+  int64_t chunks = 0;
+  if (!argmax_sums_over_chunks<T, false>(geo, xp, nullptr, gyp, ip, alpha.data(), shift.data(), mp, slope,
+                                         partial, chunks)) {
+    invalid_indices("bn_lrelu_pool_backward");
+  }
+  add_chunk_array(partial, chunks, G, 2, 0, su.data());
+  add_chunk_array(partial, chunks, G, 2, 1, sux.data());
+  // gx = w r (u - A - xh Bu) = e1 (x - mu) + e0, plus w r u at the argmax positions.
+  std::vector<T> e1(G), e0(G), wr_t(G);
+  for (int64_t c = 0; c < G; ++c) {
+    const acc_t r = rp[c];
+    const acc_t s_ux = sux[c] * r;  // sum u xh
+    gbp[c] = static_cast<T>(su[c]);
+    gwp[c] = static_cast<T>(s_ux);
+    const acc_t wr = static_cast<acc_t>(wp[c]) * r;
+    e1[c] = static_cast<T>(-wr * r * (s_ux / M));
+    e0[c] = static_cast<T>(-wr * (su[c] / M));
+    wr_t[c] = static_cast<T>(wr);
+  }
+  const OutputCoefficients<T> q{e1.data(), e0.data(), nullptr, wr_t.data(), nullptr, nullptr, nullptr, nullptr, nullptr};
+  outputs_in_parallel<T, false, false>(geo, gxp, nullptr, xp, nullptr, gyp, ip, alpha.data(), shift.data(), mp,
+                                       slope, q);
 }
 
 template <typename T, bool kWithH>
-bool double_backward_block(const Geometry& geo, int64_t c0, int64_t nc, const T* gyp, const T* xp,
-                           const T* wp, const T* bp, const T* mp, const T* rp, const uint8_t* ip,
-                           const T* hxp, const T* hwp, const T* hbp, T slope, T* dgyp, T* dxp, T* dwp) {
+void double_backward_with(const Geometry& geo, const T* gyp, const T* xp, const T* wp, const T* bp, const T* mp,
+                          const T* rp, const uint8_t* ip, const T* hxp, const T* hwp, const T* hbp, T slope,
+                          T* dgyp, T* dxp, T* dwp) {
+  const int64_t G = geo.G;
   const acc_t M = static_cast<acc_t>(geo.rows());
-  PerChannel<T> v(15, nc);
-  T *alpha = v(0, nc), *shift = v(1, nc), *mu = v(2, nc), *pa = v(3, nc), *pb = v(4, nc), *pd = v(5, nc);
-  block_affine(wp, bp, mp, rp, c0, nc, alpha, shift, mu);
-  std::vector<acc_t> su(nc, 0), sux(nc, 0), shu(nc, 0), sh(nc, 0), shx(nc, 0);
-  if (!block_argmax_sums<T, kWithH>(xp + c0, kWithH ? hxp + c0 : nullptr, gyp + c0, ip + c0, geo, nc, alpha,
-                                    shift, mu, slope, pa, pb, pd, su.data(), sux.data(), shu.data())) {
-    return false;
+  std::vector<T> alpha(G), shift(G);
+  affine_constants(wp, bp, mp, rp, G, alpha.data(), shift.data());
+  std::vector<acc_t> partial, su(G), sux(G), shu(G), sh(G, 0), shx(G, 0);
+  int64_t chunks = 0;
+  if (!argmax_sums_over_chunks<T, kWithH>(geo, xp, hxp, gyp, ip, alpha.data(), shift.data(), mp, slope, partial,
+                                          chunks)) {
+    invalid_indices("bn_lrelu_pool_double_backward");
   }
+  const int64_t arrays = kArgmaxSums<kWithH>;
+  add_chunk_array(partial, chunks, G, arrays, 0, su.data());
+  add_chunk_array(partial, chunks, G, arrays, 1, sux.data());
   if constexpr (kWithH) {
-    block_sum_h(hxp + c0, xp + c0, geo.rows(), geo.G, nc, mu, pa, pb, sh.data(), shx.data());
+    add_chunk_array(partial, chunks, G, arrays, 2, shu.data());
+    add_chunk_array(partial, chunks, G, arrays, 3, sh.data());
+    add_chunk_array(partial, chunks, G, arrays, 4, shx.data());
   }
-  T *e1 = v(6, nc), *e0 = v(7, nc), *e_h = v(8, nc), *su_coef = v(9, nc), *wr = v(10, nc);
-  T *hm = v(11, nc), *cr = v(12, nc), *hw_r = v(13, nc), *hb_t = v(14, nc);
-  for (int64_t c = 0; c < nc; ++c) {
-    const int64_t g = c0 + c;
-    const acc_t r = rp[g], w = wp[g];
-    const acc_t hw = hwp ? static_cast<acc_t>(hwp[g]) : 0;
-    const acc_t hb = hbp ? static_cast<acc_t>(hbp[g]) : 0;
+  std::vector<T> e1(G), e0(G), e_h(G), su_coef(G), wr(G), hm(G), cr(G), hw_r(G), hb_t(G);
+  for (int64_t c = 0; c < G; ++c) {
+    const acc_t r = rp[c], w = wp[c];
+    const acc_t hw = hwp ? static_cast<acc_t>(hwp[c]) : 0;
+    const acc_t hb = hbp ? static_cast<acc_t>(hbp[c]) : 0;
     const acc_t s_ux = sux[c] * r, s_hx = shx[c] * r;
     const acc_t A = su[c] / M, Bu = s_ux / M, Hm = sh[c] / M, C = s_hx / M;
     const acc_t S = shu[c] - A * sh[c] - Bu * s_hx;  // sum hx (u - A - xh Bu)
-    dwp[g] = static_cast<T>(r * S);
+    dwp[c] = static_cast<T>(r * S);
     // As double_backward_channel in bn_lrelu_pool.cpp.
     const acc_t rho = w * S;
     const acc_t q_mean = -w * r * (Bu * Hm + C * A) + hw * A;
@@ -534,10 +599,10 @@ bool double_backward_block(const Geometry& geo, int64_t c0, int64_t nc, const T*
     hw_r[c] = static_cast<T>(hw * r);
     hb_t[c] = static_cast<T>(hb);
   }
-  const OutputCoefficients<T> q{e1, e0, e_h, su_coef, wr, hm, cr, hw_r, hb_t};
-  block_outputs<T, kWithH, true>(dxp + c0, dgyp + c0, xp + c0, kWithH ? hxp + c0 : nullptr, gyp + c0, ip + c0,
-                                 geo, nc, alpha, shift, mu, slope, q);
-  return true;
+  const OutputCoefficients<T> q{e1.data(), e0.data(), e_h.data(), su_coef.data(), wr.data(),
+                                hm.data(), cr.data(), hw_r.data(), hb_t.data()};
+  outputs_in_parallel<T, kWithH, true>(geo, dxp, dgyp, xp, kWithH ? hxp : nullptr, gyp, ip, alpha.data(),
+                                       shift.data(), mp, slope, q);
 }
 
 template <typename T>
@@ -550,22 +615,15 @@ void double_backward_nhwc(const at::Tensor& gy, const at::Tensor& x, const at::T
   const T *gyp = gy.data_ptr<T>(), *xp = x.data_ptr<T>(), *wp = weight.data_ptr<T>();
   const T *bp = bias.data_ptr<T>(), *mp = mean.data_ptr<T>(), *rp = invstd.data_ptr<T>();
   const uint8_t* ip = indices.data_ptr<uint8_t>();
-  const T* hxp = hx ? hx->data_ptr<T>() : nullptr;
   const T* hwp = hw ? hw->data_ptr<T>() : nullptr;
   const T* hbp = hb ? hb->data_ptr<T>() : nullptr;
   T *dgyp = d_gy.data_ptr<T>(), *dxp = d_x.data_ptr<T>(), *dwp = d_w.data_ptr<T>();
   const T s = static_cast<T>(slope);
-  std::atomic<bool> bad_indices{false};
-
-  for_each_block<T>(geo, [&](int64_t c0, int64_t nc) {
-    const bool valid =
-        hxp ? double_backward_block<T, true>(geo, c0, nc, gyp, xp, wp, bp, mp, rp, ip, hxp, hwp, hbp, s, dgyp,
-                                             dxp, dwp)
-            : double_backward_block<T, false>(geo, c0, nc, gyp, xp, wp, bp, mp, rp, ip, hxp, hwp, hbp, s, dgyp,
-                                              dxp, dwp);
-    if (!valid) bad_indices.store(true, std::memory_order_relaxed);
-  });
-  if (bad_indices.load()) invalid_indices("bn_lrelu_pool_double_backward");
+  if (hx) {
+    double_backward_with<T, true>(geo, gyp, xp, wp, bp, mp, rp, ip, hx->data_ptr<T>(), hwp, hbp, s, dgyp, dxp, dwp);
+  } else {
+    double_backward_with<T, false>(geo, gyp, xp, wp, bp, mp, rp, ip, nullptr, hwp, hbp, s, dgyp, dxp, dwp);
+  }
 }
 
 constexpr auto kChannelsLast = at::MemoryFormat::ChannelsLast;
