@@ -5,6 +5,7 @@ Run from the repository root (after `pip install --no-build-isolation .`):
 
     python benchmarks/bench_bn_lrelu_pool.py                 # markdown table on stdout
     python benchmarks/bench_bn_lrelu_pool.py --json out.json --providers aten,cpp --quick
+    python benchmarks/bench_bn_lrelu_pool.py --providers cpp,cpp+nhwc   # the two CPU layouts
 
 Modes: ``fwd`` (forward only, no autograd), ``fwd+bwd`` (forward + first-order backward) and
 ``2nd`` (forward, create_graph backward, then the backward of those gradients: the second-order
@@ -74,16 +75,21 @@ def run_experiment(cfg: Config) -> Result:
     b0 = (torch.randn(G, generator=gen) * 0.1).to(cfg.device)
     gy = torch.randn(cfg.n, G, cfg.S // 2, cfg.S // 2, generator=gen).to(cfg.device)
     hx = torch.randn_like(x0)
+    backend, _, layout = cfg.provider.partition("+")
+    if layout == "nhwc":  # the activations channels-last, as MetaLearner(memory_format="channels_last")
+        x0, gy, hx = (t.contiguous(memory_format=torch.channels_last) for t in (x0, gy, hx))
+    elif layout:
+        raise ValueError(f"provider {cfg.provider!r}: the only option is +nhwc")
 
     def op(x, w, b):
-        return bn_lrelu_pool(x, w, b, backend=cfg.provider)[0]
+        return bn_lrelu_pool(x, w, b, backend=backend)[0]
 
     if cfg.mode == "fwd":
         def step():
             with torch.no_grad():
                 op(x0, w0, b0)
     else:
-        x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
+        x, w, b = (t.detach().clone().requires_grad_() for t in (x0, w0, b0))
         if cfg.mode == "fwd+bwd":
             def step():
                 torch.autograd.grad(op(x, w, b), (x, w, b), gy)
@@ -119,7 +125,8 @@ def print_results(results: list[Result], providers: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--providers", default=None,
-                        help="comma list, first is the baseline (default: aten,cpp on CPU; aten,cuda on CUDA)")
+                        help="comma list, first is the baseline (default: aten,cpp,cpp+nhwc on CPU; aten,cuda "
+                             "on CUDA); +nhwc: the inputs channels-last")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--quick", action="store_true", help="small shapes only")
@@ -129,7 +136,7 @@ def main() -> None:
     if args.graphed and torch.device(args.device).type != "cuda":
         parser.error(f"--graphed needs --device cuda, got {args.device}")
     keep_freed_host_memory(args.device)
-    default = "aten,cuda" if torch.device(args.device).type == "cuda" else "aten,cpp"
+    default = "aten,cuda" if torch.device(args.device).type == "cuda" else "aten,cpp,cpp+nhwc"
     providers = (args.providers or default).split(",")
     results = [run_experiment(c) for c in get_configs(providers, args.quick, args.device, args.graphed)]
     print(f"# {env_info()}" + (" (CUDA-graph replay)" if args.graphed else "") + "\n")

@@ -16,7 +16,8 @@ from bench_meta_step import make_provider, random_batch  # noqa: E402
 
 @pytest.mark.filterwarnings("ignore:mamlpp_fast. CUDA graphs need a CUDA device")  # +graphs on the CPU runs eagerly
 @pytest.mark.parametrize("name", ["reference", "mamlpp_fast", "mamlpp_fast:aten+explicit+cudnnbench",
-                                  "mamlpp_fast+bmm/auto/auto/explicit", "mamlpp_fast+graphs+eageradam", "torchfunc"])
+                                  "mamlpp_fast+bmm/auto/auto/explicit", "mamlpp_fast+graphs+eageradam", "mamlpp_fast+nchw",
+                                  "mamlpp_fast+grouped+nhwc", "torchfunc"])
 def test_every_provider_kind_runs_a_meta_step(name):
     import torch
 
@@ -36,3 +37,5 @@ def test_unknown_provider_options_are_refused():
             make_provider(name, config, torch.float32, "cpu")
     with pytest.raises(ValueError, match="eageradam is a variant of \\+graphs"):
         make_provider("mamlpp_fast+eageradam", config, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="two layouts"):
+        make_provider("mamlpp_fast+nchw+nhwc", config, torch.float32, "cpu")

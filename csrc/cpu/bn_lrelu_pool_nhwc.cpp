@@ -7,14 +7,15 @@
 // in channels-last, and a 3-channel first layer's forward up to 2.8x (benchmarks/RESULTS.md);
 // converting between the layouts costs more than that, so the op reads and writes channels-last.
 //
-// Layout of the work: each thread takes one contiguous range of channels (a "block", a whole
-// number of cache lines where G allows) and every loop runs over the n*H*W rows (or n*Ho*Wo
-// windows) with the block's channels innermost: each statement is a vector loop over contiguous
-// channels, with no gathers (a window's four corners are four contiguous loads, its argmax a
-// blend) and no short rows, and the passes stream through memory. Per-channel values (the
-// affine constants, the sums) live in per-thread arrays of the block's width. Sums run in the
-// input dtype over kRowBlock rows (or one row of windows) and accumulate in double across them,
-// as in the NCHW kernels.
+// Layout of the work: every loop runs over the n*H*W rows (or the n*Ho*Wo windows) with the G
+// channels of a row innermost, so each statement is a vector loop over contiguous channels, with
+// no gathers (a window's four corners are four contiguous loads, its argmax a blend). The rows
+// split over the threads, so each streams through its own part of memory. (Splitting the channels
+// instead, each thread striding over every row, was 2-7x slower at 96 channels.) Sums are taken
+// per fixed chunk of rows (or window rows): in the input dtype within the chunk, as the NCHW
+// kernels sum within a block, into the chunk's own double partials, which are then added in chunk
+// order, so the result does not depend on the thread count. Per-channel constants (the affine
+// coefficients of each output) are arrays of G shared by the threads.
 #include "bn_lrelu_pool_nhwc.h"
 
 #include <ATen/Dispatch.h>
@@ -64,7 +65,8 @@ MAMLPP_FAST_ALWAYS_INLINE T at_position(int32_t k, T v0, T v1, T v2, T v3) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// statistics: per channel, the sum over rows of x, then of (x - mean)^2
+// statistics: per channel, the sum over `rows` rows of x, then of (x - mean)^2 (nc channels a row,
+// G apart), in T with `part` as scratch, added to the double `total`
 
 template <typename T>
 MAMLPP_FAST_SIMD_CLONES void block_sum(const T* __restrict__ x, int64_t rows, int64_t G, int64_t nc,
@@ -101,13 +103,13 @@ MAMLPP_FAST_SIMD_CLONES void block_sum_sq_dev(const T* __restrict__ x, int64_t r
 }
 
 // ---------------------------------------------------------------------------------------------
-// Window loops. They touch the uint8 indices beside float data, and with a run-time trip count gcc
-// sizes such loops' vectors by the byte type (64 lanes of a 512-bit vector), which would leave a
-// block of 48 channels (mini-ImageNet's 96 over two threads) to the scalar remainder. So each
-// window's channels run in chunks of kChunk, a compile-time trip count (kWidth = kChunk), and a
-// last partial chunk with a run-time one (kWidth = 0); within a chunk the indices are widened to
-// int32 first (or narrowed after), so that the float loop holds no byte type. The chunk functions take pointers already
-// offset to the chunk's first channel; `G` is the row stride (x0[G] is the window's top-right).
+// Window loops. They touch the uint8 indices beside float data, and gcc sizes such loops' vectors
+// by the byte type (64 lanes of a 512-bit vector; with simdlen(16), 128-bit vectors), which left
+// rows of fewer than 64 channels to the scalar remainder. So each window's channels run in chunks
+// of kChunk, a compile-time trip count (kWidth = kChunk), and a last partial chunk with a run-time
+// one (kWidth = 0); within a chunk the indices are widened to int32 first (or narrowed after), so
+// that the float loop holds no byte type. The chunk functions take pointers already offset to the
+// chunk's first channel; `G` is the row stride (x0[G] is the window's top-right element).
 constexpr int64_t kChunk = 16;
 
 #define MAMLPP_FAST_FOR_CHUNKS(nc, CALL)                                           \
@@ -280,7 +282,7 @@ MAMLPP_FAST_SIMD_CLONES bool argmax_sums(const T* __restrict__ x, const T* __res
   return out_of_range == 0;
 }
 
-// Per-channel coefficients of the output pass (arrays of the block's width):
+// Per-channel coefficients of the output pass (arrays of G):
 //   out = e1 (x - mean) + e0 (+ e_h h),   + su_coef u at each window's argmax,
 //   d gy = D(xv) (wr (hv - hm) + (hw_r - cr) (xv - mean) + hb) per window (double backward).
 template <typename T>
