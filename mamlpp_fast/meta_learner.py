@@ -46,6 +46,14 @@ def check_task_chunk_size(value: Any) -> Optional[int]:
     return int(value)
 
 
+def _channels_last_output(conv: Callable[..., torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
+                          bias: torch.Tensor) -> torch.Tensor:
+    """conv(x, weight, bias), made channels-last where the convolution returned NCHW: where x
+    was both layouts at once (one task of 1-channel images: oneDNN then answers NCHW) or for the
+    "bmm" and "triton" strategies, whose output is contiguous."""
+    return conv(x, weight, bias).contiguous(memory_format=torch.channels_last)  # no copy if it is already
+
+
 class MetaLearner(FewShotLearnerBase):
     """MAML++ (all six components) over task-batched fast weights.
 
@@ -131,7 +139,7 @@ class MetaLearner(FewShotLearnerBase):
     def active_memory_format(self) -> str:
         """The layout the activations run in. "auto" is "channels_last" where the fused stage runs
         on the compiled CPU kernels, which have a channels-last version (second order, 2 threads:
-        Omniglot 20w1s 16% faster, mini-ImageNet 5w1s 8%; benchmarks/RESULTS.md), and
+        Omniglot 20w1s 16% faster, mini-ImageNet 5w1s 8-13%; benchmarks/RESULTS.md), and
         "contiguous" elsewhere: the CUDA kernels are NCHW-only, and the ATen composition of the
         stage was slower in channels-last."""
         if self._memory_format != "auto":
@@ -188,9 +196,13 @@ class MetaLearner(FewShotLearnerBase):
         return strategies[0] if len(set(strategies)) == 1 else ",".join(strategies)
 
     def _convs(self) -> List[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:
-        """The task-batched convolution of each conv layer, with that layer's strategy."""
+        """The task-batched convolution of each conv layer, with that layer's strategy (and, for
+        channels-last activations, its output in channels-last)."""
         geometry = dict(stride=self.config.conv_stride, padding=self.config.conv_padding_size)
-        return [functools.partial(task_conv, strategy=request, **geometry) for request in self._conv_requests]
+        convs = [functools.partial(task_conv, strategy=request, **geometry) for request in self._conv_requests]
+        if self.active_memory_format == "channels_last":
+            return [functools.partial(_channels_last_output, conv) for conv in convs]
+        return convs
 
     def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Each task's mean cross-entropy and accuracy: logits [B, n, N], labels [B, n] -> [B], [B]."""

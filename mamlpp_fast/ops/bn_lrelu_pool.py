@@ -242,11 +242,12 @@ def _forward_fake(x, weight, bias, eps, negative_slope):
                  lambda: f"{op}: x must be contiguous (NCHW)" + (" or channels-last" if x.device.type != "cuda" else ""))
     pooled = _pooled_shape(x)
     G = x.shape[1]
+    # torch.empty with a memory format, as the kernels allocate (strides of size-1 dims included).
     return (
-        x.new_empty(pooled).contiguous(memory_format=layout),
+        torch.empty(pooled, dtype=x.dtype, device=x.device, memory_format=layout),
         x.new_empty([G]),
         x.new_empty([G]),
-        x.new_empty(pooled, dtype=torch.uint8).contiguous(memory_format=layout),
+        torch.empty(pooled, dtype=torch.uint8, device=x.device, memory_format=layout),
     )
 
 
@@ -274,7 +275,7 @@ def _double_backward_fake(
             )
             torch._check(h.dtype == like.dtype, lambda: f"{op}: {name} must have dtype {like.dtype}, got {h.dtype}")
     layout = _kernel_layout(x)
-    return (x.new_empty(grad_y.shape).contiguous(memory_format=layout),
+    return (torch.empty(grad_y.shape, dtype=x.dtype, device=x.device, memory_format=layout),
             torch.empty_like(x, memory_format=layout), torch.empty_like(weight))
 
 

@@ -310,7 +310,9 @@ def task_conv(x: Tensor, weight: Tensor, bias: Tensor, *, strategy: str = "auto"
             only: "auto", "grouped" or "blockdiag".
 
     Returns:
-        [n, B*C_out, H', W'], H' = (H + 2 * padding - 3) // stride + 1, contiguous.
+        [n, B*C_out, H', W'], H' = (H + 2 * padding - 3) // stride + 1: in x's memory format
+        (contiguous, or channels-last as oneDNN and cuDNN propagate it) for "grouped",
+        "explicit" and "blockdiag", contiguous for "bmm" and "triton".
         Differentiable to any order in x, weight and bias.
     """
     x, weight, bias, autocast_off = _autocast_inputs(x, weight, bias)

@@ -403,6 +403,27 @@ def test_channels_last_opcheck():
 
 
 @needs_op
+@pytest.mark.parametrize("shape", [(2, 19, 5, 6), (2, 19, 3, 2)], ids=str)  # the second pools to 1x1
+def test_channels_last_fake_kernels_give_the_real_strides(shape):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, w, b = sample_inputs("cpu", shape=shape)
+    (x,) = as_channels_last(x)
+    _, mean, invstd, idx = raw_forward(x, w, b)
+    gy = torch.randn(shape[0], shape[1], shape[2] // 2, shape[3] // 2, dtype=x.dtype)
+    ops = torch.ops.mamlpp_fast
+    calls = [(ops.bn_lrelu_pool_forward.default, (x, w, b, EPS, SLOPE)),
+             (ops.bn_lrelu_pool_backward.default, (gy, x, w, b, mean, invstd, idx, SLOPE)),
+             (ops.bn_lrelu_pool_double_backward.default, (gy, x, w, b, mean, invstd, idx, x, w, b, SLOPE))]
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fakes = [op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+                 for op, args in calls]
+    for (op, args), fake in zip(calls, fakes):
+        for real_out, fake_out in zip(op(*args), fake):
+            assert real_out.stride() == fake_out.stride(), (op, real_out.shape)
+
+
+@needs_op
 def test_channels_last_rejects_indices_outside_the_window():
     x, w, b = sample_inputs("cpu", shape=(2, 20, 4, 4))
     (x,) = as_channels_last(x)
