@@ -64,11 +64,11 @@ def main(argv=None) -> None:
     if cuda:
         kernels = [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
         busy_ms = sum(e.device_time if hasattr(e, "device_time") else e.cuda_time for e in kernels) / 1e3
-        print(f"summary: {args.setting} backend={learner.active_backends} wall {wall_ms:.2f} ms (profiled), "
+        print(f"summary: {args.setting} backend={learner.active_backends} activations={learner.active_memory_format} wall {wall_ms:.2f} ms (profiled), "
               f"{len(kernels)} GPU kernels/copies, GPU busy {busy_ms:.2f} ms "
               f"({100 * busy_ms / wall_ms:.0f}% of wall)")
     else:
-        print(f"summary: {args.setting} backend={learner.active_backends} wall {wall_ms:.1f} ms (profiled)")
+        print(f"summary: {args.setting} backend={learner.active_backends} activations={learner.active_memory_format} wall {wall_ms:.1f} ms (profiled)")
 
 
 if __name__ == "__main__":

@@ -139,7 +139,7 @@ class MetaLearner(FewShotLearnerBase):
     def active_memory_format(self) -> str:
         """The layout the activations run in. "auto" is "channels_last" where the fused stage runs
         on the compiled CPU kernels, which have a channels-last version (second order, 2 threads:
-        Omniglot 20w1s 16% faster, mini-ImageNet 5w1s 8-13%; benchmarks/RESULTS.md), and
+        Omniglot 20w1s 8-16% faster, mini-ImageNet 5w1s 3-13%; benchmarks/RESULTS.md), and
         "contiguous" elsewhere: the CUDA kernels are NCHW-only, and the ATen composition of the
         stage was slower in channels-last."""
         if self._memory_format != "auto":

@@ -65,28 +65,13 @@ MAMLPP_FAST_ALWAYS_INLINE T at_position(int32_t k, T v0, T v1, T v2, T v3) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// statistics: per channel, the sum over `rows` rows of x, then of (x - mean)^2 (nc channels a row,
-// G apart), in T with `part` as scratch, added to the double `total`
+// statistics: per channel, the sum over `rows` rows of x (kSquaredDeviation: of (x - mean)^2), nc
+// channels a row, G apart, in T with `part` as scratch, added to the double `total`
 
-template <typename T>
+template <typename T, bool kSquaredDeviation>
 MAMLPP_FAST_SIMD_CLONES void block_sum(const T* __restrict__ x, int64_t rows, int64_t G, int64_t nc,
-                                       T* __restrict__ part, acc_t* __restrict__ total) {
-  for (int64_t rb = 0; rb < rows; rb += kRowBlock) {
-    const int64_t re = std::min(rows, rb + kRowBlock);
-    std::fill(part, part + nc, T(0));
-    for (int64_t r = rb; r < re; ++r) {
-      const T* __restrict__ xr = x + r * G;
-      MAMLPP_FAST_SIMD
-      for (int64_t c = 0; c < nc; ++c) part[c] += xr[c];
-    }
-    for (int64_t c = 0; c < nc; ++c) total[c] += part[c];
-  }
-}
-
-template <typename T>
-MAMLPP_FAST_SIMD_CLONES void block_sum_sq_dev(const T* __restrict__ x, int64_t rows, int64_t G, int64_t nc,
-                                              const T* __restrict__ mean, T* __restrict__ part,
-                                              acc_t* __restrict__ total) {
+                                       const T* __restrict__ mean, T* __restrict__ part,
+                                       acc_t* __restrict__ total) {
   for (int64_t rb = 0; rb < rows; rb += kRowBlock) {
     const int64_t re = std::min(rows, rb + kRowBlock);
     std::fill(part, part + nc, T(0));
@@ -94,8 +79,12 @@ MAMLPP_FAST_SIMD_CLONES void block_sum_sq_dev(const T* __restrict__ x, int64_t r
       const T* __restrict__ xr = x + r * G;
       MAMLPP_FAST_SIMD
       for (int64_t c = 0; c < nc; ++c) {
-        const T d = xr[c] - mean[c];
-        part[c] += d * d;
+        if constexpr (kSquaredDeviation) {
+          const T d = xr[c] - mean[c];
+          part[c] += d * d;
+        } else {
+          part[c] += xr[c];
+        }
       }
     }
     for (int64_t c = 0; c < nc; ++c) total[c] += part[c];
@@ -498,12 +487,12 @@ void forward_nhwc(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
 
   // Two-pass statistics, as the NCHW kernels: the mean, then the squared deviations.
   sum_over_row_chunks<T>(geo, partial, [&](int64_t r0, int64_t rows, T* part, acc_t* out) {
-    block_sum(xp + r0 * G, rows, G, G, part, out);
+    block_sum<T, false>(xp + r0 * G, rows, G, G, nullptr, part, out);
   });
   add_chunk_array(partial, chunks, G, 1, 0, total.data());
   for (int64_t c = 0; c < G; ++c) mp[c] = static_cast<T>(total[c] / M);
   sum_over_row_chunks<T>(geo, partial, [&](int64_t r0, int64_t rows, T* part, acc_t* out) {
-    block_sum_sq_dev(xp + r0 * G, rows, G, G, mp, part, out);
+    block_sum<T, true>(xp + r0 * G, rows, G, G, mp, part, out);
   });
   add_chunk_array(partial, chunks, G, 1, 0, total.data());
   for (int64_t c = 0; c < G; ++c) rp[c] = static_cast<T>(1.0 / std::sqrt(total[c] / M + eps));
