@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "bn_lrelu_pool.h"
+#include "bn_lrelu_pool_common.h"
 #include "bn_lrelu_pool_nhwc.h"
 #include "simd.h"
 
@@ -58,17 +59,6 @@ int64_t channel_grain(int64_t elements_per_channel) {
 
 // Elements summed in the input dtype before the partial sum moves to double.
 constexpr int64_t kBlock = 1024;
-
-template <typename T>
-MAMLPP_FAST_ALWAYS_INLINE T leaky_relu(T z, T slope) {
-  return z > 0 ? z : z * slope;
-}
-
-// d leaky_relu / dz: a select, not a branch (the sign of z is unpredictable on real data).
-template <typename T>
-MAMLPP_FAST_ALWAYS_INLINE T leaky_relu_slope(T z, T slope) {
-  return z > 0 ? T(1) : slope;
-}
 
 // ---------------------------------------------------------------------------------------------
 // per-plane building blocks (one image, one channel: H x W, pooled Ho x Wo)
@@ -162,11 +152,6 @@ MAMLPP_FAST_SIMD_CLONES bool argmax_offsets(int32_t* __restrict__ out, const int
   return out_of_range == 0;
 }
 
-[[noreturn]] void invalid_indices(const char* op) {
-  TORCH_CHECK(false, op, ": indices must hold argmax positions 0..3 within each 2x2 window (the "
-              "forward's output for x), got a larger value");
-}
-
 // forward: y = max over each window of leaky_relu(alpha x + shift), idx = the first argmax.
 //
 // Written so that the scalar code gcc emits for small planes (no vector iteration at Omniglot's
@@ -214,9 +199,9 @@ MAMLPP_FAST_SIMD_CLONES void forward_plane(const T* __restrict__ x, T* __restric
 
 // Sums over the argmax positions am[j] of u = D gy (D: the leaky-relu slope there):
 // s_u += sum u, s_ux += sum u (x - mean), and, with h, s_uh += sum u h. The gathered values are
-// kept for the output pass (u_out[j] = u, x_out[j] = x, with h h_out[j] = h at am[j]), which then
-// needs no gather: the argmax positions are the only places its sparse terms touch.
-template <typename T, bool kWithH>
+// kept for the output pass (u_out[j] = u, with kKeepX x_out[j] = x, with h h_out[j] = h at am[j]),
+// which then needs no gather: the argmax positions are the only places its sparse terms touch.
+template <typename T, bool kWithH, bool kKeepX>
 MAMLPP_FAST_SIMD_CLONES void argmax_sums_plane(const T* __restrict__ x, const T* __restrict__ h,
                                                const T* __restrict__ gy, const int32_t* __restrict__ am,
                                                int64_t J, T alpha, T shift, T slope, T mean,
@@ -232,7 +217,7 @@ MAMLPP_FAST_SIMD_CLONES void argmax_sums_plane(const T* __restrict__ x, const T*
       a += u;
       c += u * (xv - mean);
       u_out[j] = u;
-      x_out[j] = xv;
+      if constexpr (kKeepX) x_out[j] = xv;
       if constexpr (kWithH) {
         const T hv = h[am[j]];
         d += u * hv;
@@ -267,21 +252,21 @@ MAMLPP_FAST_ALWAYS_INLINE void add_at_argmax(T* __restrict__ out, const int32_t*
   for (int64_t j = 0; j < J; ++j) out[am[j]] += coef * u[j];
 }
 
-// Per-channel coefficients of the double backward's output pass (see the header comment).
+// The d gy coefficients of DoubleBackwardCoefficients, in the input dtype:
+// d gy = D (wr (hx - hm) + (hw_r - cr) (x - mean) + hb) at the argmax.
 template <typename T>
-struct DoubleBackwardCoefficients {
-  T e1, e0, e_h;  // dense: d x = e1 (x - mean) + e0 + e_h hx
-  T su_coef;      // sparse: d x += su_coef u at the argmax
-  T wr, hm, cr;   // d gy = D (wr (hx - hm) + (hw_r - cr) (x - mean) + hb) at the argmax
-  T hw_r, hb;
+struct DgyCoefficients {
+  T wr, hm, cr, hw_r, hb;
+  explicit DgyCoefficients(const DoubleBackwardCoefficients& q)
+      : wr(static_cast<T>(q.wr)), hm(static_cast<T>(q.hm)), cr(static_cast<T>(q.cr)),
+        hw_r(static_cast<T>(q.hw_r)), hb(static_cast<T>(q.hb)) {}
 };
 
 // d gy, one per window, from x and hx at its argmax (kept by argmax_sums_plane).
 template <typename T, bool kWithH>
 MAMLPP_FAST_SIMD_CLONES void double_backward_dgy_plane(T* __restrict__ dgy, const T* __restrict__ xv,
                                                        const T* __restrict__ hv, int64_t J, T alpha,
-                                                       T shift, T slope, T mean,
-                                                       DoubleBackwardCoefficients<T> q) {
+                                                       T shift, T slope, T mean, DgyCoefficients<T> q) {
   MAMLPP_FAST_SIMD
   for (int64_t j = 0; j < J; ++j) {
     const T h = kWithH ? hv[j] : T(0);
@@ -404,9 +389,9 @@ void backward_kernel(const at::Tensor& gy, const at::Tensor& x, const at::Tensor
 
   std::atomic<bool> bad_indices{false};
   at::parallel_for(0, geo.G, channel_grain(geo.n * HW), [&](int64_t g0, int64_t g1) {
-    // Per image and window: the flat offset of the argmax, and u and x there.
+    // Per image and window: the flat offset of the argmax, and u there.
     std::vector<int32_t> argmax(geo.n * J);
-    std::vector<scalar_t> u(geo.n * J), x_at(geo.n * J);
+    std::vector<scalar_t> u(geo.n * J);
     for (int64_t g = g0; g < g1; ++g) {
       const BnAffine<scalar_t> c = bn_affine(wp[g], bp[g], mp[g], rp[g]);
       const acc_t r = rp[g];
@@ -417,30 +402,27 @@ void backward_kernel(const at::Tensor& gy, const at::Tensor& x, const at::Tensor
         if (i + 1 < geo.n) prefetch_plane(xp + geo.x_offset(i + 1, g), HW);
         valid = argmax_offsets(am, tables.corner.data(), ip + geo.y_offset(i, g), J, geo.W);
         if (valid) {
-          argmax_sums_plane<scalar_t, false>(xp + geo.x_offset(i, g), nullptr, gyp + geo.y_offset(i, g),
-                                             am, J, c.alpha, c.shift, slope, mp[g], su, sux, unused,
-                                             u.data() + i * J, x_at.data() + i * J, nullptr);
+          argmax_sums_plane<scalar_t, false, false>(xp + geo.x_offset(i, g), nullptr, gyp + geo.y_offset(i, g),
+                                                    am, J, c.alpha, c.shift, slope, mp[g], su, sux, unused,
+                                                    u.data() + i * J, nullptr, nullptr);
         }
       }
       if (!valid) {
         bad_indices.store(true, std::memory_order_relaxed);
         continue;
       }
-      sux *= r;  // sum u xh
-      gbp[g] = static_cast<scalar_t>(su);
-      gwp[g] = static_cast<scalar_t>(sux);
-      // gx = w r (u - A - xh Bu) = c1 (x - mu) + c0, plus w r u at the argmax positions.
-      const acc_t wr = static_cast<acc_t>(wp[g]) * r;
-      const scalar_t c1 = static_cast<scalar_t>(-wr * r * (sux / M));
-      const scalar_t c0 = static_cast<scalar_t>(-wr * (su / M));
+      const BackwardCoefficients q = backward_coefficients(su, sux, wp[g], r, M);
+      gbp[g] = static_cast<scalar_t>(q.grad_bias);
+      gwp[g] = static_cast<scalar_t>(q.grad_weight);
+      const auto e1 = static_cast<scalar_t>(q.e1), e0 = static_cast<scalar_t>(q.e0);
       for (int64_t i = 0; i < geo.n; ++i) {
         scalar_t* gxi = gxp + geo.x_offset(i, g);
-        affine_plane<scalar_t, false>(gxi, xp + geo.x_offset(i, g), nullptr, HW, mp[g], c1, c0, 0);
-        add_at_argmax(gxi, argmax.data() + i * J, u.data() + i * J, J, static_cast<scalar_t>(wr));
+        affine_plane<scalar_t, false>(gxi, xp + geo.x_offset(i, g), nullptr, HW, mp[g], e1, e0, 0);
+        add_at_argmax(gxi, argmax.data() + i * J, u.data() + i * J, J, static_cast<scalar_t>(q.wr));
       }
     }
   });
-  if (bad_indices.load()) invalid_indices("bn_lrelu_pool_backward");
+  if (bad_indices.load()) bn_lrelu_pool_invalid_indices("bn_lrelu_pool_backward");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_lrelu_pool_backward_cpu(
@@ -506,45 +488,28 @@ bool double_backward_channel(const Geometry& geo, const WindowTables& tables, Ar
       if constexpr (kWithH) prefetch_plane(plane(hxp, i + 1), HW);
     }
     if (!argmax_offsets(am, tables.corner.data(), ip + geo.y_offset(i, g), J, geo.W)) return false;
-    argmax_sums_plane<scalar_t, kWithH>(plane(xp, i), kWithH ? plane(hxp, i) : nullptr,
+    argmax_sums_plane<scalar_t, kWithH, true>(plane(xp, i), kWithH ? plane(hxp, i) : nullptr,
                                         gyp + geo.y_offset(i, g), am, J, c.alpha, c.shift, slope,
                                         mp[g], su, sux, shu, at.u.data() + i * J, at.x.data() + i * J,
                                         kWithH ? at.h.data() + i * J : nullptr);
   }
-  sux *= r;
-  // Dense reductions over hx: sum hx, sum hx xh.
+  // Dense reductions over hx: sum hx, sum hx (x - mean).
   acc_t sh = 0, shx = 0;
   if constexpr (kWithH) {
     for (int64_t i = 0; i < geo.n; ++i) plane_sum_h(plane(hxp, i), plane(xp, i), HW, mp[g], sh, shx);
-    shx *= r;
   }
-  const acc_t A = su / M, Bu = sux / M, Hm = sh / M, C = shx / M;
-  const acc_t S = shu - A * sh - Bu * shx;  // sum hx (u - A - xh Bu)
-  dwp[g] = static_cast<scalar_t>(r * S);
-
-  // d x = r (q - <q> - xh <q xh>) - rho r^2 xh / M with q = -w r (Bu hx + C u) + hw u;
-  // sparse parts: d x += r (hw - w r C) u;  d gy = D (w r (hx - Hm - xh C) + hw xh + hb).
-  const acc_t rho = w * S;
-  const acc_t q_mean = -w * r * (Bu * Hm + C * A) + hw * A;
-  const acc_t qx_mean = -2 * w * r * Bu * C + hw * Bu;
-  DoubleBackwardCoefficients<scalar_t> q;
-  q.e_h = static_cast<scalar_t>(-w * r * r * Bu);
-  q.e0 = static_cast<scalar_t>(-r * q_mean);
-  q.e1 = static_cast<scalar_t>(-r * r * (qx_mean + rho * r / M));  // per (x - mu)
-  q.su_coef = static_cast<scalar_t>(r * (hw - w * r * C));
-  q.wr = static_cast<scalar_t>(w * r);
-  q.hm = static_cast<scalar_t>(Hm);
-  q.cr = static_cast<scalar_t>(w * r * C * r);  // w r xh C = cr (x - mu)
-  q.hw_r = static_cast<scalar_t>(hw * r);       // hw xh = hw_r (x - mu)
-  q.hb = static_cast<scalar_t>(hb);
+  const DoubleBackwardCoefficients q = double_backward_coefficients(su, sux, shu, sh, shx, w, r, hw, hb, M);
+  dwp[g] = static_cast<scalar_t>(q.d_weight);
+  const auto e1 = static_cast<scalar_t>(q.e1), e0 = static_cast<scalar_t>(q.e0);
+  const auto e_h = static_cast<scalar_t>(q.e_h), su_coef = static_cast<scalar_t>(q.su_coef);
+  const DgyCoefficients<scalar_t> dgy_q(q);
   for (int64_t i = 0; i < geo.n; ++i) {
     scalar_t* dxi = dxp + geo.x_offset(i, g);
-    affine_plane<scalar_t, kWithH>(dxi, plane(xp, i), kWithH ? plane(hxp, i) : nullptr, HW, mp[g],
-                                   q.e1, q.e0, q.e_h);
-    add_at_argmax(dxi, at.offset.data() + i * J, at.u.data() + i * J, J, q.su_coef);
+    affine_plane<scalar_t, kWithH>(dxi, plane(xp, i), kWithH ? plane(hxp, i) : nullptr, HW, mp[g], e1, e0, e_h);
+    add_at_argmax(dxi, at.offset.data() + i * J, at.u.data() + i * J, J, su_coef);
     double_backward_dgy_plane<scalar_t, kWithH>(dgyp + geo.y_offset(i, g), at.x.data() + i * J,
                                                 kWithH ? at.h.data() + i * J : nullptr, J, c.alpha,
-                                                c.shift, slope, mp[g], q);
+                                                c.shift, slope, mp[g], dgy_q);
   }
   return true;
 }
@@ -585,7 +550,7 @@ void double_backward_kernel(const at::Tensor& gy, const at::Tensor& x, const at:
       if (!valid) bad_indices.store(true, std::memory_order_relaxed);
     }
   });
-  if (bad_indices.load()) invalid_indices("bn_lrelu_pool_double_backward");
+  if (bad_indices.load()) bn_lrelu_pool_invalid_indices("bn_lrelu_pool_double_backward");
 }
 
 const at::Tensor* optional_cotangent(const char* op, const char* name,

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "../bn_lrelu_pool.h"
+#include "bn_lrelu_pool_common.h"
 #include "simd.h"
 
 namespace mamlpp_fast {
@@ -49,10 +50,6 @@ Geometry geometry(const at::Tensor& x) {
   return {x.size(0), x.size(1), x.size(2), x.size(3), x.size(2) / 2, x.size(3) / 2};
 }
 
-template <typename T>
-MAMLPP_FAST_ALWAYS_INLINE T lrelu_slope(T z, T slope) {
-  return z > 0 ? T(1) : slope;
-}
 
 // The value at window position k (0..3, row-major) of four values already loaded: selects
 // between values, which vectorise as blends (a select between loads would be a branch).
@@ -118,19 +115,15 @@ MAMLPP_FAST_ALWAYS_INLINE void forward_chunk(const T* __restrict__ x0, const T* 
   alignas(64) int32_t args[kChunk];
   MAMLPP_FAST_SIMD
   for (int64_t c = 0; c < nw; ++c) {
-    T z = x0[c] * alpha[c] + shift[c];
-    T best = z > 0 ? z : z * slope;
+    T best = leaky_relu(x0[c] * alpha[c] + shift[c], slope);
     int32_t arg = 0;
-    z = x0[c + G] * alpha[c] + shift[c];
-    T a = z > 0 ? z : z * slope;
+    T a = leaky_relu(x0[c + G] * alpha[c] + shift[c], slope);
     arg = !(a <= best) ? 1 : arg;
     best = std::max(best, a);
-    z = x2[c] * alpha[c] + shift[c];
-    a = z > 0 ? z : z * slope;
+    a = leaky_relu(x2[c] * alpha[c] + shift[c], slope);
     arg = !(a <= best) ? 2 : arg;
     best = std::max(best, a);
-    z = x2[c + G] * alpha[c] + shift[c];
-    a = z > 0 ? z : z * slope;
+    a = leaky_relu(x2[c + G] * alpha[c] + shift[c], slope);
     arg = !(a <= best) ? 3 : arg;
     best = std::max(best, a);
     y[c] = best;
@@ -186,7 +179,7 @@ MAMLPP_FAST_ALWAYS_INLINE int32_t argmax_sums_chunk(const T* __restrict__ x0, co
     out_of_range += k >> 2;
     const T v0 = x0[c], v1 = x0[c + G], v2 = x2[c], v3 = x2[c + G];
     const T xv = at_position(k, v0, v1, v2, v3);
-    const T u = gy[c] * lrelu_slope(xv * alpha[c] + shift[c], slope);
+    const T u = gy[c] * leaky_relu_slope(xv * alpha[c] + shift[c], slope);
     pa[c] += u;
     pb[c] += u * (xv - mean[c]);
     if constexpr (kWithH) {
@@ -208,7 +201,7 @@ MAMLPP_FAST_SIMD_CLONES bool argmax_sums(const T* __restrict__ x, const T* __res
                                          const T* __restrict__ alpha, const T* __restrict__ shift,
                                          const T* __restrict__ mean, T slope, T* __restrict__ scratch,
                                          acc_t* __restrict__ sums) {
-  const int64_t G = geo.G, W = geo.W, nc = G;
+  const int64_t G = geo.G, W = geo.W;
   T* __restrict__ pa = scratch;
   T* __restrict__ pb = scratch + G;
   T* __restrict__ pd = scratch + 2 * G;
@@ -232,10 +225,10 @@ MAMLPP_FAST_SIMD_CLONES bool argmax_sums(const T* __restrict__ x, const T* __res
       x0 + (c), x2 + (c), kWithH ? h0 + (c) : nullptr, kWithH ? h2 + (c) : nullptr, gy + j * G + (c),      \
       idx + j * G + (c), alpha + (c), shift + (c), mean + (c), slope, pa + (c), pb + (c),                  \
       kWithH ? pd + (c) : nullptr, kWithH ? pe + (c) : nullptr, kWithH ? pf + (c) : nullptr, G, w)
-      MAMLPP_FAST_FOR_CHUNKS(nc, MAMLPP_FAST_CALL);
+      MAMLPP_FAST_FOR_CHUNKS(G, MAMLPP_FAST_CALL);
 #undef MAMLPP_FAST_CALL
     }
-    for (int64_t c = 0; c < nc; ++c) {
+    for (int64_t c = 0; c < G; ++c) {
       s_u[c] += pa[c];
       s_ux[c] += pb[c];
     }
@@ -243,7 +236,7 @@ MAMLPP_FAST_SIMD_CLONES bool argmax_sums(const T* __restrict__ x, const T* __res
       acc_t* __restrict__ s_uh = sums + 2 * G;
       acc_t* __restrict__ s_h = sums + 3 * G;
       acc_t* __restrict__ s_hx = sums + 4 * G;
-      for (int64_t c = 0; c < nc; ++c) {
+      for (int64_t c = 0; c < G; ++c) {
         s_uh[c] += pd[c];
         s_h[c] += pe[c];
         s_hx[c] += pf[c];
@@ -253,7 +246,7 @@ MAMLPP_FAST_SIMD_CLONES bool argmax_sums(const T* __restrict__ x, const T* __res
       auto add_dense = [&](int64_t hh, int64_t ww) {
         const T* xr = x + geo.row(i, hh, ww) * G;
         const T* hr = h + geo.row(i, hh, ww) * G;
-        for (int64_t c = 0; c < nc; ++c) {
+        for (int64_t c = 0; c < G; ++c) {
           s_h[c] += hr[c];
           s_hx[c] += hr[c] * (xr[c] - mean[c]);
         }
@@ -316,7 +309,7 @@ MAMLPP_FAST_ALWAYS_INLINE void outputs_chunk(T* __restrict__ o0, T* __restrict__
     const int32_t k = ks[c];
     const T v0 = x0[c], v1 = x0[c + G], v2 = x2[c], v3 = x2[c + G];
     const T xv = at_position(k, v0, v1, v2, v3);
-    const T d = lrelu_slope(xv * alpha[c] + shift[c], slope);
+    const T d = leaky_relu_slope(xv * alpha[c] + shift[c], slope);
     const T s = su_coef[c] * (gy[c] * d);  // su_coef u
     T w0 = e1[c] * (v0 - mean[c]) + e0[c];
     T w1 = e1[c] * (v1 - mean[c]) + e0[c];
@@ -349,33 +342,31 @@ MAMLPP_FAST_SIMD_CLONES void outputs(T* __restrict__ out, T* __restrict__ dgy, c
                                      const uint8_t* __restrict__ idx, const Geometry& geo, int64_t io0,
                                      int64_t io1, const T* __restrict__ alpha, const T* __restrict__ shift,
                                      const T* __restrict__ mean, T slope, const OutputCoefficients<T>& q) {
-  const int64_t G = geo.G, W = geo.W, nc = G;
+  const int64_t G = geo.G, W = geo.W;
   for (int64_t io = io0; io < io1; ++io) {
     const int64_t i = io / geo.Ho, oh = io - i * geo.Ho;
-    {
-      for (int64_t ow = 0; ow < geo.Wo; ++ow) {
-        const int64_t r = geo.row(i, 2 * oh, 2 * ow), j = io * geo.Wo + ow;
-        const int64_t o = r * G, o2 = (r + W) * G;
-#define MAMLPP_FAST_CALL(K, c, w)                                                                         \
-  outputs_chunk<T, kWithH, kDgy, K>(out + o + (c), out + o2 + (c), kDgy ? dgy + j * G + (c) : nullptr,      \
-                                    x + o + (c), x + o2 + (c), kWithH ? h + o + (c) : nullptr,              \
-                                    kWithH ? h + o2 + (c) : nullptr, gy + j * G + (c), idx + j * G + (c),   \
+    for (int64_t ow = 0; ow < geo.Wo; ++ow) {
+      const int64_t r = geo.row(i, 2 * oh, 2 * ow), j = io * geo.Wo + ow;
+      const int64_t o = r * G, o2 = (r + W) * G;
+#define MAMLPP_FAST_CALL(K, c, w)                                                                       \
+  outputs_chunk<T, kWithH, kDgy, K>(out + o + (c), out + o2 + (c), kDgy ? dgy + j * G + (c) : nullptr,    \
+                                    x + o + (c), x + o2 + (c), kWithH ? h + o + (c) : nullptr,            \
+                                    kWithH ? h + o2 + (c) : nullptr, gy + j * G + (c), idx + j * G + (c), \
                                     alpha + (c), shift + (c), mean + (c), slope, q.offset(c), G, w)
-        MAMLPP_FAST_FOR_CHUNKS(nc, MAMLPP_FAST_CALL);
+      MAMLPP_FAST_FOR_CHUNKS(G, MAMLPP_FAST_CALL);
 #undef MAMLPP_FAST_CALL
-      }
     }
     // The last column and row of odd W / H belong to no window: dense part only.
     if (geo.W % 2) {
       for (int64_t hh = 2 * oh; hh < 2 * oh + 2; ++hh) {
         const int64_t rr = geo.row(i, hh, geo.W - 1) * G;
-        dense_element<T, kWithH>(out + rr, x + rr, kWithH ? h + rr : nullptr, nc, mean, q);
+        dense_element<T, kWithH>(out + rr, x + rr, kWithH ? h + rr : nullptr, G, mean, q);
       }
     }
     if (geo.H % 2 && oh == geo.Ho - 1) {
       for (int64_t ww = 0; ww < geo.W; ++ww) {
         const int64_t rr = geo.row(i, geo.H - 1, ww) * G;
-        dense_element<T, kWithH>(out + rr, x + rr, kWithH ? h + rr : nullptr, nc, mean, q);
+        dense_element<T, kWithH>(out + rr, x + rr, kWithH ? h + rr : nullptr, G, mean, q);
       }
     }
   }
@@ -418,11 +409,6 @@ void affine_constants(const T* w, const T* b, const T* m, const T* r, int64_t G,
     alpha[c] = a.alpha;
     shift[c] = a.shift;
   }
-}
-
-[[noreturn]] void invalid_indices(const char* op) {
-  TORCH_CHECK(false, op, ": indices must hold argmax positions 0..3 within each 2x2 window (the "
-              "forward's output for x), got a larger value");
 }
 
 // The sums of argmax_sums per chunk: s_u, s_ux, and with h s_uh, s_h, s_hx.
@@ -523,21 +509,18 @@ void backward_nhwc(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& 
   int64_t chunks = 0;
   if (!argmax_sums_over_chunks<T, false>(geo, xp, nullptr, gyp, ip, alpha.data(), shift.data(), mp, slope,
                                          partial, chunks)) {
-    invalid_indices("bn_lrelu_pool_backward");
+    bn_lrelu_pool_invalid_indices("bn_lrelu_pool_backward");
   }
   add_chunk_array(partial, chunks, G, 2, 0, su.data());
   add_chunk_array(partial, chunks, G, 2, 1, sux.data());
-  // gx = w r (u - A - xh Bu) = e1 (x - mu) + e0, plus w r u at the argmax positions.
   std::vector<T> e1(G), e0(G), wr_t(G);
   for (int64_t c = 0; c < G; ++c) {
-    const acc_t r = rp[c];
-    const acc_t s_ux = sux[c] * r;  // sum u xh
-    gbp[c] = static_cast<T>(su[c]);
-    gwp[c] = static_cast<T>(s_ux);
-    const acc_t wr = static_cast<acc_t>(wp[c]) * r;
-    e1[c] = static_cast<T>(-wr * r * (s_ux / M));
-    e0[c] = static_cast<T>(-wr * (su[c] / M));
-    wr_t[c] = static_cast<T>(wr);
+    const BackwardCoefficients q = backward_coefficients(su[c], sux[c], wp[c], rp[c], M);
+    gbp[c] = static_cast<T>(q.grad_bias);
+    gwp[c] = static_cast<T>(q.grad_weight);
+    e1[c] = static_cast<T>(q.e1);
+    e0[c] = static_cast<T>(q.e0);
+    wr_t[c] = static_cast<T>(q.wr);
   }
   const OutputCoefficients<T> q{e1.data(), e0.data(), nullptr, wr_t.data(), nullptr, nullptr, nullptr, nullptr, nullptr};
   outputs_in_parallel<T, false, false>(geo, gxp, nullptr, xp, nullptr, gyp, ip, alpha.data(), shift.data(), mp,
@@ -556,7 +539,7 @@ void double_backward_with(const Geometry& geo, const T* gyp, const T* xp, const 
   int64_t chunks = 0;
   if (!argmax_sums_over_chunks<T, kWithH>(geo, xp, hxp, gyp, ip, alpha.data(), shift.data(), mp, slope, partial,
                                           chunks)) {
-    invalid_indices("bn_lrelu_pool_double_backward");
+    bn_lrelu_pool_invalid_indices("bn_lrelu_pool_double_backward");
   }
   const int64_t arrays = kArgmaxSums<kWithH>;
   add_chunk_array(partial, chunks, G, arrays, 0, su.data());
@@ -568,26 +551,18 @@ void double_backward_with(const Geometry& geo, const T* gyp, const T* xp, const 
   }
   std::vector<T> e1(G), e0(G), e_h(G), su_coef(G), wr(G), hm(G), cr(G), hw_r(G), hb_t(G);
   for (int64_t c = 0; c < G; ++c) {
-    const acc_t r = rp[c], w = wp[c];
-    const acc_t hw = hwp ? static_cast<acc_t>(hwp[c]) : 0;
-    const acc_t hb = hbp ? static_cast<acc_t>(hbp[c]) : 0;
-    const acc_t s_ux = sux[c] * r, s_hx = shx[c] * r;
-    const acc_t A = su[c] / M, Bu = s_ux / M, Hm = sh[c] / M, C = s_hx / M;
-    const acc_t S = shu[c] - A * sh[c] - Bu * s_hx;  // sum hx (u - A - xh Bu)
-    dwp[c] = static_cast<T>(r * S);
-    // As double_backward_channel in bn_lrelu_pool.cpp.
-    const acc_t rho = w * S;
-    const acc_t q_mean = -w * r * (Bu * Hm + C * A) + hw * A;
-    const acc_t qx_mean = -2 * w * r * Bu * C + hw * Bu;
-    e_h[c] = static_cast<T>(-w * r * r * Bu);
-    e0[c] = static_cast<T>(-r * q_mean);
-    e1[c] = static_cast<T>(-r * r * (qx_mean + rho * r / M));
-    su_coef[c] = static_cast<T>(r * (hw - w * r * C));
-    wr[c] = static_cast<T>(w * r);
-    hm[c] = static_cast<T>(Hm);
-    cr[c] = static_cast<T>(w * r * C * r);
-    hw_r[c] = static_cast<T>(hw * r);
-    hb_t[c] = static_cast<T>(hb);
+    const DoubleBackwardCoefficients q = double_backward_coefficients(
+        su[c], sux[c], shu[c], sh[c], shx[c], wp[c], rp[c], hwp ? hwp[c] : 0.0, hbp ? hbp[c] : 0.0, M);
+    dwp[c] = static_cast<T>(q.d_weight);
+    e_h[c] = static_cast<T>(q.e_h);
+    e0[c] = static_cast<T>(q.e0);
+    e1[c] = static_cast<T>(q.e1);
+    su_coef[c] = static_cast<T>(q.su_coef);
+    wr[c] = static_cast<T>(q.wr);
+    hm[c] = static_cast<T>(q.hm);
+    cr[c] = static_cast<T>(q.cr);
+    hw_r[c] = static_cast<T>(q.hw_r);
+    hb_t[c] = static_cast<T>(q.hb);
   }
   const OutputCoefficients<T> q{e1.data(), e0.data(), e_h.data(), su_coef.data(), wr.data(),
                                 hm.data(), cr.data(), hw_r.data(), hb_t.data()};

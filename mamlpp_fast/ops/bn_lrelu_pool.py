@@ -217,10 +217,17 @@ def _check_forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, op: str 
     torch._check(eps > 0, lambda: f"{op}: eps must be positive, got {eps}")
 
 
+def _check_layout(op: str, x: Tensor) -> torch.memory_format:
+    """The compiled kernels take NCHW x, and on the CPU channels-last x; returns their output layout."""
+    layout = _kernel_layout(x)
+    torch._check(x.is_contiguous() or layout == torch.channels_last,
+                 lambda: f"{op}: x must be contiguous (NCHW)" + (" or channels-last" if x.device.type != "cuda" else ""))
+    return layout
+
+
 def _check_backward(op, grad_y, x, weight, bias, mean, invstd, indices) -> None:
     _check_x(op, x)
-    torch._check(x.is_contiguous() or _kernel_layout(x) == torch.channels_last,
-                 lambda: f"{op}: x must be contiguous (NCHW)" + (" or channels-last" if x.device.type != "cuda" else ""))
+    _check_layout(op, x)
     for name, t in (("weight", weight), ("bias", bias), ("mean", mean), ("invstd", invstd)):
         _check_channel_vec(op, name, t, x)
     _check_pooled(op, "grad_y", grad_y, x)
@@ -237,9 +244,7 @@ def _check_backward(op, grad_y, x, weight, bias, mean, invstd, indices) -> None:
 def _forward_fake(x, weight, bias, eps, negative_slope):
     op = "bn_lrelu_pool_forward"
     _check_forward(x, weight, bias, eps, op)
-    layout = _kernel_layout(x)
-    torch._check(x.is_contiguous() or layout == torch.channels_last,
-                 lambda: f"{op}: x must be contiguous (NCHW)" + (" or channels-last" if x.device.type != "cuda" else ""))
+    layout = _check_layout(op, x)
     pooled = _pooled_shape(x)
     G = x.shape[1]
     # torch.empty with a memory format, as the kernels allocate (strides of size-1 dims included).
