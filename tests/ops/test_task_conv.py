@@ -70,6 +70,33 @@ def test_second_order_gradients_match_per_task_loop(device, strategy):
         assert relative_error(g, e) < 1e-12
 
 
+def second_order_through_param_grads(conv, x, weight, bias, uses):
+    """MAML's pattern with the inner gradient of the bias too (the LSLR update steps both): the
+    outer function reads the weight gradient, the bias gradient or both."""
+    out = conv(x, weight, bias)
+    gw, gb = torch.autograd.grad(out.square().sum(), (weight, bias), create_graph=True)
+    outer = out.sum() * 0.5
+    if "weight" in uses:
+        outer = outer + (gw * weight).sum()
+    if "bias" in uses:
+        outer = outer + (gb.square() * bias).sum()
+    return torch.autograd.grad(outer, (x, weight, bias))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("uses", [("weight",), ("bias",), ("weight", "bias")])
+def test_second_order_through_the_bias_gradient_matches_per_task_loop(device, strategy, uses):
+    # "explicit"/"triton" take the bias gradient beside the weight gradient, and its cotangent
+    # becomes the backward convolution's bias; with only one of the two read, the other's
+    # cotangent is None.
+    skip_unless_runnable(strategy, device)
+    inputs_ = inputs(3, 2, 3, 4, 7, 7, device=device)
+    ours = second_order_through_param_grads(lambda *a: task_conv(*a, strategy=strategy), *inputs_, uses)
+    expected = second_order_through_param_grads(per_task_loop, *inputs_, uses)
+    for name, g, e in zip(("x", "weight", "bias"), ours, expected):
+        assert relative_error(g, e) < 1e-12, name
+
+
 @pytest.mark.parametrize("strategy", ATEN_STRATEGIES)
 def test_gradcheck_and_gradgradcheck(strategy):
     x, weight, bias = inputs(2, 2, 2, 3, 5, 4)
