@@ -61,29 +61,92 @@ MAMLPP_FAST_ALWAYS_INLINE T at_position(int32_t k, T v0, T v1, T v2, T v3) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// statistics: per channel, the sum over `rows` rows of x (kSquaredDeviation: of (x - mean)^2), nc
-// channels a row, G apart, in T with `part` as scratch, added to the double `total`
+// statistics: per channel, the mean and M2 (the sum of squared deviations from the mean) of
+// `rows` rows of x, G channels a row, in one read of x from memory. The rows go in sub-blocks of
+// kMomentBytes, small enough to stay in L2 between two sweeps: the first sums the sub-block, the
+// second sums its squared deviations from that sum's mean (a two-pass within the sub-block, in
+// T, as the NCHW kernels sum within a block). Each sub-block then merges into the double (mean,
+// M2) of the whole range by the pairwise update of Chan, Golub and LeVeque:
+//   delta = mean_b - mean,  mean += delta n_b / n,  M2 += M2_b + delta^2 n_a n_b / n.
+// (A global two-pass, the mean first and then the deviations, read the 32 MB of an Omniglot
+// first-layer activation twice.)
+constexpr int64_t kMomentBytes = 1 << 17;
+// Channels whose sums one sweep keeps in registers: four 512-bit vectors of float.
+constexpr int64_t kMomentSlice = 64;
 
-template <typename T, bool kSquaredDeviation>
-MAMLPP_FAST_SIMD_CLONES void block_sum(const T* __restrict__ x, int64_t rows, int64_t G, int64_t nc,
-                                       const T* __restrict__ mean, T* __restrict__ part,
-                                       acc_t* __restrict__ total) {
-  for (int64_t rb = 0; rb < rows; rb += kRowBlock) {
-    const int64_t re = std::min(rows, rb + kRowBlock);
-    std::fill(part, part + nc, T(0));
-    for (int64_t r = rb; r < re; ++r) {
-      const T* __restrict__ xr = x + r * G;
-      MAMLPP_FAST_SIMD
-      for (int64_t c = 0; c < nc; ++c) {
-        if constexpr (kSquaredDeviation) {
-          const T d = xr[c] - mean[c];
-          part[c] += d * d;
-        } else {
-          part[c] += xr[c];
-        }
+// Merges a block of n_b rows with mean mean_b and M2 m2_b into the running (mean, m2) of n_a rows.
+MAMLPP_FAST_ALWAYS_INLINE void merge_moments(acc_t& mean, acc_t& m2, acc_t n_a, acc_t mean_b, acc_t m2_b,
+                                             acc_t n_b) {
+  const acc_t n = n_a + n_b, delta = mean_b - mean;
+  mean += delta * (n_b / n);
+  m2 += m2_b + delta * delta * (n_a * n_b / n);
+}
+
+// Per channel c0 + j, j < width, of rows [0, nb) of x: without a center, sum[j] = sum of x;
+// with center[j], sum[j] = sum of d and sq[j] = sum of d^2 for d = x - center. kWidth > 0: a
+// compile-time width, whose accumulators stay in registers across the rows (accumulating into
+// arrays of G instead stores every vector once per row, and ran at a third of the memory
+// bandwidth); 0: `width` at run time.
+template <typename T, int64_t kWidth, bool kCentered>
+MAMLPP_FAST_ALWAYS_INLINE void slice_sums(const T* __restrict__ x, int64_t nb, int64_t G, int64_t width,
+                                          const T* __restrict__ center, T* __restrict__ sum,
+                                          T* __restrict__ sq) {
+  constexpr int64_t kMax = kWidth > 0 ? kWidth : kMomentSlice;
+  const int64_t w = kWidth > 0 ? kWidth : width;
+  T s1[kMax] = {}, s2[kMax] = {};
+  for (int64_t r = 0; r < nb; ++r) {
+    const T* __restrict__ xr = x + r * G;
+    MAMLPP_FAST_SIMD
+    for (int64_t j = 0; j < w; ++j) {
+      if constexpr (kCentered) {
+        const T d = xr[j] - center[j];
+        s1[j] += d;
+        s2[j] += d * d;
+      } else {
+        s1[j] += xr[j];
       }
     }
-    for (int64_t c = 0; c < nc; ++c) total[c] += part[c];
+  }
+  for (int64_t j = 0; j < w; ++j) {
+    sum[j] = s1[j];
+    if constexpr (kCentered) sq[j] = s2[j];
+  }
+}
+
+// Moments of rows [0, rows) of x into mean[G] and m2[G] (overwritten); scratch holds 3 G of T.
+// Per sub-block: its float sum gives a center, and the sums of d = x - center and of d^2 give
+// mean = center + sum d / n and M2 = sum d^2 - (sum d)^2 / n (the corrected two-pass): sums of
+// small deviations, so the float rounding of the first sum does not reach the merged moments.
+template <typename T>
+MAMLPP_FAST_SIMD_CLONES void block_moments(const T* __restrict__ x, int64_t rows, int64_t G,
+                                           T* __restrict__ scratch, acc_t* __restrict__ mean,
+                                           acc_t* __restrict__ m2) {
+  const int64_t block_rows = std::max<int64_t>(1, kMomentBytes / static_cast<int64_t>(G * sizeof(T)));
+  T* __restrict__ center = scratch;
+  T* __restrict__ dev = scratch + G;
+  T* __restrict__ dev2 = scratch + 2 * G;
+  std::fill(mean, mean + G, acc_t(0));
+  std::fill(m2, m2 + G, acc_t(0));
+  for (int64_t rb = 0; rb < rows; rb += block_rows) {
+    const int64_t nb = std::min(rows, rb + block_rows) - rb;
+    const T* __restrict__ xb = x + rb * G;
+    int64_t c0 = 0;
+    for (; c0 + kMomentSlice <= G; c0 += kMomentSlice) {
+      slice_sums<T, kMomentSlice, false>(xb + c0, nb, G, kMomentSlice, nullptr, center + c0, nullptr);
+    }
+    if (c0 < G) slice_sums<T, 0, false>(xb + c0, nb, G, G - c0, nullptr, center + c0, nullptr);
+    const T inv_nb = T(1) / static_cast<T>(nb);
+    for (int64_t c = 0; c < G; ++c) center[c] *= inv_nb;
+    for (c0 = 0; c0 + kMomentSlice <= G; c0 += kMomentSlice) {
+      slice_sums<T, kMomentSlice, true>(xb + c0, nb, G, kMomentSlice, center + c0, dev + c0, dev2 + c0);
+    }
+    if (c0 < G) slice_sums<T, 0, true>(xb + c0, nb, G, G - c0, center + c0, dev + c0, dev2 + c0);
+    const acc_t n_a = static_cast<acc_t>(rb), n_b = static_cast<acc_t>(nb);
+    for (int64_t c = 0; c < G; ++c) {
+      const acc_t d1 = static_cast<acc_t>(dev[c]);
+      const acc_t mean_b = static_cast<acc_t>(center[c]) + d1 / n_b;
+      merge_moments(mean[c], m2[c], n_a, mean_b, static_cast<acc_t>(dev2[c]) - d1 * d1 / n_b, n_b);
+    }
   }
 }
 
@@ -387,18 +450,32 @@ int64_t parallel_grain(int64_t elements_per_unit) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, elements_per_unit));
 }
 
-// sum_fn(first_row, rows, part_scratch, partial_out) over the row chunks of x, in parallel.
-template <typename T, typename F>
-void sum_over_row_chunks(const Geometry& geo, std::vector<acc_t>& partial, F&& sum_fn) {
-  const int64_t chunks = (geo.rows() + kRowBlock - 1) / kRowBlock;
-  partial.assign(chunks * geo.G, acc_t(0));
-  at::parallel_for(0, chunks, parallel_grain(kRowBlock * geo.G), [&](int64_t k0, int64_t k1) {
-    std::vector<T> part(geo.G);
+// Per channel, the mean and invstd = (M2 / rows + eps)^-1/2 of x: block_moments over fixed
+// chunks of kRowBlock rows in parallel, merged in chunk order (independent of the thread count).
+template <typename T>
+void moments_over_row_chunks(const Geometry& geo, const T* x, double eps, T* mean_out, T* invstd_out) {
+  const int64_t G = geo.G, rows = geo.rows();
+  const int64_t chunks = (rows + kRowBlock - 1) / kRowBlock;
+  std::vector<acc_t> partial(chunks * 2 * G);  // per chunk: mean[G], then m2[G]
+  at::parallel_for(0, chunks, parallel_grain(kRowBlock * G), [&](int64_t k0, int64_t k1) {
+    std::vector<T> scratch(3 * G);
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t r0 = k * kRowBlock;
-      sum_fn(r0, std::min(kRowBlock, geo.rows() - r0), part.data(), partial.data() + k * geo.G);
+      block_moments<T>(x + r0 * G, std::min(kRowBlock, rows - r0), G, scratch.data(),
+                       partial.data() + k * 2 * G, partial.data() + k * 2 * G + G);
     }
   });
+  std::vector<acc_t> mean(G, acc_t(0)), m2(G, acc_t(0));
+  for (int64_t k = 0; k < chunks; ++k) {
+    const acc_t n_a = static_cast<acc_t>(k * kRowBlock);
+    const acc_t n_b = static_cast<acc_t>(std::min(kRowBlock, rows - k * kRowBlock));
+    const acc_t* p = partial.data() + k * 2 * G;
+    for (int64_t c = 0; c < G; ++c) merge_moments(mean[c], m2[c], n_a, p[c], p[G + c], n_b);
+  }
+  for (int64_t c = 0; c < G; ++c) {
+    mean_out[c] = static_cast<T>(mean[c]);
+    invstd_out[c] = static_cast<T>(1.0 / std::sqrt(m2[c] / static_cast<acc_t>(rows) + eps));
+  }
 }
 
 // The per-channel batch-norm constants: z = x alpha + shift.
@@ -466,21 +543,7 @@ void forward_nhwc(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   T *yp = y.data_ptr<T>(), *mp = mean_out.data_ptr<T>(), *rp = invstd_out.data_ptr<T>();
   uint8_t* ip = indices.data_ptr<uint8_t>();
   const T slope = static_cast<T>(slope_d);
-  const acc_t M = static_cast<acc_t>(geo.rows());
-  const int64_t chunks = (geo.rows() + kRowBlock - 1) / kRowBlock;
-  std::vector<acc_t> partial, total(G);
-
-  // Two-pass statistics, as the NCHW kernels: the mean, then the squared deviations.
-  sum_over_row_chunks<T>(geo, partial, [&](int64_t r0, int64_t rows, T* part, acc_t* out) {
-    block_sum<T, false>(xp + r0 * G, rows, G, G, nullptr, part, out);
-  });
-  add_chunk_array(partial, chunks, G, 1, 0, total.data());
-  for (int64_t c = 0; c < G; ++c) mp[c] = static_cast<T>(total[c] / M);
-  sum_over_row_chunks<T>(geo, partial, [&](int64_t r0, int64_t rows, T* part, acc_t* out) {
-    block_sum<T, true>(xp + r0 * G, rows, G, G, mp, part, out);
-  });
-  add_chunk_array(partial, chunks, G, 1, 0, total.data());
-  for (int64_t c = 0; c < G; ++c) rp[c] = static_cast<T>(1.0 / std::sqrt(total[c] / M + eps));
+  moments_over_row_chunks<T>(geo, xp, eps, mp, rp);
 
   std::vector<T> alpha(G), shift(G);
   affine_constants(wp, bp, mp, rp, G, alpha.data(), shift.data());

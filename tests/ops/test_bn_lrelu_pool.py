@@ -308,7 +308,10 @@ def test_mean_and_invstd_carry_no_gradient(device):
 CL = torch.channels_last
 # G across the 16-channel chunks (3, 17, 40, 48 = mini-ImageNet's 96 over two threads) and the
 # 8-channel float64 cache line; odd H/W with uncovered rows/columns; n = 1.
-CL_SHAPES = [(3, 4, 5, 7), (1, 17, 6, 6), (2, 40, 7, 5), (3, 48, 4, 4), (2, 3, 3, 3), (20, 128, 14, 14)]
+# (12, 100, 11, 9): more rows than one 1024-row chunk of the statistics, the second partial, and
+# G = 100 one 64-channel register slice plus a remainder.
+CL_SHAPES = [(3, 4, 5, 7), (1, 17, 6, 6), (2, 40, 7, 5), (3, 48, 4, 4), (2, 3, 3, 3), (20, 128, 14, 14),
+             (12, 100, 11, 9)]
 
 
 def as_channels_last(*tensors):
@@ -370,10 +373,27 @@ def test_channels_last_gradcheck_and_gradgradcheck(shape):
 
 
 @needs_op
+def test_channels_last_statistics_are_accurate_far_from_zero():
+    # float32 activations with a mean 600x their spread: a one-pass sum of squares would lose the
+    # variance to cancellation (about 2% here); the per-block two-pass merged in double keeps
+    # mean and invstd within float32 rounding of the float64 statistics of the same values.
+    gen = torch.Generator().manual_seed(8)
+    x = (300 + 0.5 * torch.randn(12, 100, 11, 9, generator=gen)).contiguous(memory_format=CL)
+    w, b = torch.ones(100), torch.zeros(100)
+    _, mean, invstd, _ = raw_forward(x, w, b)
+    x64 = x.double()
+    expected_mean = x64.mean(dim=(0, 2, 3))
+    expected_invstd = (x64.var(dim=(0, 2, 3), unbiased=False) + EPS).rsqrt()
+    assert_rel(mean.double(), expected_mean, 1e-6, "mean")
+    assert_rel(invstd.double(), expected_invstd, 1e-6, "invstd")
+
+
+@needs_op
 @pytest.mark.parametrize("threads", [1, 2])
 def test_channels_last_results_do_not_depend_on_the_thread_count(threads):
     # Each channel's sums run in one fixed order whichever thread owns it.
-    x, w, b = sample_inputs("cpu", dtype=torch.float32, shape=(6, 96, 12, 10), seed=6)
+    # 1440 rows: two chunks of the statistics, so both threads take one.
+    x, w, b = sample_inputs("cpu", dtype=torch.float32, shape=(12, 96, 12, 10), seed=6)
     (xc,) = as_channels_last(x)
     previous = torch.get_num_threads()
     try:
