@@ -63,10 +63,10 @@ MAMLPP_FAST_ALWAYS_INLINE T at_position(int32_t k, T v0, T v1, T v2, T v3) {
 // ---------------------------------------------------------------------------------------------
 // statistics: per channel, the mean and M2 (the sum of squared deviations from the mean) of
 // `rows` rows of x, G channels a row, in one read of x from memory. The rows go in sub-blocks of
-// kMomentBytes, small enough to stay in L2 between two sweeps: the first sums the sub-block, the
-// second sums its squared deviations from that sum's mean (a two-pass within the sub-block, in
-// T, as the NCHW kernels sum within a block). Each sub-block then merges into the double (mean,
-// M2) of the whole range by the pairwise update of Chan, Golub and LeVeque:
+// kMomentBytes, small enough to stay in L2 between two sweeps: the first sums the sub-block for a
+// center, the second sums the deviations from it and their squares (a corrected two-pass within
+// the sub-block, in T, as the NCHW kernels sum within a block). Each sub-block then merges into
+// the double (mean, M2) of the whole range by the pairwise update of Chan, Golub and LeVeque:
 //   delta = mean_b - mean,  mean += delta n_b / n,  M2 += M2_b + delta^2 n_a n_b / n.
 // (A global two-pass, the mean first and then the deviations, read the 32 MB of an Omniglot
 // first-layer activation twice.)
