@@ -6,13 +6,14 @@ reference, in the same run.
     python benchmarks/bench_meta_step.py --providers all --settings all --first-order
     python benchmarks/bench_meta_step.py --providers all --memory   # peak memory, fresh process each
 
-Providers: reference, mamlpp_fast[:backend][+graphs[+eageradam]][+grouped|+explicit|+bmm|+triton][+cudnnbench][+nchw|+nhwc]
+Providers: reference, mamlpp_fast[:backend][+graphs[+eageradam]][+grouped|+explicit|+bmm|+triton][+cudnnbench][+nchw|+nhwc][+bf16]
 (+graphs: CUDA-graph replay of the meta-step, `MetaLearner(cuda_graphs=True)`, the Adam step recorded
 too; +eageradam: with Adam run eagerly after each replay instead; +grouped / +explicit / +bmm / +triton:
 every convolution with that task_conv strategy instead of "auto"; +S1/S2/S3/S4: one strategy per conv
 layer, e.g. +triton/auto/auto/auto; +cudnnbench: with
 torch.backends.cudnn.benchmark on, for that provider only; +nchw / +nhwc: the activations contiguous or
-channels-last instead of "auto", `MetaLearner(memory_format=...)`), and the peers of benchmarks/peers (torchfunc,
+channels-last instead of "auto", `MetaLearner(memory_format=...)`; +bf16: opt-in mixed precision,
+`MetaLearner(autocast_dtype="bfloat16")`), and the peers of benchmarks/peers (torchfunc,
 learn2learn, higher; same MAML++ semantics, differences in their docstrings). `--providers all`
 is the reference, mamlpp_fast and every peer whose library imports.
 
@@ -78,7 +79,7 @@ def random_batch(config, seed: int = 0):
 
 
 # The "+" options of a mamlpp_fast provider that are not a conv strategy.
-PROVIDER_FLAGS = ("graphs", "eageradam", "cudnnbench", "nchw", "nhwc")
+PROVIDER_FLAGS = ("graphs", "eageradam", "cudnnbench", "nchw", "nhwc", "bf16")
 
 
 def make_provider(name: str, config, dtype: torch.dtype, device: str) -> Callable[[tuple], None]:
@@ -108,7 +109,8 @@ def make_provider(name: str, config, dtype: torch.dtype, device: str) -> Callabl
                              else "auto")
             learner = MetaLearner(config, backend=backend, device=device, dtype=dtype,
                                   cuda_graphs="graphs" in options, conv_strategy=conv,
-                                  memory_format=memory_format)
+                                  memory_format=memory_format,
+                                  autocast_dtype="bfloat16" if "bf16" in options else None)
             learner.graphs.optimizer_in_graph = "eageradam" not in options
         elif name in PEERS:
             peer = make_peer(name, config, dtype, device)

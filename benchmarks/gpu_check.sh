@@ -86,7 +86,7 @@ if [[ "$DRY" == 1 ]]; then
   run tests 300 "$PY" -P -m pytest -q -p no:cacheprovider -x tests/kernels -k "not cuda"
 else
   run tests 240 "$PY" -P -m pytest -q -p no:cacheprovider -rfE -m "cuda or triton" tests/ops tests/kernels \
-    tests/test_meta_learner_equivalence.py tests/test_cuda_graphs.py
+    tests/test_meta_learner_equivalence.py tests/test_cuda_graphs.py tests/test_mixed_precision.py
 fi
 
 # The trainer on the device: SIGTERM mid-epoch, resume, same end as an uninterrupted run (with the
@@ -97,12 +97,12 @@ run train_smoke 90 "$PY" benchmarks/train_smoke.py --device "$DEVICE" --cuda-gra
 #    whole script inside the lease.
 REPS=10; [[ "$DRY" == 1 ]] && REPS=1
 SETTINGS=maml++_omniglot_20w1s,maml++_mini-imagenet_5w1s
-PROVIDERS=reference,mamlpp_fast:aten,mamlpp_fast,mamlpp_fast+triton,mamlpp_fast+graphs,mamlpp_fast+graphs+eageradam,mamlpp_fast+graphs+cudnnbench,mamlpp_fast+graphs+explicit,mamlpp_fast+graphs+bmm,mamlpp_fast+graphs+triton,mamlpp_fast+graphs+triton/auto/auto/auto,mamlpp_fast+graphs+blockdiag/auto/auto/auto,torchfunc
+PROVIDERS=reference,mamlpp_fast:aten,mamlpp_fast,mamlpp_fast+triton,mamlpp_fast+graphs,mamlpp_fast+graphs+eageradam,mamlpp_fast+graphs+cudnnbench,mamlpp_fast+graphs+explicit,mamlpp_fast+graphs+bmm,mamlpp_fast+graphs+triton,mamlpp_fast+graphs+triton/auto/auto/auto,mamlpp_fast+graphs+blockdiag/auto/auto/auto,mamlpp_fast+graphs+bf16,torchfunc
 if [[ "$DRY" == 1 ]]; then  # no Triton kernels on the CPU
   SETTINGS=maml++_omniglot_5w1s
-  PROVIDERS=reference,mamlpp_fast:aten,mamlpp_fast,mamlpp_fast+grouped,mamlpp_fast+graphs,mamlpp_fast+graphs+bmm,torchfunc
+  PROVIDERS=reference,mamlpp_fast:aten,mamlpp_fast,mamlpp_fast+grouped,mamlpp_fast+graphs,mamlpp_fast+graphs+bmm,mamlpp_fast+bf16,torchfunc
 fi
-run bench_meta_step 150 "$PY" benchmarks/bench_meta_step.py --device "$DEVICE" --settings "$SETTINGS" \
+run bench_meta_step 170 "$PY" benchmarks/bench_meta_step.py --device "$DEVICE" --settings "$SETTINGS" \
   --providers "$PROVIDERS" --reps "$REPS" --json "$LOG/bench_meta_step.json"
 if [[ "$PEERS" == 1 ]]; then  # learn2learn and higher against the reference and MetaLearner
   # (+graphs runs eagerly, with a warning, in a CPU dry run)

@@ -227,16 +227,27 @@ def _train_parser() -> argparse.ArgumentParser:
                         help="layout of the activations: auto (default: channels_last where the fused "
                              "batch-norm stage runs on the compiled CPU kernels, else contiguous), "
                              "contiguous (NCHW) or channels_last; the same results to rounding")
+    parser.add_argument("--autocast", default=None, choices=("bfloat16",),
+                        help="opt-in mixed precision: the convolutions and the classifier under "
+                             "torch.autocast in bfloat16, the rest in float32 (faster where the "
+                             "hardware has fast bfloat16; changes the arithmetic, so off by default; "
+                             "no effect with --dtype float64)")
     return parser
 
 
 def _describe_kernels(learner) -> str:
     """What the learner's ops run on, e.g. "bn_lrelu_pool=cpp, lslr_update=cpp, task_conv=explicit;
     activations channels_last"."""
+    import torch
+
     from . import _backend
 
     active = ", ".join(f"{op}={name}" for op, name in learner.active_backends.items())
     active += f"; activations {learner.active_memory_format}"
+    if learner.autocast_dtype is not None:
+        active += f"; autocast {str(learner.autocast_dtype).replace('torch.', '')}"
+        if learner.dtype == torch.float64:
+            active += " (no effect in float64)"
     if not _backend.has_extension():
         active += f" (compiled extension not loaded: {_backend._C_ERROR})"
     return active
@@ -326,7 +337,8 @@ def _make_trainer(config, args, device, dtype, conv_strategy, distributed):
                                        "checkpoint_inner_steps": args.checkpoint_inner_steps,
                                        "cuda_graphs": args.cuda_graphs,
                                        "conv_strategy": conv_strategy,
-                                       "memory_format": args.memory_format},
+                                       "memory_format": args.memory_format,
+                                       "autocast_dtype": args.autocast},
                       distributed=distributed)
     if distributed is None or distributed.is_main:
         print(f"experiment: {trainer.experiment_dir} ({config.num_classes_per_set}-way "

@@ -150,6 +150,9 @@ class MetaStepGraphs:
             use_msl,
             learner.backend,
             getattr(learner, "conv_strategy", None),
+            # Settable after a recording: each changes which kernels the graph holds.
+            getattr(learner, "memory_format", None),
+            getattr(learner, "autocast_dtype", None),
             storage,
             # The recorded Adam step refers to the optimizer state's storage (replaced by
             # load_state_dict) and to its betas and eps.

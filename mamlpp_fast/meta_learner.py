@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .cuda_graphs import MetaStepGraphs
 from .learner_base import ArrayLike, FewShotLearnerBase, TaskBatch
+from .mixed_precision import autocast_context, check_autocast_dtype, float32_output
 from .ops.bn_lrelu_pool import bn_lrelu_pool, bn_lrelu_pool_backend
 from .ops.lslr_update import lslr_update, lslr_update_backend
 from .ops.task_conv import check_conv_geometry, per_layer_requests, task_conv, task_conv_strategies
@@ -90,6 +91,11 @@ class MetaLearner(FewShotLearnerBase):
             batch-norm stage has channels-last CPU kernels), or "auto" (default: channels-last
             where the fused stage runs on the compiled CPU kernels, else contiguous; see
             `active_memory_format`). The results are the same to rounding in either layout.
+        autocast_dtype: None (default: full precision, as the official code) or "bfloat16":
+            run the convolutions and the classifier under `torch.autocast` in bfloat16, with
+            weights, batch norm, losses and updates in float32 (opt-in speed: on a CPU with
+            bfloat16 dot products, second-order meta-iterations 14-20% faster; see
+            `mamlpp_fast.mixed_precision`). No effect on a float64 learner.
 
     Example:
         >>> from mamlpp_fast import MetaLearner, preset
@@ -109,12 +115,14 @@ class MetaLearner(FewShotLearnerBase):
         cuda_graphs: bool = False,
         conv_strategy: Union[str, Sequence[str]] = "auto",
         memory_format: str = "auto",
+        autocast_dtype: Union[None, str, torch.dtype] = None,
         **kwargs: Any,
     ) -> None:
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         super().__init__(config, *official_positional, **kwargs)
         self.memory_format = memory_format
+        self.autocast_dtype = autocast_dtype
         self.conv_strategy = conv_strategy
         self.backend = backend
         self.task_chunk_size = check_task_chunk_size(task_chunk_size)
@@ -134,6 +142,22 @@ class MetaLearner(FewShotLearnerBase):
         if value not in _MEMORY_FORMATS:
             raise ValueError(f"memory_format must be one of {_MEMORY_FORMATS}, got {value!r}")
         self._memory_format = value
+
+    @property
+    def autocast_dtype(self) -> Optional[torch.dtype]:
+        """The dtype the network passes autocast to (torch.bfloat16), or None."""
+        return self._autocast_dtype
+
+    @autocast_dtype.setter
+    def autocast_dtype(self, value: Union[None, str, torch.dtype]) -> None:
+        dtype = check_autocast_dtype(value)
+        if dtype is not None and not torch.amp.is_autocast_available(self.device.type):
+            raise ValueError(f"autocast_dtype: torch has no autocast for device {self.device.type!r}")
+        self._autocast_dtype = dtype
+
+    def _autocasts(self) -> bool:
+        # Autocast leaves float64 alone, so a float64 learner runs as without it.
+        return self._autocast_dtype is not None and self.dtype != torch.float64
 
     @property
     def active_memory_format(self) -> str:
@@ -201,7 +225,9 @@ class MetaLearner(FewShotLearnerBase):
         geometry = dict(stride=self.config.conv_stride, padding=self.config.conv_padding_size)
         convs = [functools.partial(task_conv, strategy=request, **geometry) for request in self._conv_requests]
         if self.active_memory_format == "channels_last":
-            return [functools.partial(_channels_last_output, conv) for conv in convs]
+            convs = [functools.partial(_channels_last_output, conv) for conv in convs]
+        if self._autocasts():
+            convs = [functools.partial(float32_output, conv) for conv in convs]
         return convs
 
     def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -222,20 +248,24 @@ class MetaLearner(FewShotLearnerBase):
         running = None
         if not training_phase and self.config.bn_use_running_stats_in_evaluation:
             running = [(self.bn_row(mean, step), self.bn_row(var, step)) for mean, var in self.running_statistics()]
-        return task_batched_logits(
-            images,
-            [fast[f"layer_dict.conv{i}.conv.weight"] for i in stages],
-            [fast[f"layer_dict.conv{i}.conv.bias"] for i in stages],
-            fast["layer_dict.linear.weights"],
-            fast["layer_dict.linear.bias"],
-            [weight for weight, _ in affine],
-            [bias for _, bias in affine],
-            self._stage,
-            running_stats=running,
-            conv=self._convs(),
-            norm_layer=self.config.norm_layer,
-            max_pooling=self.config.max_pooling,
-        )
+        autocasts = self._autocasts()
+        with autocast_context(self.device, self._autocast_dtype if autocasts else None):
+            logits, stats = task_batched_logits(
+                images,
+                [fast[f"layer_dict.conv{i}.conv.weight"] for i in stages],
+                [fast[f"layer_dict.conv{i}.conv.bias"] for i in stages],
+                fast["layer_dict.linear.weights"],
+                fast["layer_dict.linear.bias"],
+                [weight for weight, _ in affine],
+                [bias for _, bias in affine],
+                self._stage,
+                running_stats=running,
+                conv=self._convs(),
+                norm_layer=self.config.norm_layer,
+                max_pooling=self.config.max_pooling,
+            )
+        # The loss (and the logits handed to users) in float32, as autocast runs cross-entropy.
+        return (logits.float() if autocasts else logits), stats
 
     def _initial_fast_weights(self, num_tasks: int, track_meta_gradients: bool) -> FastWeights:
         """Step-0 fast weights: the meta-parameters, broadcast (not copied) over the tasks."""

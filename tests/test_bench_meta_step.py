@@ -17,7 +17,7 @@ from bench_meta_step import make_provider, random_batch  # noqa: E402
 @pytest.mark.filterwarnings("ignore:mamlpp_fast. CUDA graphs need a CUDA device")  # +graphs on the CPU runs eagerly
 @pytest.mark.parametrize("name", ["reference", "mamlpp_fast", "mamlpp_fast:aten+explicit+cudnnbench",
                                   "mamlpp_fast+bmm/auto/auto/explicit", "mamlpp_fast+graphs+eageradam", "mamlpp_fast+nchw",
-                                  "mamlpp_fast+grouped+nhwc", "torchfunc"])
+                                  "mamlpp_fast+grouped+nhwc", "mamlpp_fast+bf16", "torchfunc"])
 def test_every_provider_kind_runs_a_meta_step(name):
     import torch
 

@@ -98,6 +98,8 @@ def assert_same_training(actual_state, expected_state):
     ("conv", ["--conv-strategy", "bmm, explicit,auto,blockdiag"], "task_conv=bmm,explicit,explicit,blockdiag"),
     # and --memory-format changes the activations' layout (the plain run: channels_last), not the result.
     ("nchw", ["--memory-format", "contiguous"], "activations contiguous"),
+    # and --autocast is documented to leave a float64 run as it is.
+    ("autocast", ["--autocast", "bfloat16"], "autocast bfloat16 (no effect in float64)"),
 ])
 def test_speed_and_memory_options_match_the_plain_run(tmp_path, capsys, name, extra, kernels):
     optioned = _trained_network(tmp_path, name, extra)

@@ -1,0 +1,62 @@
+"""Opt-in mixed precision for MetaLearner: the convolutions and the classifier under
+`torch.autocast`, everything else in float32.
+
+`MetaLearner(..., autocast_dtype="bfloat16")` runs each network pass under autocast, so the
+convolutions (the bulk of a meta-iteration's work) and the linear classifier compute in bfloat16,
+while the weights, the LSLR update, the batch-norm stage, the loss and the Adam step stay
+float32. (float16 is not offered: its narrow exponent range needs loss scaling, and MAML would
+need it in the inner loop's gradients as well as the outer one's.) Each convolution's output is cast back to float32 before batch norm, as
+autocast itself keeps normalisation layers in float32, and the fused batch-norm kernels read
+float32 or float64. Derivatives of every order run in the dtypes autocast recorded.
+
+This changes the arithmetic, so it is off by default: the official code, and every equality
+test against `mamlpp_fast.reference`, is float32 or float64. Measured on a 2-core AVX-512 CPU
+with bfloat16 dot products (benchmarks/RESULTS.md, 2026-12-01): second-order meta-iterations
+14% (Omniglot 20w1s), 15% (mini-ImageNet 5w1s) and 20% (Omniglot 20w5s) faster, and one epoch
+on the real Omniglot data (5w1s and 20w1s) at float32's accuracy. Single meta-gradients are not
+comparable to float32's (see RESULTS: rounding flips max-pool argmaxes). It has no effect on a
+float64 learner (autocast leaves float64 alone).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, ContextManager, Optional
+
+import torch
+
+__all__ = ["check_autocast_dtype", "autocast_context", "float32_output", "AUTOCAST_DTYPES"]
+
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16}
+# Casts back to float32 cover float16 too, in case autocast hands it out (another autocast
+# context around the learner).
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def check_autocast_dtype(value: Any) -> Optional[torch.dtype]:
+    """None, or torch.bfloat16 for "bfloat16" / torch.bfloat16; ValueError naming the argument
+    otherwise."""
+    if value is None:
+        return None
+    if value is torch.bfloat16 or (isinstance(value, str) and value in AUTOCAST_DTYPES):
+        return torch.bfloat16
+    raise ValueError(f"autocast_dtype must be None or 'bfloat16' (torch.bfloat16), got {value!r}"
+                     + ("; float16 would need loss scaling in the inner and outer loops, which "
+                        "mamlpp_fast does not do" if value in ("float16", torch.float16) else ""))
+
+
+def autocast_context(device: torch.device, dtype: Optional[torch.dtype]) -> ContextManager:
+    """`torch.autocast` for `device` in `dtype`, or a null context for None. The cast cache is
+    off: the inner loop's fast weights are new tensors every step, and a cache would hold casts
+    across CUDA-graph capture."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
+
+
+def float32_output(conv: Callable[..., torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor) -> torch.Tensor:
+    """conv(x, weight, bias) with a bfloat16 (or float16) result cast to float32 (the batch-norm
+    stage computes in float32); float32 and float64 results pass through."""
+    out = conv(x, weight, bias)
+    return out.float() if out.dtype in _LOW_PRECISION else out

@@ -1,0 +1,141 @@
+"""MetaLearner(autocast_dtype=...): opt-in mixed precision. The convolutions and the classifier
+run in the low-precision dtype, the batch-norm stage, losses, weights and updates in float32;
+a float64 learner is unaffected; bad values are refused by name."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import mamlpp_fast.meta_learner as meta_learner_module
+from mamlpp_fast import MetaLearner, preset
+from mamlpp_fast.mixed_precision import check_autocast_dtype
+from mamlpp_fast.testing import make_task_batch
+
+TINY = dict(cnn_num_filters=8, number_of_training_steps_per_iter=2, number_of_evaluation_steps_per_iter=2,
+            batch_size=2)
+
+
+def tiny_learner(dtype=torch.float32, state=None, **options):
+    config = preset("maml++_omniglot_5w1s", second_order=True, **TINY)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        learner = MetaLearner(config, device="cpu", dtype=dtype, **options)
+    if state is not None:
+        learner.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
+    return learner
+
+
+def batch_in(learner, dtype):
+    # Drawn in float64 and cast, so that every dtype sees the same images.
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in make_task_batch(learner.config, 2, seed=1))
+
+
+@pytest.mark.parametrize("value, expected", [(None, None), ("bfloat16", torch.bfloat16), (torch.bfloat16, torch.bfloat16)])
+def test_accepted_values(value, expected):
+    assert check_autocast_dtype(value) is expected
+    assert tiny_learner(autocast_dtype=value).autocast_dtype is expected
+
+
+@pytest.mark.parametrize("value", ["bf16", "float32", torch.float32, torch.float64, 16, "float16", torch.float16])
+def test_bad_values_name_the_argument(value):
+    with pytest.raises(ValueError, match="autocast_dtype must be None or 'bfloat16'") as caught:
+        tiny_learner(autocast_dtype=value)
+    assert ("loss scaling" in str(caught.value)) == (value in ("float16", torch.float16))
+
+
+def test_bfloat16_runs_the_convolutions_low_and_the_rest_in_float32(monkeypatch):
+    conv_outputs, stage_inputs = [], []
+    real_conv, real_stage = meta_learner_module.task_conv, MetaLearner._stage
+
+    def spy_conv(*args, **kwargs):
+        out = real_conv(*args, **kwargs)
+        conv_outputs.append(out.dtype)
+        return out
+
+    def spy_stage(self, x, weight, bias):
+        stage_inputs.append(x.dtype)
+        return real_stage(self, x, weight, bias)
+
+    monkeypatch.setattr(meta_learner_module, "task_conv", spy_conv)
+    monkeypatch.setattr(MetaLearner, "_stage", spy_stage)
+    learner = tiny_learner(autocast_dtype="bfloat16")
+    before = {name: p.detach().clone() for name, p in learner.named_parameters()}
+    losses, logits = learner.run_train_iter(batch_in(learner, torch.float32), epoch=0)
+    assert conv_outputs and set(conv_outputs) == {torch.bfloat16}
+    assert stage_inputs and set(stage_inputs) == {torch.float32}
+    assert logits.dtype == torch.float32 and torch.isfinite(torch.as_tensor(losses["loss"])).all()
+    # The meta-parameters stay float32 and all of them that the official code trains moved.
+    for name, param in learner.named_parameters():
+        assert param.dtype == torch.float32, name
+        if param.requires_grad and "conv.bias" not in name and not name.endswith("conv-bias"):
+            assert not torch.equal(param.detach(), before[name]), name
+
+
+def test_bfloat16_computes_the_same_network_to_its_rounding():
+    # The plain network (no inner step): logits within bfloat16's rounding of float32's. After
+    # inner steps only a loose bound holds: the inner loop amplifies rounding, and a rounding that
+    # flips a max-pool argmax or a leaky-ReLU sign routes gradients elsewhere (the meta-gradients
+    # can differ by O(1) at low precision, as float32 against float64 does more rarely).
+    reference = tiny_learner()
+    state = {k: v.clone() for k, v in reference.state_dict().items()}
+    low = tiny_learner(state=state, autocast_dtype="bfloat16")
+    _, x_target, _, _ = batch_in(reference, torch.float32)
+    logits = {}
+    for name, learner in (("float32", reference), ("bfloat16", low)):
+        fast = learner._initial_fast_weights(2, track_meta_gradients=False)  # the meta-parameters
+        logits[name] = learner.predict(x_target, fast, step=0).detach()
+    assert logits["bfloat16"].dtype == torch.float32
+    error = ((logits["bfloat16"] - logits["float32"]).norm() / logits["float32"].norm()).item()
+    assert 0 < error < 2e-2, error
+    losses = {name: learner.forward(batch_in(learner, torch.float32), 0, True, True, 2, True)[0]["loss"].item()
+              for name, learner in (("float32", reference), ("bfloat16", low))}
+    assert abs(losses["bfloat16"] - losses["float32"]) <= 0.2 * losses["float32"], losses
+
+
+def test_a_float64_learner_is_unaffected():
+    plain = tiny_learner(torch.float64)
+    state = {k: v.clone() for k, v in plain.state_dict().items()}
+    optioned = tiny_learner(torch.float64, state=state, autocast_dtype="bfloat16")
+    batch = batch_in(plain, torch.float64)
+    for learner in (plain, optioned):
+        learner.zero_grad()
+        learner.forward(batch, 0, True, True, 2, True)[0]["loss"].backward()
+    for (name, p), (_, q) in zip(plain.named_parameters(), optioned.named_parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert torch.equal(p.grad, q.grad), name
+
+
+def test_the_recorded_graphs_are_keyed_on_the_autocast_dtype():
+    # A CUDA graph recorded in one precision must not be replayed in another.
+    learner = tiny_learner()
+    batch = batch_in(learner, torch.float32)
+    before = learner.graphs._key(batch, 0, None)
+    learner.autocast_dtype = "bfloat16"
+    assert learner.graphs._key(batch, 0, None) != before
+
+
+@pytest.mark.cuda
+def test_bfloat16_on_cuda_eager_and_graphed():
+    # Both kinds of run train (finite losses, float32 parameters that move), and the graphed
+    # one records its meta-step instead of falling back to eager mode.
+    config = preset("maml++_omniglot_5w1s", second_order=True, **TINY)
+    batches = [tuple(t.cuda() for t in make_task_batch(config, 2, seed=s, dtype=torch.float32)) for s in range(3)]
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            learner = MetaLearner(config, device="cuda", dtype=torch.float32, cuda_graphs=graphs,
+                                  autocast_dtype="bfloat16")
+        before = {name: p.detach().clone() for name, p in learner.named_parameters()}
+        for batch in batches:
+            losses, logits = learner.run_train_iter(batch, epoch=0)
+            assert torch.isfinite(torch.as_tensor(losses["loss"])).all() and logits.dtype == torch.float32
+        moved = [name for name, p in learner.named_parameters() if not torch.equal(p.detach(), before[name])]
+        assert all(p.dtype == torch.float32 for p in learner.parameters()) and moved
+        if graphs:
+            assert learner.graphs.captures == 1 and learner.graphs.replays == len(batches)
