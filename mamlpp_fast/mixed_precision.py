@@ -13,7 +13,7 @@ This changes the arithmetic, so it is off by default: the official code, and eve
 test against `mamlpp_fast.reference`, is float32 or float64. Measured on a 2-core AVX-512 CPU
 with bfloat16 dot products (benchmarks/RESULTS.md, 2026-12-01): second-order meta-iterations
 14% (Omniglot 20w1s), 15% (mini-ImageNet 5w1s) and 20% (Omniglot 20w5s) faster, and on the
-real Omniglot data five epochs of 5w1s and one of 20w1s at float32's accuracy. Single meta-gradients are not
+real Omniglot data five epochs of 5w1s and two of 20w1s at float32's accuracy. Single meta-gradients are not
 comparable to float32's (see RESULTS: rounding flips max-pool argmaxes). It has no effect on a
 float64 learner (autocast leaves float64 alone).
 """
