@@ -28,9 +28,6 @@ import torch
 __all__ = ["check_autocast_dtype", "autocast_context", "float32_output", "AUTOCAST_DTYPES"]
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16}
-# Casts back to float32 cover float16 too, in case autocast hands it out (another autocast
-# context around the learner).
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def check_autocast_dtype(value: Any) -> Optional[torch.dtype]:
@@ -56,7 +53,8 @@ def autocast_context(device: torch.device, dtype: Optional[torch.dtype]) -> Cont
 
 def float32_output(conv: Callable[..., torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
                    bias: torch.Tensor) -> torch.Tensor:
-    """conv(x, weight, bias) with a bfloat16 (or float16) result cast to float32 (the batch-norm
-    stage computes in float32); float32 and float64 results pass through."""
+    """conv(x, weight, bias) with a bfloat16 result cast to float32 (the batch-norm stage computes
+    in float32). Only the learner's own bfloat16 autocast produces one (it is the innermost
+    autocast context, so an outer one cannot change the dtype); other results pass through."""
     out = conv(x, weight, bias)
-    return out.float() if out.dtype in _LOW_PRECISION else out
+    return out.float() if out.dtype == torch.bfloat16 else out
