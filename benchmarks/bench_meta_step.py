@@ -6,14 +6,16 @@ reference, in the same run.
     python benchmarks/bench_meta_step.py --providers all --settings all --first-order
     python benchmarks/bench_meta_step.py --providers all --memory   # peak memory, fresh process each
 
-Providers: reference, mamlpp_fast[:backend][+graphs[+eageradam]][+grouped|+explicit|+bmm|+triton][+cudnnbench][+nchw|+nhwc][+bf16]
+Providers: reference, mamlpp_fast[:backend][+graphs[+eageradam]][+grouped|+explicit|+bmm|+triton][+cudnnbench][+nchw|+nhwc][+bf16][+onednnwgrad]
 (+graphs: CUDA-graph replay of the meta-step, `MetaLearner(cuda_graphs=True)`, the Adam step recorded
 too; +eageradam: with Adam run eagerly after each replay instead; +grouped / +explicit / +bmm / +triton:
 every convolution with that task_conv strategy instead of "auto"; +S1/S2/S3/S4: one strategy per conv
 layer, e.g. +triton/auto/auto/auto; +cudnnbench: with
 torch.backends.cudnn.benchmark on, for that provider only; +nchw / +nhwc: the activations contiguous or
 channels-last instead of "auto", `MetaLearner(memory_format=...)`; +bf16: opt-in mixed precision,
-`MetaLearner(autocast_dtype="bfloat16")`), and the peers of benchmarks/peers (torchfunc,
+`MetaLearner(autocast_dtype="bfloat16")`; +onednnwgrad: every convolution's weight gradient from
+oneDNN, without mamlpp_fast's few-channel CPU kernel, `task_conv.CPU_WEIGHT_GRAD_MAX_C_IN = 0`,
+for that provider only), and the peers of benchmarks/peers (torchfunc,
 learn2learn, higher; same MAML++ semantics, differences in their docstrings). `--providers all`
 is the reference, mamlpp_fast and every peer whose library imports.
 
@@ -79,7 +81,7 @@ def random_batch(config, seed: int = 0):
 
 
 # The "+" options of a mamlpp_fast provider that are not a conv strategy.
-PROVIDER_FLAGS = ("graphs", "eageradam", "cudnnbench", "nchw", "nhwc", "bf16")
+PROVIDER_FLAGS = ("graphs", "eageradam", "cudnnbench", "nchw", "nhwc", "bf16", "onednnwgrad")
 
 
 def make_provider(name: str, config, dtype: torch.dtype, device: str) -> Callable[[tuple], None]:
@@ -126,7 +128,26 @@ def make_provider(name: str, config, dtype: torch.dtype, device: str) -> Callabl
         losses, _ = learner.run_train_iter(batch, epoch=0)
         float(losses["loss"])  # wait for the work (a sync on GPU) so the timing is complete
 
+    if "onednnwgrad" in options:
+        step = without_cpu_weight_grad_kernel(step)
     return with_cudnn_benchmark(step) if "cudnnbench" in options else step
+
+
+def without_cpu_weight_grad_kernel(step: Callable[[tuple], None]) -> Callable[[tuple], None]:
+    """`step` with mamlpp_fast's few-channel CPU weight-gradient kernel off (oneDNN's grouped
+    weight gradient and an ATen channel sum instead), restored afterwards."""
+    from mamlpp_fast.ops import task_conv as _  # noqa: F401  (the module, loaded)
+    module = sys.modules["mamlpp_fast.ops.task_conv"]
+
+    def wrapped(batch):
+        previous = module.CPU_WEIGHT_GRAD_MAX_C_IN
+        module.CPU_WEIGHT_GRAD_MAX_C_IN = 0
+        try:
+            step(batch)
+        finally:
+            module.CPU_WEIGHT_GRAD_MAX_C_IN = previous
+
+    return wrapped
 
 
 def with_cudnn_benchmark(step: Callable[[tuple], None]) -> Callable[[tuple], None]:

@@ -34,6 +34,8 @@ def main(argv=None) -> None:
     parser.add_argument("--first-order", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--autocast", default=None, choices=("bfloat16",),
+                        help="profile MetaLearner(autocast_dtype=...) (default: full precision)")
     parser.add_argument("--allocator", default="keep", choices=("system", "keep"),
                         help="keep (default): keep freed host memory, as mamlpp-train does, so that the "
                              "profile is not of page faults; system: glibc's defaults")
@@ -46,7 +48,8 @@ def main(argv=None) -> None:
     config = preset(args.setting, second_order=not args.first_order)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        learner = MetaLearner(config, device=args.device, backend=args.backend)
+        learner = MetaLearner(config, device=args.device, backend=args.backend,
+                              autocast_dtype=args.autocast)
     batch = tuple(t.to(args.device) for t in random_batch(config))
     cuda = torch.device(args.device).type == "cuda"
     for _ in range(2):
@@ -70,11 +73,11 @@ def main(argv=None) -> None:
     if cuda:
         kernels = [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
         busy_ms = sum(e.device_time if hasattr(e, "device_time") else e.cuda_time for e in kernels) / 1e3
-        print(f"summary: {args.setting} backend={learner.active_backends} activations={learner.active_memory_format} wall {wall_ms:.2f} ms (profiled), "
+        print(f"summary: {args.setting} backend={learner.active_backends} activations={learner.active_memory_format} autocast={args.autocast} wall {wall_ms:.2f} ms (profiled), "
               f"{unprofiled_ms:.2f} ms unprofiled, {len(kernels)} GPU kernels/copies, GPU busy {busy_ms:.2f} ms "
               f"({100 * busy_ms / wall_ms:.0f}% of wall)")
     else:
-        print(f"summary: {args.setting} backend={learner.active_backends} activations={learner.active_memory_format} wall {wall_ms:.1f} ms (profiled), {unprofiled_ms:.1f} ms unprofiled")
+        print(f"summary: {args.setting} backend={learner.active_backends} activations={learner.active_memory_format} autocast={args.autocast} wall {wall_ms:.1f} ms (profiled), {unprofiled_ms:.1f} ms unprofiled")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,11 @@ TORCH_LIBRARY(mamlpp_fast, m) {
         " Tensor mean, Tensor invstd, Tensor indices, Tensor? grad_grad_x, Tensor? grad_grad_weight,"
         " Tensor? grad_grad_bias, float negative_slope)"
         " -> (Tensor grad_grad_y, Tensor grad_x, Tensor grad_weight)");
+  // The weight [B, C_out, C_in, 3, 3] and bias [B, C_out] gradients of the task-batched 3x3
+  // convolution (stride 1, padding 1) of x [n, B*C_in, H, W] with cotangent grad_out
+  // [n, B*C_out, H, W], in one pass over grad_out (see ops/task_conv.py; CPU only).
+  m.def("task_conv_weight_grad(Tensor x, Tensor grad_out, int num_tasks)"
+        " -> (Tensor grad_weight, Tensor grad_bias)");
   // Per-task mean cross-entropy and accuracy of logits [B, n, N] with labels [B, n] (see
   // ops/task_cross_entropy.py); lse [B, n] is saved for the backward.
   m.def("task_cross_entropy_forward(Tensor logits, Tensor labels)"

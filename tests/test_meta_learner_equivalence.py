@@ -12,13 +12,14 @@ steps (which scale that noise by lr / eps) against an absolute bound.
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from typing import List
 
 import pytest
 import torch
 
-from mamlpp_fast import MetaLearner, preset
+from mamlpp_fast import MetaLearner, _backend, preset
 from mamlpp_fast.reference import MAMLFewShotClassifier
 from mamlpp_fast.testing import META_STEP_RTOL, assert_states_match_after_adam, assert_tensors_match, make_task_batch
 
@@ -122,6 +123,24 @@ SMALL = dict(cnn_num_filters=16, number_of_training_steps_per_iter=3, number_of_
 def test_training_pass_matches_reference(name, overrides, num_tasks, second_order):
     config = preset(name, second_order=second_order, **overrides)
     compare_one_pass(config, num_tasks)
+
+
+@pytest.mark.skipif(not _backend.has_extension(), reason="needs the compiled extension")
+@pytest.mark.parametrize("name, overrides", [
+    ("maml++_omniglot_20w1s", dict(SMALL, num_target_samples=2)),  # 1 input channel
+    ("maml++_mini-imagenet_5w1s", dict(SMALL, num_target_samples=2)),  # 3 input channels, 84x84
+])
+@pytest.mark.parametrize("second_order", [True, False])
+def test_first_layer_weight_gradient_kernel_matches_reference(monkeypatch, name, overrides, second_order):
+    """The C++ first-layer weight-gradient kernel (task_conv_weight_grad) is what the CPU learner
+    runs for MAML++'s few-channel first layer, in the inner loop and in the outer backward."""
+    task_conv_module = importlib.import_module("mamlpp_fast.ops.task_conv")
+    chosen = []
+    real = task_conv_module._cpu_weight_grad_applies
+    monkeypatch.setattr(task_conv_module, "_cpu_weight_grad_applies",
+                        lambda *args: chosen.append(real(*args)) or chosen[-1])
+    compare_one_pass(preset(name, second_order=second_order, **overrides), 2)
+    assert any(chosen), "the kernel was never chosen"
 
 
 # The official network options no released config uses (spec section 2): strided convolutions

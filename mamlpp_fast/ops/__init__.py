@@ -7,7 +7,7 @@ Every op has a pure-PyTorch path, so all of them work without the compiled exten
 from .._backend import available_backends, describe_backends, has_extension
 from .bn_lrelu_pool import bn_lrelu_pool, bn_lrelu_pool_backend
 from .lslr_update import lslr_update, lslr_update_backend
-from .task_conv import task_conv, task_conv_strategies, task_conv_strategy
+from .task_conv import task_conv, task_conv_strategies, task_conv_strategy, task_conv_weight_grad
 from .task_cross_entropy import task_cross_entropy, task_cross_entropy_backend
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "task_conv",
     "task_conv_strategy",
     "task_conv_strategies",
+    "task_conv_weight_grad",
     "task_cross_entropy",
     "task_cross_entropy_backend",
 ]

@@ -54,8 +54,8 @@ from torch import Tensor
 
 from .. import _backend
 
-__all__ = ["task_conv", "task_conv_strategy", "task_conv_strategies", "check_conv_geometry", "STRATEGIES",
-           "FLEXIBLE_STRATEGIES"]
+__all__ = ["task_conv", "task_conv_weight_grad", "task_conv_strategy", "task_conv_strategies",
+           "check_conv_geometry", "STRATEGIES", "FLEXIBLE_STRATEGIES", "CPU_WEIGHT_GRAD_MAX_C_IN"]
 
 STRATEGIES = ("grouped", "explicit", "bmm", "triton", "blockdiag")
 # The strategies whose kernels take any stride and padding (ATen's convolutions under ATen's
@@ -168,7 +168,8 @@ class _ConvKernels(NamedTuple):
 
     forward: Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]  # (x, w, bias) -> conv(x, w) + bias
     input_grad: Callable[[Tensor, Tensor], Tensor]  # (gy, w) -> dy/dx^T gy
-    weight_grad: Callable[[Tensor, Tensor, int], Tensor]  # (x, gy, B) -> dy/dw^T gy, [B, C_out, C_in, 3, 3]
+    # (x, gy, B, with_bias) -> (dy/dw^T gy [B, C_out, C_in, 3, 3], and with_bias db = sum gy [B, C_out], else None)
+    weight_grad: Callable[[Tensor, Tensor, int, bool], Tuple[Tensor, Optional[Tensor]]]
     # Optional (gy, x, w, needs [x, w, bias]) -> (gx, gw, gbias): every gradient in one call, for a
     # backward that will not be differentiated again (grad mode off).
     all_grads: Optional[Callable[..., Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]]] = None
@@ -189,26 +190,55 @@ def _grouped_input_grad(grad_out: Tensor, weight: Tensor) -> Tensor:
     return F.conv_transpose2d(grad_out, weight.reshape(b * c_out, c_in, 3, 3), padding=1, groups=b)
 
 
-def _grouped_weight_grad(x: Tensor, grad_out: Tensor, num_tasks: int) -> Tensor:
+# The C++ weight-gradient kernel (csrc/cpu/task_conv.cpp) replaces oneDNN's for layers with at
+# most this many input channels per task (MAML++'s first layer: 1 or 3) and at least
+# _CPU_WEIGHT_GRAD_MIN_C_OUT output channels (its vector width), on channels-last CPU activations:
+# mini-ImageNet's first layer (75 images, 2 tasks, 3 -> 48 channels, 84x84) 3.4x faster with the
+# bias gradient, Omniglot's (20 images, 8 tasks, 1 -> 64, 28x28) 2.7x; from 8 input channels on
+# (bfloat16) or 16 (float32) oneDNN is faster (benchmarks/bench_task_conv.py --weight-grad-sweep).
+# 0 turns the kernel off (the benchmarks' baseline).
+CPU_WEIGHT_GRAD_MAX_C_IN = 4
+_CPU_WEIGHT_GRAD_MIN_C_OUT = 16
+_CPU_WEIGHT_GRAD_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def _cpu_weight_grad_applies(x: Tensor, grad_out: Tensor, num_tasks: int) -> bool:
+    channels_last = torch.channels_last
+    return (_HAS_WEIGHT_GRAD_OP and x.device.type == "cpu" and x.dtype in _CPU_WEIGHT_GRAD_DTYPES
+            and grad_out.dtype == x.dtype
+            and x.shape[1] <= CPU_WEIGHT_GRAD_MAX_C_IN * num_tasks
+            and grad_out.shape[1] >= _CPU_WEIGHT_GRAD_MIN_C_OUT * num_tasks
+            and x.is_contiguous(memory_format=channels_last)
+            and grad_out.is_contiguous(memory_format=channels_last))
+
+
+def _grouped_weight_grad(x: Tensor, grad_out: Tensor, num_tasks: int, with_bias: bool):
     c_out, c_in = grad_out.shape[1] // num_tasks, x.shape[1] // num_tasks
     # convolution_backward reads only the weight's shape, dtype and layout.
     weight_like = x.new_empty(num_tasks, c_out, c_in, 3, 3)
-    return _grouped_all_grads(grad_out, x, weight_like, (False, True, False))[1]
+    return _grouped_all_grads(grad_out, x, weight_like, (False, True, with_bias))[1:]
 
 
 def _grouped_all_grads(grad_out: Tensor, x: Tensor, weight: Tensor, needs: Tuple[bool, bool, bool]):
     # ATen's own convolution backward: one oneDNN/cuDNN call for the input and weight gradients.
     # The bias gradient is an ATen sum: oneDNN's, taken inside its weight-gradient kernel, made
     # the call 3.1x slower for Omniglot's 1-channel first layer (20 x 8 tasks x 28x28: 3.9 ms,
-    # against 1.25 ms + 0.8 ms for the sum) and a little slower for every other layer.
+    # against 1.25 ms + 0.8 ms for the sum) and a little slower for every other layer. For
+    # few-channel layers on the CPU, mamlpp_fast's own kernel takes both in one pass.
     b, c_out, c_in = weight.shape[:3]
-    grad_x = grad_w = None
-    if needs[0] or needs[1]:
-        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+    grad_x = grad_w = grad_b = None
+    own_kernel = needs[1] and _cpu_weight_grad_applies(x, grad_out, b)
+    if own_kernel:
+        grad_w, grad_b = torch.ops.mamlpp_fast.task_conv_weight_grad.default(x, grad_out, b)
+    if needs[0] or (needs[1] and not own_kernel):
+        grad_x, conv_grad_w, _ = torch.ops.aten.convolution_backward(
             grad_out, x, weight.reshape(b * c_out, c_in, 3, 3), None,
-            [1, 1], [1, 1], [1, 1], False, [0, 0], b, [needs[0], needs[1], False])
-    return (grad_x, grad_w.view(b, c_out, c_in, 3, 3) if needs[1] else None,
-            _bias_grad(grad_out, b) if needs[2] else None)
+            [1, 1], [1, 1], [1, 1], False, [0, 0], b, [needs[0], needs[1] and not own_kernel, False])
+        if not own_kernel and needs[1]:
+            grad_w = conv_grad_w.view(b, c_out, c_in, 3, 3)
+    if needs[2] and grad_b is None:
+        grad_b = _bias_grad(grad_out, b)
+    return grad_x, grad_w, grad_b if needs[2] else None
 
 
 def _transpose_flip(weight: Tensor) -> Tensor:
@@ -228,10 +258,10 @@ def _triton_input_grad(grad_out: Tensor, weight: Tensor) -> Tensor:
     return _triton_forward(grad_out, _transpose_flip(weight), None)
 
 
-def _triton_weight_grad(x: Tensor, grad_out: Tensor, num_tasks: int) -> Tensor:
+def _triton_weight_grad(x: Tensor, grad_out: Tensor, num_tasks: int, with_bias: bool):
     from ..kernels.task_conv import task_conv_weight_grad
 
-    return task_conv_weight_grad(x, grad_out, num_tasks)
+    return task_conv_weight_grad(x, grad_out, num_tasks), _bias_grad(grad_out, num_tasks) if with_bias else None
 
 
 _GROUPED_KERNELS = _ConvKernels(_grouped_forward, _grouped_input_grad, _grouped_weight_grad,
@@ -304,8 +334,8 @@ class _TaskConvWeightGrad(torch.autograd.Function):
         ctx.save_for_backward(x, grad_out)
         ctx.kernels = kernels
         ctx.set_materialize_grads(False)
-        grad_w = kernels.weight_grad(x, grad_out, num_tasks)
-        return (grad_w, _bias_grad(grad_out, num_tasks)) if with_bias else grad_w
+        grad_w, grad_b = kernels.weight_grad(x, grad_out, num_tasks, with_bias)
+        return (grad_w, grad_b) if with_bias else grad_w
 
     @staticmethod
     def backward(ctx, h: Optional[Tensor], h_bias: Optional[Tensor] = None):
@@ -377,3 +407,84 @@ def _autocast_inputs(x: Tensor, weight: Tensor, bias: Tensor):
     x, weight, bias = (t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
                        for t in (x, weight, bias))
     return x, weight, bias, torch.autocast(device_type, enabled=False)
+
+
+# --- the C++ weight-gradient op (csrc/cpu/task_conv.cpp) --------------------------------------------
+
+_WEIGHT_GRAD_OP = "mamlpp_fast::task_conv_weight_grad"
+_HAS_WEIGHT_GRAD_OP = _backend.has_extension() and hasattr(torch.ops.mamlpp_fast, "task_conv_weight_grad")
+
+
+def task_conv_weight_grad(x: Tensor, grad_out: Tensor, num_tasks: int) -> Tuple[Tensor, Tensor]:
+    """The weight and bias gradients of ``task_conv`` (stride 1, padding 1) for cotangent grad_out.
+
+    Args:
+        x: [n, B*C_in, H, W], the convolution's input.
+        grad_out: [n, B*C_out, H, W], the cotangent of its output.
+        num_tasks: B.
+
+    Returns:
+        (grad_weight [B, C_out, C_in, 3, 3], grad_bias [B, C_out]), in x's dtype. On the CPU with
+        the compiled extension this is one pass of ``torch.ops.mamlpp_fast.task_conv_weight_grad``
+        over grad_out (fastest for channels-last tensors and few input channels, see
+        ``CPU_WEIGHT_GRAD_MAX_C_IN``); elsewhere the grouped ATen convolution backward and a sum.
+        Differentiable to any order in x and grad_out.
+    """
+    _check_weight_grad_args(x, grad_out, num_tasks)
+    if _HAS_WEIGHT_GRAD_OP and x.device.type == "cpu":
+        return tuple(torch.ops.mamlpp_fast.task_conv_weight_grad.default(x, grad_out, num_tasks))
+    return _TaskConvWeightGrad.apply(x, grad_out, num_tasks, _GROUPED_KERNELS, True)
+
+
+def _check_weight_grad_args(x: Tensor, grad_out: Tensor, num_tasks: int) -> None:
+    # Mirrors task_conv_weight_grad_cpu's checks (csrc/cpu/task_conv.cpp).
+    op = "task_conv_weight_grad"
+    torch._check(x.dim() == 4, lambda: f"{op}: x must be 4-D, got shape {tuple(x.shape)}")
+    torch._check(grad_out.dim() == 4, lambda: f"{op}: grad_out must be 4-D, got shape {tuple(grad_out.shape)}")
+    torch._check(num_tasks > 0, lambda: f"{op}: num_tasks must be positive, got {num_tasks}")
+    torch._check(x.dtype == grad_out.dtype,
+                 lambda: f"{op}: x and grad_out must share one dtype, got {x.dtype} and {grad_out.dtype}")
+    torch._check(x.dtype in _CPU_WEIGHT_GRAD_DTYPES,
+                 lambda: f"{op}: x must be float32, float64 or bfloat16, got {x.dtype}")
+    torch._check(x.device == grad_out.device,
+                 lambda: f"{op}: x and grad_out must be on one device, got {x.device} and {grad_out.device}")
+    torch._check(x.shape[0] == grad_out.shape[0] and x.shape[2:] == grad_out.shape[2:],
+                 lambda: f"{op}: x [n, B*C_in, H, W] and grad_out [n, B*C_out, H, W] must agree in n, H "
+                         f"and W, got {list(x.shape)} and {list(grad_out.shape)}")
+    torch._check(x.shape[1] > 0 and grad_out.shape[1] > 0 and x.shape[1] % num_tasks == 0
+                 and grad_out.shape[1] % num_tasks == 0,
+                 lambda: f"{op}: the channels of x ({x.shape[1]}) and of grad_out ({grad_out.shape[1]}) "
+                         f"must be positive multiples of num_tasks ({num_tasks})")
+
+
+def _weight_grad_fake(x: Tensor, grad_out: Tensor, num_tasks: int) -> Tuple[Tensor, Tensor]:
+    _check_weight_grad_args(x, grad_out, num_tasks)
+    c_in, c_out = x.shape[1] // num_tasks, grad_out.shape[1] // num_tasks
+    return x.new_empty(num_tasks, c_out, c_in, 3, 3), x.new_empty(num_tasks, c_out)
+
+
+def _weight_grad_setup_context(ctx, inputs, output) -> None:
+    x, grad_out, num_tasks = inputs
+    ctx.save_for_backward(x, grad_out)
+    ctx.num_tasks = num_tasks
+
+
+def _weight_grad_backward(ctx, h: Optional[Tensor], h_bias: Optional[Tensor]):
+    # The op is bilinear in (x, grad_out): the same formulas as _TaskConvWeightGrad.backward, on
+    # the grouped kernels, so every further order is differentiable too.
+    x, grad_out = ctx.saved_tensors
+    d_x = d_grad_out = None
+    if h is not None and ctx.needs_input_grad[0]:
+        d_x = _TaskConvInputGrad.apply(grad_out, h, _GROUPED_KERNELS)
+    if ctx.needs_input_grad[1]:
+        if h is not None:
+            d_grad_out = _TaskConv.apply(x, h, h_bias, _GROUPED_KERNELS)
+        elif h_bias is not None:
+            d_grad_out = h_bias.reshape(1, -1, 1, 1).expand_as(grad_out)
+    return d_x, d_grad_out, None
+
+
+if _HAS_WEIGHT_GRAD_OP:
+    torch.library.register_fake(_WEIGHT_GRAD_OP, _weight_grad_fake)
+    torch.library.register_autograd(_WEIGHT_GRAD_OP, _weight_grad_backward,
+                                    setup_context=_weight_grad_setup_context)
