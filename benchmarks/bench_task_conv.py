@@ -14,11 +14,19 @@ MetaLearner convolves B tasks with B different weight sets at every inner step. 
 
     python benchmarks/bench_task_conv.py --device cuda --json out.json
     python benchmarks/bench_task_conv.py --quick          # small CPU run
+    python benchmarks/bench_task_conv.py --weight-grad    # the weight gradient alone (CPU kernel)
 
 Modes as in bench_bn_lrelu_pool: ``fwd``, ``fwd+bwd`` (input and weight gradients) and ``2nd``
 (gradients with create_graph, then the backward of their squared norm: the second-order MAML
 pattern, where the grouped weight-gradient is the known slow path). Medians in ms, float32, TF32
 off. All strategies are checked against each other before timing.
+
+``--weight-grad`` times the weight and bias gradients alone on channels-last activations, as
+MetaLearner runs them on the CPU: ``onednn+sum`` (ATen's grouped convolution backward and a
+channel sum, the "explicit" strategy's path for layers with many input channels), ``bmm`` (im2col
+and a batched matmul) and ``cpp`` (``torch.ops.mamlpp_fast.task_conv_weight_grad``, one pass over
+grad_out, chosen for at most ``CPU_WEIGHT_GRAD_MAX_C_IN`` input channels per task), at the first
+layers' shapes and over a sweep of input channels, in float32 and bfloat16.
 """
 
 from __future__ import annotations
@@ -162,6 +170,69 @@ def check_agree(x, w, b) -> None:
                 raise SystemExit(f"task conv strategy {name} disagrees with grouped: rel err {err:.2e}")
 
 
+def weight_grad_providers(device: str) -> Dict[str, Callable]:
+    def onednn_sum(x, gy, num_tasks):
+        c_in, c_out = x.shape[1] // num_tasks, gy.shape[1] // num_tasks
+        weight = x.new_empty(num_tasks * c_out, c_in, 3, 3)
+        _, grad_w, _ = torch.ops.aten.convolution_backward(
+            gy, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], num_tasks, [False, True, False])
+        return grad_w.view(num_tasks, c_out, c_in, 3, 3), gy.sum((0, 2, 3)).view(num_tasks, c_out)
+
+    def bmm(x, gy, num_tasks):
+        n, _, h, w = x.shape
+        c_in, c_out = x.shape[1] // num_tasks, gy.shape[1] // num_tasks
+        cols = F.unfold(x, 3, padding=1).view(n, num_tasks, c_in * 9, h * w).permute(1, 0, 3, 2)
+        g = gy.reshape(n, num_tasks, c_out, h * w).permute(1, 2, 0, 3).reshape(num_tasks, c_out, n * h * w)
+        grad_w = torch.bmm(g, cols.reshape(num_tasks, n * h * w, c_in * 9))
+        return grad_w.view(num_tasks, c_out, c_in, 3, 3), g.sum(2)
+
+    providers = {"onednn+sum": onednn_sum, "bmm": bmm}
+    from mamlpp_fast import _backend
+
+    if torch.device(device).type == "cpu" and _backend.has_extension():
+        providers["cpp"] = torch.ops.mamlpp_fast.task_conv_weight_grad.default
+    return providers
+
+
+def weight_grad_shapes(quick: bool) -> List[tuple]:
+    # (dataset, B, n, C_in, C_out, S): the first layers of the second-order meta-steps (support and
+    # target sets), then a sweep of C_in at Omniglot's size to find where oneDNN takes over.
+    shapes = [("omniglot20w1s", 8, 20, 1, 64, 28), ("mini-imagenet5w1s", 2, 5, 3, 48, 84),
+              ("mini-imagenet5w1s", 2, 75, 3, 48, 84)]
+    shapes += [("sweep", 8, 20, c_in, 64, 28) for c_in in (2, 4, 8, 16, 64)]
+    return shapes[:2] if quick else shapes
+
+
+def run_weight_grad(args) -> None:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    providers = weight_grad_providers(args.device)
+    rows, results = [], []
+    for dataset, B, n, cin, cout, S in weight_grad_shapes(args.quick):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(n, B * cin, S, S, generator=gen).to(args.device, dtype)
+            gy = torch.randn(n, B * cout, S, S, generator=gen).to(args.device, dtype)
+            x, gy = (t.contiguous(memory_format=torch.channels_last) for t in (x, gy))
+            expected = providers["onednn+sum"](x.double(), gy.double(), B)
+            times = {}
+            for name, fn in providers.items():
+                for a, e in zip(fn(x, gy, B), expected):
+                    err = ((a.double() - e).norm() / e.norm()).item()
+                    if not err < (1e-4 if dtype == torch.float32 else 2e-2):
+                        raise SystemExit(f"weight gradient {name} disagrees with float64: rel err {err:.2e}")
+                times[name] = measure(lambda fn=fn: fn(x, gy, B), args.device)
+            base = times["onednn+sum"].p50_ms
+            for name, timing in times.items():
+                rows.append((dataset, B, n, f"{cin}->{cout}", S, str(dtype).replace("torch.", ""), name,
+                             f"{timing.p50_ms:.3f}", f"{base / timing.p50_ms:.2f}"))
+                results.append({"dataset": dataset, "B": B, "n": n, "cin": cin, "cout": cout, "S": S,
+                                "dtype": str(dtype), "provider": name, "median_ms": timing.p50_ms,
+                                "reps": timing.reps, "speedup_vs_onednn_sum": base / timing.p50_ms})
+    print(markdown_table(["shape", "B", "n", "channels", "S", "dtype", "weight+bias gradient", "ms (median)",
+                          "speed-up vs onednn+sum"], rows))
+    if args.json:
+        write_json(args.json, "bench_task_conv_weight_grad", results)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -169,12 +240,17 @@ def main(argv=None) -> None:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--weight-grad", action="store_true",
+                        help="time the weight and bias gradients alone (channels-last; see the docstring)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     keep_freed_host_memory(args.device)
     disable_tf32()
     print(f"# {env_info()}")
+    if args.weight_grad:
+        run_weight_grad(args)
+        return
     gen = torch.Generator(device="cpu").manual_seed(0)
     results: List[Result] = []
     for dataset, B, n, cin, cout, S in get_shapes(args.quick):

@@ -17,15 +17,18 @@ from bench_meta_step import make_provider, random_batch  # noqa: E402
 @pytest.mark.filterwarnings("ignore:mamlpp_fast. CUDA graphs need a CUDA device")  # +graphs on the CPU runs eagerly
 @pytest.mark.parametrize("name", ["reference", "mamlpp_fast", "mamlpp_fast:aten+explicit+cudnnbench",
                                   "mamlpp_fast+bmm/auto/auto/explicit", "mamlpp_fast+graphs+eageradam", "mamlpp_fast+nchw",
-                                  "mamlpp_fast+grouped+nhwc", "mamlpp_fast+bf16", "torchfunc"])
+                                  "mamlpp_fast+grouped+nhwc", "mamlpp_fast+bf16", "mamlpp_fast+onednnwgrad",
+                                  "torchfunc"])
 def test_every_provider_kind_runs_a_meta_step(name):
     import torch
 
     config = preset("maml++_omniglot_5w1s", batch_size=2, number_of_training_steps_per_iter=1,
                     number_of_evaluation_steps_per_iter=1, cnn_num_filters=4)
     before = torch.backends.cudnn.benchmark
+    max_c_in = sys.modules["mamlpp_fast.ops.task_conv"].CPU_WEIGHT_GRAD_MAX_C_IN
     make_provider(name, config, torch.float32, "cpu")(random_batch(config))
     assert torch.backends.cudnn.benchmark == before  # +cudnnbench restores the global flag
+    assert sys.modules["mamlpp_fast.ops.task_conv"].CPU_WEIGHT_GRAD_MAX_C_IN == max_c_in  # +onednnwgrad restores it
 
 
 def test_unknown_provider_options_are_refused():

@@ -13,7 +13,10 @@ Five strategies compute the same function:
 - ``"explicit"``: the same grouped kernels under mamlpp_fast's own autograd formulas: a forward
   convolution, an input-gradient convolution (``conv_transpose2d``) and a weight-gradient
   convolution (``aten.convolution_backward``), each differentiating into the others, so every
-  order of derivative is one grouped call per term and nothing loops over groups;
+  order of derivative is one grouped call per term and nothing loops over groups. On the CPU,
+  for layers with few input channels per task (MAML++'s first layer) and channels-last
+  activations, the weight and bias gradients come from mamlpp_fast's own kernel
+  (``task_conv_weight_grad``, csrc/cpu/task_conv.cpp) in one pass over the output gradient;
 - ``"bmm"``: im2col (``F.unfold``) and one batched matmul over tasks. It moves 9x the input
   through memory but turns every gradient, first and second order, into batched matmuls;
 - ``"triton"``: implicit GEMM with the task index in the grid (``mamlpp_fast.kernels.task_conv``):
@@ -193,10 +196,10 @@ def _grouped_input_grad(grad_out: Tensor, weight: Tensor) -> Tensor:
 # The C++ weight-gradient kernel (csrc/cpu/task_conv.cpp) replaces oneDNN's for layers with at
 # most this many input channels per task (MAML++'s first layer: 1 or 3) and at least
 # _CPU_WEIGHT_GRAD_MIN_C_OUT output channels (its vector width), on channels-last CPU activations:
-# mini-ImageNet's first layer (75 images, 2 tasks, 3 -> 48 channels, 84x84) 3.4x faster with the
-# bias gradient, Omniglot's (20 images, 8 tasks, 1 -> 64, 28x28) 2.7x; from 8 input channels on
-# (bfloat16) or 16 (float32) oneDNN is faster (benchmarks/bench_task_conv.py --weight-grad-sweep).
-# 0 turns the kernel off (the benchmarks' baseline).
+# mini-ImageNet's first layer (75 images, 2 tasks, 3 -> 48 channels, 84x84) 3.7x faster than
+# oneDNN and a channel sum, Omniglot's (20 images, 8 tasks, 1 -> 64, 28x28) 2.1x. In bfloat16
+# oneDNN is faster from 8 input channels on; in float32 the kernel still wins at 16 and loses at
+# 64 (benchmarks/bench_task_conv.py --weight-grad). 0 turns the kernel off (the baseline).
 CPU_WEIGHT_GRAD_MAX_C_IN = 4
 _CPU_WEIGHT_GRAD_MIN_C_OUT = 16
 _CPU_WEIGHT_GRAD_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
