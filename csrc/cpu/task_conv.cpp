@@ -24,7 +24,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <tuple>
 #include <vector>
 
@@ -135,6 +137,25 @@ MAMLPP_FAST_SIMD_CLONES void row_channel_sums(const A* __restrict__ gy, int64_t 
   }
 }
 
+// dst[i] = src[i] in the accumulation type. bfloat16 is the top half of a float32, so widening is
+// a 16-bit shift, which vectorises (c10::BFloat16's conversion operator, called from here, did not).
+template <typename T, typename A>
+MAMLPP_FAST_SIMD_CLONES void widen(const T* __restrict__ src, A* __restrict__ dst, int64_t len) {
+  if constexpr (std::is_same<T, c10::BFloat16>::value) {
+    const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+    MAMLPP_FAST_SIMD
+    for (int64_t i = 0; i < len; ++i) {
+      const uint32_t word = static_cast<uint32_t>(bits[i]) << 16;
+      float value;
+      std::memcpy(&value, &word, sizeof(value));
+      dst[i] = value;
+    }
+  } else {
+    MAMLPP_FAST_SIMD
+    for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<A>(src[i]);
+  }
+}
+
 struct Geometry {
   int64_t n, H, W, tasks, c_in, c_out;
   int64_t xc() const { return tasks * c_in; }   // x's channels per pixel
@@ -163,15 +184,14 @@ void accumulate_rows(const Geometry& g, const T* x, const T* gy, int64_t row_beg
         std::fill(dst, dst + padded, A(0));
         continue;
       }
-      const T* src = x + (img * g.H + hin) * g.W * xc;
-      for (int64_t i = 0; i < g.W * xc; ++i) dst[xc + i] = static_cast<A>(src[i]);
+      widen<T, A>(x + (img * g.H + hin) * g.W * xc, dst + xc, g.W * xc);
     }
     const T* gy_src = gy + row * g.W * gc;
     const A* grow;
     if constexpr (std::is_same<T, A>::value) {
       grow = gy_src;
     } else {
-      for (int64_t i = 0; i < g.W * gc; ++i) gy_row[i] = static_cast<A>(gy_src[i]);
+      widen<T, A>(gy_src, gy_row.data(), g.W * gc);
       grow = gy_row.data();
     }
     row_channel_sums<A>(grow, g.W, gc, bias);
