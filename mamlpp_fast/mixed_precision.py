@@ -4,16 +4,18 @@
 `MetaLearner(..., autocast_dtype="bfloat16")` runs each network pass under autocast, so the
 convolutions (the bulk of a meta-iteration's work) and the linear classifier compute in bfloat16,
 while the weights, the LSLR update, the batch-norm stage, the loss and the Adam step stay
-float32. (float16 is not offered: its narrow exponent range needs loss scaling, and MAML would
+float32. The first convolution stays float32 too (see FLOAT32_MAX_C_IN: bound by memory, it gains
+nothing from bfloat16 and would pay for casts of the largest activations). (float16 is not offered: its narrow exponent range needs loss scaling, and MAML would
 need it in the inner loop's gradients as well as the outer one's.) Each convolution's output is cast back to float32 before batch norm, as
 autocast itself keeps normalisation layers in float32, and the fused batch-norm kernels read
 float32 or float64. Derivatives of every order run in the dtypes autocast recorded.
 
 This changes the arithmetic, so it is off by default: the official code, and every equality
 test against `mamlpp_fast.reference`, is float32 or float64. Measured on a 2-core AVX-512 CPU
-with bfloat16 dot products (benchmarks/RESULTS.md, 2026-12-01): second-order meta-iterations
-14% (Omniglot 20w1s), 15% (mini-ImageNet 5w1s) and 20% (Omniglot 20w5s) faster, and on the
-real Omniglot data five epochs of 5w1s and two of 20w1s at float32's accuracy. Single meta-gradients are not
+with bfloat16 dot products (benchmarks/RESULTS.md, 2026-12-01, with the first convolution in
+float32): second-order meta-iterations 18% (Omniglot 20w1s), 20% (mini-ImageNet 5w1s) and 23%
+(Omniglot 20w5s) faster, and on the real Omniglot data (before the first convolution stayed
+float32) five epochs of 5w1s and two of 20w1s at float32's accuracy. Single meta-gradients are not
 comparable to float32's (see RESULTS: rounding flips max-pool argmaxes). It has no effect on a
 float64 learner (autocast leaves float64 alone).
 """
@@ -25,9 +27,22 @@ from typing import Any, Callable, ContextManager, Optional
 
 import torch
 
-__all__ = ["check_autocast_dtype", "autocast_context", "float32_output", "AUTOCAST_DTYPES"]
+__all__ = ["check_autocast_dtype", "autocast_context", "float32_output", "float32_conv", "runs_in_float32",
+           "AUTOCAST_DTYPES", "FLOAT32_MAX_C_IN"]
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16}
+
+# Convolutions whose input has at most this many channels per task (MAML++'s first layer, which
+# reads the 1 or 3 image channels) stay in float32 under the learner's autocast. They do 9-27
+# multiply-adds per output element, so memory bounds them, not arithmetic: in bfloat16 they were
+# no faster, and the casts of their outputs (the network's largest activations) and of those
+# outputs' gradients cost more than the convolutions (Omniglot 20w1s, second order: 35 of 625 ms).
+FLOAT32_MAX_C_IN = 4
+
+
+def runs_in_float32(c_in: int) -> bool:
+    """Whether a convolution with c_in input channels per task stays float32 under autocast."""
+    return c_in <= FLOAT32_MAX_C_IN
 
 
 def check_autocast_dtype(value: Any) -> Optional[torch.dtype]:
@@ -58,3 +73,13 @@ def float32_output(conv: Callable[..., torch.Tensor], x: torch.Tensor, weight: t
     autocast context, so an outer one cannot change the dtype); other results pass through."""
     out = conv(x, weight, bias)
     return out.float() if out.dtype == torch.bfloat16 else out
+
+
+def float32_conv(conv: Callable[..., torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor) -> torch.Tensor:
+    """conv(x, weight, bias) in float32 with autocast off (see FLOAT32_MAX_C_IN). Inputs of another
+    floating dtype but float64 are cast to float32; float32 ones pass through without a copy."""
+    x, weight, bias = (t.float() if t.is_floating_point() and t.dtype != torch.float64 else t
+                       for t in (x, weight, bias))
+    with torch.autocast(x.device.type, enabled=False):
+        return conv(x, weight, bias)

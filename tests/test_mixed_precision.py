@@ -48,12 +48,14 @@ def test_bad_values_name_the_argument(value):
 
 
 def test_bfloat16_runs_the_convolutions_low_and_the_rest_in_float32(monkeypatch):
+    # (task_conv's own autocast casts its inputs, so a first layer left under autocast would
+    # come out bfloat16.)
     conv_outputs, stage_inputs = [], []
     real_conv, real_stage = meta_learner_module.task_conv, MetaLearner._stage
 
-    def spy_conv(*args, **kwargs):
-        out = real_conv(*args, **kwargs)
-        conv_outputs.append(out.dtype)
+    def spy_conv(x, *args, **kwargs):
+        out = real_conv(x, *args, **kwargs)
+        conv_outputs.append((x.shape[1] // 2, out.dtype))  # (input channels per task, output dtype); B = 2
         return out
 
     def spy_stage(self, x, weight, bias):
@@ -65,7 +67,8 @@ def test_bfloat16_runs_the_convolutions_low_and_the_rest_in_float32(monkeypatch)
     learner = tiny_learner(autocast_dtype="bfloat16")
     before = {name: p.detach().clone() for name, p in learner.named_parameters()}
     losses, logits = learner.run_train_iter(batch_in(learner, torch.float32), epoch=0)
-    assert conv_outputs and set(conv_outputs) == {torch.bfloat16}
+    # The first convolution (1 image channel: bound by memory) stays float32, the others are bfloat16.
+    assert conv_outputs and set(conv_outputs) == {(1, torch.float32), (8, torch.bfloat16)}
     assert stage_inputs and set(stage_inputs) == {torch.float32}
     assert logits.dtype == torch.float32 and torch.isfinite(torch.as_tensor(losses["loss"])).all()
     # The meta-parameters stay float32 and all of them that the official code trains moved.
@@ -139,3 +142,26 @@ def test_bfloat16_on_cuda_eager_and_graphed():
         assert all(p.dtype == torch.float32 for p in learner.parameters()) and moved
         if graphs:
             assert learner.graphs.captures == 1 and learner.graphs.replays == len(batches)
+
+
+def test_few_channel_convolutions_stay_float32_under_autocast():
+    # The first layer (1 or 3 image channels) is bound by memory: it runs in float32 with autocast
+    # off, on float32 inputs without a copy; the wider layers keep autocast's dtype.
+    from mamlpp_fast.mixed_precision import float32_conv, float32_output, runs_in_float32
+    from mamlpp_fast.ops import task_conv
+
+    assert runs_in_float32(1) and runs_in_float32(3) and not runs_in_float32(8)
+    x = torch.randn(2, 2 * 3, 5, 5)
+    weight, bias = torch.randn(2, 16, 3, 3, 3), torch.randn(2, 16)
+    seen = []
+
+    def conv(x_, w_, b_):
+        seen.append((x_ is x, torch.is_autocast_enabled("cpu")))
+        return task_conv(x_, w_, b_)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kept = float32_conv(conv, x, weight, bias)
+        lowered = float32_output(task_conv, x, weight, bias)
+    assert seen == [(True, False)]
+    assert kept.dtype == torch.float32 and torch.equal(kept, task_conv(x, weight, bias))
+    assert lowered.dtype == torch.float32 and not torch.equal(lowered, kept)  # bfloat16 arithmetic
