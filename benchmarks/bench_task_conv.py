@@ -197,10 +197,11 @@ def weight_grad_providers(device: str) -> Dict[str, Callable]:
 def weight_grad_shapes(quick: bool) -> List[tuple]:
     # (dataset, B, n, C_in, C_out, S): the first layers of the second-order meta-steps (support and
     # target sets), then a sweep of C_in at Omniglot's size to find where oneDNN takes over.
-    shapes = [("omniglot20w1s", 8, 20, 1, 64, 28), ("mini-imagenet5w1s", 2, 5, 3, 48, 84),
-              ("mini-imagenet5w1s", 2, 75, 3, 48, 84)]
+    shapes = [("omniglot20w1s", b, 20, 1, 64, 28) for b in (8, 1, 32)]
+    shapes += [("mini-imagenet5w1s", 2, 5, 3, 48, 84), ("mini-imagenet5w1s", 2, 75, 3, 48, 84),
+               ("mini-imagenet5w1s", 8, 5, 3, 48, 84)]
     shapes += [("sweep", 8, 20, c_in, 64, 28) for c_in in (2, 4, 8, 16, 64)]
-    return shapes[:2] if quick else shapes
+    return [shapes[0], shapes[3]] if quick else shapes
 
 
 def run_weight_grad(args) -> None:

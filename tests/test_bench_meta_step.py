@@ -42,3 +42,15 @@ def test_unknown_provider_options_are_refused():
         make_provider("mamlpp_fast+eageradam", config, torch.float32, "cpu")
     with pytest.raises(ValueError, match="two layouts"):
         make_provider("mamlpp_fast+nchw+nhwc", config, torch.float32, "cpu")
+
+
+def test_profile_by_op_wall_clock_lists_the_ops_of_a_meta_step():
+    # A subprocess: the profiler keeps freed host memory (a process-wide allocator setting).
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_meta_step.py"
+    run = subprocess.run([sys.executable, str(script), "--setting", "maml++_omniglot_5w1s", "--device", "cpu",
+                          "--threads", "1", "--rows", "4", "--by-op-wall"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "| aten.convolution" in run.stdout and "ms timed per op" in run.stdout, run.stdout[-2000:]
