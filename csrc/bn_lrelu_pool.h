@@ -15,10 +15,16 @@
 namespace mamlpp_fast {
 
 // allow_channels_last: the CPU kernels also take channels-last x (csrc/cpu/bn_lrelu_pool_nhwc.cpp).
+// bfloat16 x is taken by the CPU's channels-last kernels only (bfloat16 storage, float32 arithmetic
+// and float32 weight, bias, mean and invstd).
 inline void check_bn_lrelu_pool_x(const char* op, const at::Tensor& x, bool allow_channels_last = false) {
   TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D [n, G, H, W], got shape ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
-              ": x must be float32 or float64, got ", x.scalar_type());
+  const bool bfloat16_ok = allow_channels_last && x.scalar_type() == at::kBFloat16 && !x.is_contiguous() &&
+                           x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || bfloat16_ok, op,
+              allow_channels_last ? ": x must be float32 or float64 (or bfloat16 in channels-last layout), got "
+                                  : ": x must be float32 or float64, got ",
+              x.scalar_type(), x.scalar_type() == at::kBFloat16 ? " (not channels-last)" : "");
   TORCH_CHECK(x.is_contiguous() || (allow_channels_last && x.is_contiguous(at::MemoryFormat::ChannelsLast)),
               op, allow_channels_last ? ": x must be contiguous (NCHW) or channels-last, got strides "
                                       : ": x must be contiguous (NCHW), got strides ",
@@ -28,13 +34,19 @@ inline void check_bn_lrelu_pool_x(const char* op, const at::Tensor& x, bool allo
               ": x must have H >= 2 and W >= 2 for 2x2 max pooling, got shape ", x.sizes());
 }
 
-// A per-channel vector ([G], x's dtype and device), e.g. weight, bias, mean, invstd.
+// The dtype of the per-channel vectors: x's, or float32 for bfloat16 x.
+inline at::ScalarType bn_lrelu_pool_param_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kBFloat16 ? at::kFloat : x.scalar_type();
+}
+
+// A per-channel vector ([G], bn_lrelu_pool_param_dtype(x), x's device), e.g. weight, bias, mean, invstd.
 inline void check_bn_lrelu_pool_channel_vec(const char* op, const char* name, const at::Tensor& t,
                                             const at::Tensor& x) {
   TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1), op, ": ", name, " must have shape [G] = [",
               x.size(1), "] (one entry per channel of x), got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype ",
-              x.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == bn_lrelu_pool_param_dtype(x), op, ": ", name,
+              " must have x's dtype (float32 for bfloat16 x): expected ", bn_lrelu_pool_param_dtype(x),
+              ", got ", t.scalar_type());
   TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on x's device ", x.device(),
               ", got ", t.device());
 }

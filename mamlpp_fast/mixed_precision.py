@@ -1,23 +1,30 @@
 """Opt-in mixed precision for MetaLearner: the convolutions and the classifier under
-`torch.autocast`, everything else in float32.
+`torch.autocast`, the arithmetic of everything else in float32.
 
 `MetaLearner(..., autocast_dtype="bfloat16")` runs each network pass under autocast, so the
 convolutions (the bulk of a meta-iteration's work) and the linear classifier compute in bfloat16,
-while the weights, the LSLR update, the batch-norm stage, the loss and the Adam step stay
-float32. The first convolution stays float32 too (see FLOAT32_MAX_C_IN: bound by memory, it gains
-nothing from bfloat16 and would pay for casts of the largest activations). (float16 is not offered: its narrow exponent range needs loss scaling, and MAML would
-need it in the inner loop's gradients as well as the outer one's.) Each convolution's output is cast back to float32 before batch norm, as
-autocast itself keeps normalisation layers in float32, and the fused batch-norm kernels read
-float32 or float64. Derivatives of every order run in the dtypes autocast recorded.
+while the weights, the LSLR update, the batch-norm stage's arithmetic, the loss and the Adam step
+stay float32. (float16 is not offered: its narrow exponent range needs loss scaling, and MAML
+would need it in the inner loop's gradients as well as the outer one's.) Derivatives of every
+order run in the dtypes autocast recorded.
+
+Where the fused batch-norm stage meets the convolutions' bfloat16 outputs:
+
+- on the CPU with channels-last activations (MetaLearner's default there) its compiled kernels
+  read and write bfloat16 activations themselves, computing in float32: exactly what casting the
+  input up and the output down would give, without the casts' passes over memory;
+- elsewhere (NCHW, CUDA, the ATen composition) each convolution's output is cast to float32 for
+  the stage, as autocast itself keeps normalisation layers in float32, and the first convolution
+  stays float32 throughout (see FLOAT32_MAX_C_IN).
 
 This changes the arithmetic, so it is off by default: the official code, and every equality
 test against `mamlpp_fast.reference`, is float32 or float64. Measured on a 2-core AVX-512 CPU
-with bfloat16 dot products (benchmarks/RESULTS.md, 2026-12-01, with the first convolution in
-float32): second-order meta-iterations 18% (Omniglot 20w1s), 20% (mini-ImageNet 5w1s) and 23%
-(Omniglot 20w5s) faster, and on the real Omniglot data (before the first convolution stayed
-float32) five epochs of 5w1s and two of 20w1s at float32's accuracy. Single meta-gradients are not
-comparable to float32's (see RESULTS: rounding flips max-pool argmaxes). It has no effect on a
-float64 learner (autocast leaves float64 alone).
+with bfloat16 dot products (benchmarks/RESULTS.md, 2026-12-01): second-order meta-iterations
+22-30% faster than float32 (Omniglot 20w1s 0.51 against 0.73 s, mini-ImageNet 5w1s 0.84
+against 1.14 s), and on the real Omniglot data five epochs of 5w1s and two of 20w1s at
+float32's accuracy (with the casts; the bfloat16 stage rounds the same values). Single
+meta-gradients are not comparable to float32's (see RESULTS: rounding flips max-pool argmaxes).
+It has no effect on a float64 learner (autocast leaves float64 alone).
 """
 
 from __future__ import annotations
@@ -32,11 +39,13 @@ __all__ = ["check_autocast_dtype", "autocast_context", "float32_output", "float3
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16}
 
-# Convolutions whose input has at most this many channels per task (MAML++'s first layer, which
-# reads the 1 or 3 image channels) stay in float32 under the learner's autocast. They do 9-27
-# multiply-adds per output element, so memory bounds them, not arithmetic: in bfloat16 they were
-# no faster, and the casts of their outputs (the network's largest activations) and of those
-# outputs' gradients cost more than the convolutions (Omniglot 20w1s, second order: 35 of 625 ms).
+# Where the batch-norm stage takes float32 only (it is cast to), convolutions whose input has at
+# most this many channels per task (MAML++'s first layer, which reads the 1 or 3 image channels)
+# stay in float32 under the learner's autocast. They do 9-27 multiply-adds per output element, so
+# memory bounds them, not arithmetic: in bfloat16 they were no faster, and the casts of their
+# outputs (the network's largest activations) and of those outputs' gradients cost more than the
+# convolutions (Omniglot 20w1s, second order: 35 of 625 ms). Where the stage reads bfloat16, the
+# first convolution runs in bfloat16 like the others (half the bytes through the stage).
 FLOAT32_MAX_C_IN = 4
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mamlpp_fast.meta_learner as meta_learner_module
-from mamlpp_fast import MetaLearner, preset
+from mamlpp_fast import MetaLearner, _backend, preset
 from mamlpp_fast.mixed_precision import check_autocast_dtype
 from mamlpp_fast.testing import make_task_batch
 
@@ -47,9 +47,14 @@ def test_bad_values_name_the_argument(value):
     assert ("loss scaling" in str(caught.value)) == (value in ("float16", torch.float16))
 
 
-def test_bfloat16_runs_the_convolutions_low_and_the_rest_in_float32(monkeypatch):
-    # (task_conv's own autocast casts its inputs, so a first layer left under autocast would
-    # come out bfloat16.)
+@pytest.mark.parametrize("memory_format", ["auto", "contiguous"])
+def test_bfloat16_runs_the_convolutions_low_and_the_rest_in_float32(monkeypatch, memory_format):
+    # "auto" is channels-last on the CPU, where the compiled stage reads and writes bfloat16
+    # (float32 arithmetic) itself: every convolution's bfloat16 output goes to it as it is. In
+    # NCHW (or without the compiled ops) the stage takes float32: the convolutions' outputs are
+    # cast up, except the few-channel first layer's, which stays float32 throughout (task_conv's
+    # own autocast casts its inputs, so a first layer left under autocast would come out bfloat16).
+    native = memory_format == "auto" and _backend.has_extension()
     conv_outputs, stage_inputs = [], []
     real_conv, real_stage = meta_learner_module.task_conv, MetaLearner._stage
 
@@ -64,12 +69,15 @@ def test_bfloat16_runs_the_convolutions_low_and_the_rest_in_float32(monkeypatch)
 
     monkeypatch.setattr(meta_learner_module, "task_conv", spy_conv)
     monkeypatch.setattr(MetaLearner, "_stage", spy_stage)
-    learner = tiny_learner(autocast_dtype="bfloat16")
+    learner = tiny_learner(autocast_dtype="bfloat16", memory_format=memory_format)
     before = {name: p.detach().clone() for name, p in learner.named_parameters()}
     losses, logits = learner.run_train_iter(batch_in(learner, torch.float32), epoch=0)
-    # The first convolution (1 image channel: bound by memory) stays float32, the others are bfloat16.
-    assert conv_outputs and set(conv_outputs) == {(1, torch.float32), (8, torch.bfloat16)}
-    assert stage_inputs and set(stage_inputs) == {torch.float32}
+    if native:
+        assert conv_outputs and set(conv_outputs) == {(1, torch.bfloat16), (8, torch.bfloat16)}
+        assert stage_inputs and set(stage_inputs) == {torch.bfloat16}
+    else:
+        assert conv_outputs and set(conv_outputs) == {(1, torch.float32), (8, torch.bfloat16)}
+        assert stage_inputs and set(stage_inputs) == {torch.float32}
     assert logits.dtype == torch.float32 and torch.isfinite(torch.as_tensor(losses["loss"])).all()
     # The meta-parameters stay float32 and all of them that the official code trains moved.
     for name, param in learner.named_parameters():
@@ -165,3 +173,40 @@ def test_few_channel_convolutions_stay_float32_under_autocast():
     assert seen == [(True, False)]
     assert kept.dtype == torch.float32 and torch.equal(kept, task_conv(x, weight, bias))
     assert lowered.dtype == torch.float32 and not torch.equal(lowered, kept)  # bfloat16 arithmetic
+
+
+@pytest.mark.skipif(not _backend.has_extension(), reason="needs the compiled bn_lrelu_pool kernels")
+def test_the_bfloat16_stage_computes_what_casting_around_a_float32_stage_does(monkeypatch):
+    # Channels-last on the CPU, the fused stage reads the convolutions' bfloat16 outputs and writes
+    # bfloat16 itself (float32 arithmetic). Against the same learner with casts around a float32
+    # stage (and the first convolution in bfloat16 too): the losses of a second-order pass (inner
+    # loop included) and its query logits agree bit for bit, since each value is rounded once, at
+    # the same place, either way.
+    native = tiny_learner(autocast_dtype="bfloat16")
+    assert native._stage_reads_bfloat16()
+    state = {k: v.clone() for k, v in native.state_dict().items()}
+    casting = tiny_learner(state=state, autocast_dtype="bfloat16")
+    batch = batch_in(native, torch.float32)
+
+    # The convolutions' biases (and their rates) are left out: batch norm cancels them, so their
+    # true meta-gradient is 0 and what either run computes is rounding noise.
+    names = [name for name, p in native.named_parameters() if p.requires_grad and "conv-bias" not in name
+             and "conv.bias" not in name]
+
+    def second_order_pass(learner):
+        losses, logits = learner.forward(batch, 0, True, True, 2, True)
+        params = dict(learner.named_parameters())
+        grads = torch.autograd.grad(losses["loss"], [params[name] for name in names])
+        return losses["loss"].detach(), logits.detach(), grads
+
+    native_loss, native_logits, native_grads = second_order_pass(native)
+    monkeypatch.setattr(MetaLearner, "_stage_reads_bfloat16", lambda self: False)
+    monkeypatch.setattr(meta_learner_module, "runs_in_float32", lambda c_in: False)
+    casting_loss, casting_logits, casting_grads = second_order_pass(casting)
+    assert torch.equal(native_loss, casting_loss) and torch.equal(native_logits, casting_logits)
+    # The outer backward adds two paths' gradients of an activation in bfloat16 here and in float32
+    # there (the forward, and so every argmax, being the same): the meta-gradients differ by
+    # bfloat16 rounding only.
+    for name, a, b in zip(names, native_grads, casting_grads):
+        if b.any():
+            assert ((a - b).norm() / b.norm()).item() < 3e-2, name

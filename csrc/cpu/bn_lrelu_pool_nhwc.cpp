@@ -17,6 +17,13 @@
 // forward's mean and M2: merged) in chunk order, so the result does not depend on the thread
 // count. Per-channel constants (the affine
 // coefficients of each output) are arrays of G shared by the threads.
+//
+// Storage and arithmetic: the activations (x, y, grad_y, grad_grad_x and the outputs of their
+// shapes) are stored as S and computed in T. S = T for float32 and float64; for bfloat16
+// activations (MetaLearner under bfloat16 autocast) S is bfloat16's 16 bits and T float32, with
+// float32 weight, bias, mean and invstd: every value is widened on load and rounded to nearest
+// even on store, exactly as casting the bfloat16 inputs to float32, running the float32 kernels
+// and casting the outputs back, but without the casts' passes over memory.
 #include "bn_lrelu_pool_nhwc.h"
 
 #include <ATen/Dispatch.h>
@@ -25,6 +32,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../bn_lrelu_pool.h"
@@ -49,6 +59,56 @@ struct Geometry {
 
 Geometry geometry(const at::Tensor& x) {
   return {x.size(0), x.size(1), x.size(2), x.size(3), x.size(2) / 2, x.size(3) / 2};
+}
+
+// bfloat16 activations as their raw bits: integer shifts and adds, which vectorise (a struct with
+// conversion operators, inside these loops, did not).
+using bf16_bits = uint16_t;
+
+// An activation value in the arithmetic type T.
+template <typename T, typename S>
+MAMLPP_FAST_ALWAYS_INLINE T load_value(S v) {
+  if constexpr (std::is_same<S, bf16_bits>::value) {
+    const uint32_t word = static_cast<uint32_t>(v) << 16;
+    float f;
+    std::memcpy(&f, &word, sizeof(f));
+    return f;
+  } else {
+    return v;
+  }
+}
+
+// T to the activation storage S: for bfloat16, round to nearest even (NaN -> the quiet NaN
+// 0x7fc0), as c10::BFloat16 and ATen's casts do.
+template <typename S, typename T>
+MAMLPP_FAST_ALWAYS_INLINE S store_value(T v) {
+  if constexpr (std::is_same<S, bf16_bits>::value) {
+    static_assert(std::is_same<T, float>::value, "bfloat16 activations compute in float32");
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    const uint32_t rounded = (bits + (0x7fffu + ((bits >> 16) & 1u))) >> 16;
+    return v != v ? static_cast<bf16_bits>(0x7fc0) : static_cast<bf16_bits>(rounded);
+  } else {
+    return v;
+  }
+}
+
+template <typename S>
+const S* activations(const at::Tensor& t) {
+  if constexpr (std::is_same<S, bf16_bits>::value) {
+    return reinterpret_cast<const bf16_bits*>(t.const_data_ptr<at::BFloat16>());
+  } else {
+    return t.const_data_ptr<S>();
+  }
+}
+
+template <typename S>
+S* activations_out(at::Tensor& t) {
+  if constexpr (std::is_same<S, bf16_bits>::value) {
+    return reinterpret_cast<bf16_bits*>(t.mutable_data_ptr<at::BFloat16>());
+  } else {
+    return t.mutable_data_ptr<S>();
+  }
 }
 
 
@@ -88,23 +148,23 @@ MAMLPP_FAST_ALWAYS_INLINE void merge_moments(acc_t& mean, acc_t& m2, acc_t n_a, 
 // compile-time width, whose accumulators stay in registers across the rows (accumulating into
 // arrays of G instead stores every vector once per row, and ran at a third of the memory
 // bandwidth); 0: `width` at run time.
-template <typename T, int64_t kWidth, bool kCentered>
-MAMLPP_FAST_ALWAYS_INLINE void slice_sums(const T* __restrict__ x, int64_t nb, int64_t G, int64_t width,
+template <typename S, typename T, int64_t kWidth, bool kCentered>
+MAMLPP_FAST_ALWAYS_INLINE void slice_sums(const S* __restrict__ x, int64_t nb, int64_t G, int64_t width,
                                           const T* __restrict__ center, T* __restrict__ sum,
                                           T* __restrict__ sq) {
   constexpr int64_t kMax = kWidth > 0 ? kWidth : kMomentSlice;
   const int64_t w = kWidth > 0 ? kWidth : width;
   T s1[kMax] = {}, s2[kMax] = {};
   for (int64_t r = 0; r < nb; ++r) {
-    const T* __restrict__ xr = x + r * G;
+    const S* __restrict__ xr = x + r * G;
     MAMLPP_FAST_SIMD
     for (int64_t j = 0; j < w; ++j) {
       if constexpr (kCentered) {
-        const T d = xr[j] - center[j];
+        const T d = load_value<T>(xr[j]) - center[j];
         s1[j] += d;
         s2[j] += d * d;
       } else {
-        s1[j] += xr[j];
+        s1[j] += load_value<T>(xr[j]);
       }
     }
   }
@@ -118,11 +178,13 @@ MAMLPP_FAST_ALWAYS_INLINE void slice_sums(const T* __restrict__ x, int64_t nb, i
 // Per sub-block: its float sum gives a center, and the sums of d = x - center and of d^2 give
 // mean = center + sum d / n and M2 = sum d^2 - (sum d)^2 / n (the corrected two-pass): sums of
 // small deviations, so the float rounding of the first sum does not reach the merged moments.
-template <typename T>
-MAMLPP_FAST_SIMD_CLONES void block_moments(const T* __restrict__ x, int64_t rows, int64_t G,
+template <typename S, typename T>
+MAMLPP_FAST_SIMD_CLONES void block_moments(const S* __restrict__ x, int64_t rows, int64_t G,
                                            T* __restrict__ scratch, acc_t* __restrict__ mean,
                                            acc_t* __restrict__ m2) {
   const int64_t block_rows = std::max<int64_t>(1, kMomentBytes / static_cast<int64_t>(G * sizeof(T)));
+  // (Sized by T, not S, so that bfloat16 activations group their sums exactly as float32 ones:
+  // the statistics of bfloat16 x equal those of x cast to float32, bit for bit.)
   T* __restrict__ center = scratch;
   T* __restrict__ dev = scratch + G;
   T* __restrict__ dev2 = scratch + 2 * G;
@@ -130,18 +192,18 @@ MAMLPP_FAST_SIMD_CLONES void block_moments(const T* __restrict__ x, int64_t rows
   std::fill(m2, m2 + G, acc_t(0));
   for (int64_t rb = 0; rb < rows; rb += block_rows) {
     const int64_t nb = std::min(rows, rb + block_rows) - rb;
-    const T* __restrict__ xb = x + rb * G;
+    const S* __restrict__ xb = x + rb * G;
     int64_t c0 = 0;
     for (; c0 + kMomentSlice <= G; c0 += kMomentSlice) {
-      slice_sums<T, kMomentSlice, false>(xb + c0, nb, G, kMomentSlice, nullptr, center + c0, nullptr);
+      slice_sums<S, T, kMomentSlice, false>(xb + c0, nb, G, kMomentSlice, nullptr, center + c0, nullptr);
     }
-    if (c0 < G) slice_sums<T, 0, false>(xb + c0, nb, G, G - c0, nullptr, center + c0, nullptr);
+    if (c0 < G) slice_sums<S, T, 0, false>(xb + c0, nb, G, G - c0, nullptr, center + c0, nullptr);
     const T inv_nb = T(1) / static_cast<T>(nb);
     for (int64_t c = 0; c < G; ++c) center[c] *= inv_nb;
     for (c0 = 0; c0 + kMomentSlice <= G; c0 += kMomentSlice) {
-      slice_sums<T, kMomentSlice, true>(xb + c0, nb, G, kMomentSlice, center + c0, dev + c0, dev2 + c0);
+      slice_sums<S, T, kMomentSlice, true>(xb + c0, nb, G, kMomentSlice, center + c0, dev + c0, dev2 + c0);
     }
-    if (c0 < G) slice_sums<T, 0, true>(xb + c0, nb, G, G - c0, center + c0, dev + c0, dev2 + c0);
+    if (c0 < G) slice_sums<S, T, 0, true>(xb + c0, nb, G, G - c0, center + c0, dev + c0, dev2 + c0);
     const acc_t n_a = static_cast<acc_t>(rb), n_b = static_cast<acc_t>(nb);
     for (int64_t c = 0; c < G; ++c) {
       const acc_t d1 = static_cast<acc_t>(dev[c]);
@@ -170,35 +232,35 @@ constexpr int64_t kChunk = 16;
 
 // forward: y = max of leaky_relu(alpha x + shift) over the window, idx its first argmax, with the
 // same selects as forward_plane in bn_lrelu_pool.cpp (NaN: the last position).
-template <typename T, int64_t kWidth>
-MAMLPP_FAST_ALWAYS_INLINE void forward_chunk(const T* __restrict__ x0, const T* __restrict__ x2,
-                                             T* __restrict__ y, uint8_t* __restrict__ idx,
+template <typename S, typename T, int64_t kWidth>
+MAMLPP_FAST_ALWAYS_INLINE void forward_chunk(const S* __restrict__ x0, const S* __restrict__ x2,
+                                             S* __restrict__ y, uint8_t* __restrict__ idx,
                                              const T* __restrict__ alpha, const T* __restrict__ shift,
                                              T slope, int64_t G, int64_t width) {
   const int64_t nw = kWidth ? kWidth : width;
   alignas(64) int32_t args[kChunk];
   MAMLPP_FAST_SIMD
   for (int64_t c = 0; c < nw; ++c) {
-    T best = leaky_relu(x0[c] * alpha[c] + shift[c], slope);
+    T best = leaky_relu(load_value<T>(x0[c]) * alpha[c] + shift[c], slope);
     int32_t arg = 0;
-    T a = leaky_relu(x0[c + G] * alpha[c] + shift[c], slope);
+    T a = leaky_relu(load_value<T>(x0[c + G]) * alpha[c] + shift[c], slope);
     arg = !(a <= best) ? 1 : arg;
     best = std::max(best, a);
-    a = leaky_relu(x2[c] * alpha[c] + shift[c], slope);
+    a = leaky_relu(load_value<T>(x2[c]) * alpha[c] + shift[c], slope);
     arg = !(a <= best) ? 2 : arg;
     best = std::max(best, a);
-    a = leaky_relu(x2[c + G] * alpha[c] + shift[c], slope);
+    a = leaky_relu(load_value<T>(x2[c + G]) * alpha[c] + shift[c], slope);
     arg = !(a <= best) ? 3 : arg;
     best = std::max(best, a);
-    y[c] = best;
+    y[c] = store_value<S>(best);
     args[c] = arg;
   }
   for (int64_t c = 0; c < nw; ++c) idx[c] = static_cast<uint8_t>(args[c]);
 }
 
 // The windows of window rows [io0, io1) (window row io = i * Ho + oh).
-template <typename T>
-MAMLPP_FAST_SIMD_CLONES void forward_windows(const T* __restrict__ x, T* __restrict__ y,
+template <typename S, typename T>
+MAMLPP_FAST_SIMD_CLONES void forward_windows(const S* __restrict__ x, S* __restrict__ y,
                                              uint8_t* __restrict__ idx, const Geometry& geo, int64_t io0,
                                              int64_t io1, const T* __restrict__ alpha,
                                              const T* __restrict__ shift, T slope) {
@@ -206,11 +268,11 @@ MAMLPP_FAST_SIMD_CLONES void forward_windows(const T* __restrict__ x, T* __restr
   for (int64_t io = io0; io < io1; ++io) {
     const int64_t i = io / geo.Ho, oh = io - i * geo.Ho;
     for (int64_t ow = 0; ow < geo.Wo; ++ow) {
-      const T* x0 = x + geo.row(i, 2 * oh, 2 * ow) * G;
-      const T* x2 = x0 + W * G;
+      const S* x0 = x + geo.row(i, 2 * oh, 2 * ow) * G;
+      const S* x2 = x0 + W * G;
       const int64_t j = io * geo.Wo + ow;
 #define MAMLPP_FAST_CALL(K, c, w) \
-  forward_chunk<T, K>(x0 + (c), x2 + (c), y + j * G + (c), idx + j * G + (c), alpha + (c), shift + (c), slope, G, w)
+  forward_chunk<S, T, K>(x0 + (c), x2 + (c), y + j * G + (c), idx + j * G + (c), alpha + (c), shift + (c), slope, G, w)
       MAMLPP_FAST_FOR_CHUNKS(G, MAMLPP_FAST_CALL);
 #undef MAMLPP_FAST_CALL
     }
@@ -225,10 +287,10 @@ MAMLPP_FAST_SIMD_CLONES void forward_windows(const T* __restrict__ x, T* __restr
 // One window's chunk of the argmax sums: pa += u, pb += u (xv - mean), and with h pd += u hv and
 // the dense sums of the window's four elements, pe += h, pf += h (x - mean).
 // Returns the number of indices above 3 (k >> 2 summed; zero for the forward's indices).
-template <typename T, bool kWithH, int64_t kWidth>
-MAMLPP_FAST_ALWAYS_INLINE int32_t argmax_sums_chunk(const T* __restrict__ x0, const T* __restrict__ x2,
-                                                    const T* __restrict__ h0, const T* __restrict__ h2,
-                                                    const T* __restrict__ gy, const uint8_t* __restrict__ idx,
+template <typename S, typename T, bool kWithH, int64_t kWidth>
+MAMLPP_FAST_ALWAYS_INLINE int32_t argmax_sums_chunk(const S* __restrict__ x0, const S* __restrict__ x2,
+                                                    const S* __restrict__ h0, const S* __restrict__ h2,
+                                                    const S* __restrict__ gy, const uint8_t* __restrict__ idx,
                                                     const T* __restrict__ alpha, const T* __restrict__ shift,
                                                     const T* __restrict__ mean, T slope, T* __restrict__ pa,
                                                     T* __restrict__ pb, T* __restrict__ pd, T* __restrict__ pe,
@@ -241,13 +303,15 @@ MAMLPP_FAST_ALWAYS_INLINE int32_t argmax_sums_chunk(const T* __restrict__ x0, co
   for (int64_t c = 0; c < nw; ++c) {
     const int32_t k = ks[c];
     out_of_range += k >> 2;
-    const T v0 = x0[c], v1 = x0[c + G], v2 = x2[c], v3 = x2[c + G];
+    const T v0 = load_value<T>(x0[c]), v1 = load_value<T>(x0[c + G]);
+    const T v2 = load_value<T>(x2[c]), v3 = load_value<T>(x2[c + G]);
     const T xv = at_position(k, v0, v1, v2, v3);
-    const T u = gy[c] * leaky_relu_slope(xv * alpha[c] + shift[c], slope);
+    const T u = load_value<T>(gy[c]) * leaky_relu_slope(xv * alpha[c] + shift[c], slope);
     pa[c] += u;
     pb[c] += u * (xv - mean[c]);
     if constexpr (kWithH) {
-      const T g0 = h0[c], g1 = h0[c + G], g2 = h2[c], g3 = h2[c + G];
+      const T g0 = load_value<T>(h0[c]), g1 = load_value<T>(h0[c + G]);
+      const T g2 = load_value<T>(h2[c]), g3 = load_value<T>(h2[c + G]);
       pd[c] += u * at_position(k, g0, g1, g2, g3);
       pe[c] += (g0 + g1) + (g2 + g3);
       pf[c] += (g0 * (v0 - mean[c]) + g1 * (v1 - mean[c])) + (g2 * (v2 - mean[c]) + g3 * (v3 - mean[c]));
@@ -258,9 +322,9 @@ MAMLPP_FAST_ALWAYS_INLINE int32_t argmax_sums_chunk(const T* __restrict__ x0, co
 
 // s_u += sum u, s_ux += sum u (x - mean), with h s_uh += sum u h. Returns false if some index is
 // not 0..3 (the sums are then meaningless and must not be used).
-template <typename T, bool kWithH>
-MAMLPP_FAST_SIMD_CLONES bool argmax_sums(const T* __restrict__ x, const T* __restrict__ h,
-                                         const T* __restrict__ gy, const uint8_t* __restrict__ idx,
+template <typename S, typename T, bool kWithH>
+MAMLPP_FAST_SIMD_CLONES bool argmax_sums(const S* __restrict__ x, const S* __restrict__ h,
+                                         const S* __restrict__ gy, const uint8_t* __restrict__ idx,
                                          const Geometry& geo, int64_t io0, int64_t io1,
                                          const T* __restrict__ alpha, const T* __restrict__ shift,
                                          const T* __restrict__ mean, T slope, T* __restrict__ scratch,
@@ -280,12 +344,12 @@ MAMLPP_FAST_SIMD_CLONES bool argmax_sums(const T* __restrict__ x, const T* __res
     std::fill(pa, pa + (kWithH ? 5 : 2) * G, T(0));
     for (int64_t ow = 0; ow < geo.Wo; ++ow) {
       const int64_t r = geo.row(i, 2 * oh, 2 * ow), j = io * geo.Wo + ow;
-      const T* x0 = x + r * G;
-      const T* x2 = x0 + W * G;
-      const T* h0 = kWithH ? h + r * G : nullptr;
-      const T* h2 = kWithH ? h0 + W * G : nullptr;
+      const S* x0 = x + r * G;
+      const S* x2 = x0 + W * G;
+      const S* h0 = kWithH ? h + r * G : nullptr;
+      const S* h2 = kWithH ? h0 + W * G : nullptr;
 #define MAMLPP_FAST_CALL(K, c, w)                                                                          \
-  out_of_range += argmax_sums_chunk<T, kWithH, K>(                                                         \
+  out_of_range += argmax_sums_chunk<S, T, kWithH, K>(                                                         \
       x0 + (c), x2 + (c), kWithH ? h0 + (c) : nullptr, kWithH ? h2 + (c) : nullptr, gy + j * G + (c),      \
       idx + j * G + (c), alpha + (c), shift + (c), mean + (c), slope, pa + (c), pb + (c),                  \
       kWithH ? pd + (c) : nullptr, kWithH ? pe + (c) : nullptr, kWithH ? pf + (c) : nullptr, G, w)
@@ -308,11 +372,12 @@ MAMLPP_FAST_SIMD_CLONES bool argmax_sums(const T* __restrict__ x, const T* __res
       // The dense sums also cover the elements of no window: the last column of odd W (rows 2 oh
       // and 2 oh + 1) and, after the last window row, the last row of odd H.
       auto add_dense = [&](int64_t hh, int64_t ww) {
-        const T* xr = x + geo.row(i, hh, ww) * G;
-        const T* hr = h + geo.row(i, hh, ww) * G;
+        const S* xr = x + geo.row(i, hh, ww) * G;
+        const S* hr = h + geo.row(i, hh, ww) * G;
         for (int64_t c = 0; c < G; ++c) {
-          s_h[c] += hr[c];
-          s_hx[c] += hr[c] * (xr[c] - mean[c]);
+          const T hv = load_value<T>(hr[c]);
+          s_h[c] += hv;
+          s_hx[c] += hv * (load_value<T>(xr[c]) - mean[c]);
         }
       };
       if (W % 2) {
@@ -341,23 +406,23 @@ struct OutputCoefficients {
   }
 };
 
-template <typename T, bool kWithH>
-MAMLPP_FAST_ALWAYS_INLINE void dense_element(T* __restrict__ out, const T* __restrict__ x,
-                                             const T* __restrict__ h, int64_t nc, const T* __restrict__ mean,
+template <typename S, typename T, bool kWithH>
+MAMLPP_FAST_ALWAYS_INLINE void dense_element(S* __restrict__ out, const S* __restrict__ x,
+                                             const S* __restrict__ h, int64_t nc, const T* __restrict__ mean,
                                              const OutputCoefficients<T>& q) {
   for (int64_t c = 0; c < nc; ++c) {
-    T v = q.e1[c] * (x[c] - mean[c]) + q.e0[c];
-    if constexpr (kWithH) v += q.e_h[c] * h[c];
-    out[c] = v;
+    T v = q.e1[c] * (load_value<T>(x[c]) - mean[c]) + q.e0[c];
+    if constexpr (kWithH) v += q.e_h[c] * load_value<T>(h[c]);
+    out[c] = store_value<S>(v);
   }
 }
 
 // One window's chunk of the output pass: its four elements of `out`, and with kDgy its d gy.
-template <typename T, bool kWithH, bool kDgy, int64_t kWidth>
-MAMLPP_FAST_ALWAYS_INLINE void outputs_chunk(T* __restrict__ o0, T* __restrict__ o2, T* __restrict__ dgy,
-                                             const T* __restrict__ x0, const T* __restrict__ x2,
-                                             const T* __restrict__ h0, const T* __restrict__ h2,
-                                             const T* __restrict__ gy, const uint8_t* __restrict__ idx,
+template <typename S, typename T, bool kWithH, bool kDgy, int64_t kWidth>
+MAMLPP_FAST_ALWAYS_INLINE void outputs_chunk(S* __restrict__ o0, S* __restrict__ o2, S* __restrict__ dgy,
+                                             const S* __restrict__ x0, const S* __restrict__ x2,
+                                             const S* __restrict__ h0, const S* __restrict__ h2,
+                                             const S* __restrict__ gy, const uint8_t* __restrict__ idx,
                                              const T* __restrict__ alpha, const T* __restrict__ shift,
                                              const T* __restrict__ mean, T slope, const OutputCoefficients<T> q,
                                              int64_t G, int64_t width) {
@@ -371,38 +436,40 @@ MAMLPP_FAST_ALWAYS_INLINE void outputs_chunk(T* __restrict__ o0, T* __restrict__
   MAMLPP_FAST_SIMD
   for (int64_t c = 0; c < nw; ++c) {
     const int32_t k = ks[c];
-    const T v0 = x0[c], v1 = x0[c + G], v2 = x2[c], v3 = x2[c + G];
+    const T v0 = load_value<T>(x0[c]), v1 = load_value<T>(x0[c + G]);
+    const T v2 = load_value<T>(x2[c]), v3 = load_value<T>(x2[c + G]);
     const T xv = at_position(k, v0, v1, v2, v3);
     const T d = leaky_relu_slope(xv * alpha[c] + shift[c], slope);
-    const T s = su_coef[c] * (gy[c] * d);  // su_coef u
+    const T s = su_coef[c] * (load_value<T>(gy[c]) * d);  // su_coef u
     T w0 = e1[c] * (v0 - mean[c]) + e0[c];
     T w1 = e1[c] * (v1 - mean[c]) + e0[c];
     T w2 = e1[c] * (v2 - mean[c]) + e0[c];
     T w3 = e1[c] * (v3 - mean[c]) + e0[c];
     T hv = 0;
     if constexpr (kWithH) {
-      const T g0 = h0[c], g1 = h0[c + G], g2 = h2[c], g3 = h2[c + G];
+      const T g0 = load_value<T>(h0[c]), g1 = load_value<T>(h0[c + G]);
+      const T g2 = load_value<T>(h2[c]), g3 = load_value<T>(h2[c + G]);
       w0 += e_h[c] * g0;
       w1 += e_h[c] * g1;
       w2 += e_h[c] * g2;
       w3 += e_h[c] * g3;
       hv = at_position(k, g0, g1, g2, g3);
     }
-    o0[c] = w0 + (k == 0 ? s : T(0));
-    o0[c + G] = w1 + (k == 1 ? s : T(0));
-    o2[c] = w2 + (k == 2 ? s : T(0));
-    o2[c + G] = w3 + (k == 3 ? s : T(0));
+    o0[c] = store_value<S>(w0 + (k == 0 ? s : T(0)));
+    o0[c + G] = store_value<S>(w1 + (k == 1 ? s : T(0)));
+    o2[c] = store_value<S>(w2 + (k == 2 ? s : T(0)));
+    o2[c + G] = store_value<S>(w3 + (k == 3 ? s : T(0)));
     if constexpr (kDgy) {
-      dgy[c] = d * (q.wr[c] * (hv - q.hm[c]) + (q.hw_r[c] - q.cr[c]) * (xv - mean[c]) + q.hb[c]);
+      dgy[c] = store_value<S>(d * (q.wr[c] * (hv - q.hm[c]) + (q.hw_r[c] - q.cr[c]) * (xv - mean[c]) + q.hb[c]));
     }
   }
 }
 
 // The output rows of window rows [io0, io1): rows 2 oh and 2 oh + 1 of image i, and with odd H,
 // for oh = Ho - 1, the last row too.
-template <typename T, bool kWithH, bool kDgy>
-MAMLPP_FAST_SIMD_CLONES void outputs(T* __restrict__ out, T* __restrict__ dgy, const T* __restrict__ x,
-                                     const T* __restrict__ h, const T* __restrict__ gy,
+template <typename S, typename T, bool kWithH, bool kDgy>
+MAMLPP_FAST_SIMD_CLONES void outputs(S* __restrict__ out, S* __restrict__ dgy, const S* __restrict__ x,
+                                     const S* __restrict__ h, const S* __restrict__ gy,
                                      const uint8_t* __restrict__ idx, const Geometry& geo, int64_t io0,
                                      int64_t io1, const T* __restrict__ alpha, const T* __restrict__ shift,
                                      const T* __restrict__ mean, T slope, const OutputCoefficients<T>& q) {
@@ -413,7 +480,7 @@ MAMLPP_FAST_SIMD_CLONES void outputs(T* __restrict__ out, T* __restrict__ dgy, c
       const int64_t r = geo.row(i, 2 * oh, 2 * ow), j = io * geo.Wo + ow;
       const int64_t o = r * G, o2 = (r + W) * G;
 #define MAMLPP_FAST_CALL(K, c, w)                                                                       \
-  outputs_chunk<T, kWithH, kDgy, K>(out + o + (c), out + o2 + (c), kDgy ? dgy + j * G + (c) : nullptr,    \
+  outputs_chunk<S, T, kWithH, kDgy, K>(out + o + (c), out + o2 + (c), kDgy ? dgy + j * G + (c) : nullptr,    \
                                     x + o + (c), x + o2 + (c), kWithH ? h + o + (c) : nullptr,            \
                                     kWithH ? h + o2 + (c) : nullptr, gy + j * G + (c), idx + j * G + (c), \
                                     alpha + (c), shift + (c), mean + (c), slope, q.offset(c), G, w)
@@ -424,13 +491,13 @@ MAMLPP_FAST_SIMD_CLONES void outputs(T* __restrict__ out, T* __restrict__ dgy, c
     if (geo.W % 2) {
       for (int64_t hh = 2 * oh; hh < 2 * oh + 2; ++hh) {
         const int64_t rr = geo.row(i, hh, geo.W - 1) * G;
-        dense_element<T, kWithH>(out + rr, x + rr, kWithH ? h + rr : nullptr, G, mean, q);
+        dense_element<S, T, kWithH>(out + rr, x + rr, kWithH ? h + rr : nullptr, G, mean, q);
       }
     }
     if (geo.H % 2 && oh == geo.Ho - 1) {
       for (int64_t ww = 0; ww < geo.W; ++ww) {
         const int64_t rr = geo.row(i, geo.H - 1, ww) * G;
-        dense_element<T, kWithH>(out + rr, x + rr, kWithH ? h + rr : nullptr, G, mean, q);
+        dense_element<S, T, kWithH>(out + rr, x + rr, kWithH ? h + rr : nullptr, G, mean, q);
       }
     }
   }
@@ -453,8 +520,8 @@ int64_t parallel_grain(int64_t elements_per_unit) {
 
 // Per channel, the mean and invstd = (M2 / rows + eps)^-1/2 of x: block_moments over fixed
 // chunks of kRowBlock rows in parallel, merged in chunk order (independent of the thread count).
-template <typename T>
-void moments_over_row_chunks(const Geometry& geo, const T* x, double eps, T* mean_out, T* invstd_out) {
+template <typename S, typename T>
+void moments_over_row_chunks(const Geometry& geo, const S* x, double eps, T* mean_out, T* invstd_out) {
   const int64_t G = geo.G, rows = geo.rows();
   const int64_t chunks = (rows + kRowBlock - 1) / kRowBlock;
   std::vector<acc_t> partial(chunks * 2 * G);  // per chunk: mean[G], then m2[G]
@@ -462,7 +529,7 @@ void moments_over_row_chunks(const Geometry& geo, const T* x, double eps, T* mea
     std::vector<T> scratch(3 * G);
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t r0 = k * kRowBlock;
-      block_moments<T>(x + r0 * G, std::min(kRowBlock, rows - r0), G, scratch.data(),
+      block_moments<S, T>(x + r0 * G, std::min(kRowBlock, rows - r0), G, scratch.data(),
                        partial.data() + k * 2 * G, partial.data() + k * 2 * G + G);
     }
   });
@@ -495,8 +562,8 @@ constexpr int64_t kArgmaxSums = kWithH ? 5 : 2;
 
 // The argmax sums over window-row chunks, in parallel: per chunk, kArgmaxSums partials of G.
 // Returns false if some index is not 0..3.
-template <typename T, bool kWithH>
-bool argmax_sums_over_chunks(const Geometry& geo, const T* xp, const T* hxp, const T* gyp, const uint8_t* ip,
+template <typename S, typename T, bool kWithH>
+bool argmax_sums_over_chunks(const Geometry& geo, const S* xp, const S* hxp, const S* gyp, const uint8_t* ip,
                              const T* alpha, const T* shift, const T* mean, T slope,
                              std::vector<acc_t>& partial, int64_t& chunks) {
   const int64_t G = geo.G, per = window_rows_per_chunk(geo), arrays = kArgmaxSums<kWithH>;
@@ -506,7 +573,7 @@ bool argmax_sums_over_chunks(const Geometry& geo, const T* xp, const T* hxp, con
   at::parallel_for(0, chunks, parallel_grain(per * geo.Wo * 4 * G), [&](int64_t k0, int64_t k1) {
     std::vector<T> scratch(5 * G);
     for (int64_t k = k0; k < k1; ++k) {
-      const bool valid = argmax_sums<T, kWithH>(xp, hxp, gyp, ip, geo, k * per, std::min(geo.n * geo.Ho, (k + 1) * per),
+      const bool valid = argmax_sums<S, T, kWithH>(xp, hxp, gyp, ip, geo, k * per, std::min(geo.n * geo.Ho, (k + 1) * per),
                                                 alpha, shift, mean, slope, scratch.data(),
                                                 partial.data() + k * G * arrays);
       if (!valid) bad.store(true, std::memory_order_relaxed);
@@ -525,45 +592,49 @@ void add_chunk_array(const std::vector<acc_t>& partial, int64_t chunks, int64_t 
   }
 }
 
-template <typename T, bool kWithH, bool kDgy>
-void outputs_in_parallel(const Geometry& geo, T* out, T* dgy, const T* x, const T* h, const T* gy,
+template <typename S, typename T, bool kWithH, bool kDgy>
+void outputs_in_parallel(const Geometry& geo, S* out, S* dgy, const S* x, const S* h, const S* gy,
                          const uint8_t* idx, const T* alpha, const T* shift, const T* mean, T slope,
                          const OutputCoefficients<T>& q) {
   at::parallel_for(0, geo.n * geo.Ho, parallel_grain(2 * geo.W * geo.G), [&](int64_t io0, int64_t io1) {
-    outputs<T, kWithH, kDgy>(out, dgy, x, h, gy, idx, geo, io0, io1, alpha, shift, mean, slope, q);
+    outputs<S, T, kWithH, kDgy>(out, dgy, x, h, gy, idx, geo, io0, io1, alpha, shift, mean, slope, q);
   });
 }
 
-template <typename T>
+template <typename S, typename T>
 void forward_nhwc(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
                   double slope_d, at::Tensor& y, at::Tensor& mean_out, at::Tensor& invstd_out,
                   at::Tensor& indices) {
   const Geometry geo = geometry(x);
   const int64_t G = geo.G;
-  const T *xp = x.data_ptr<T>(), *wp = weight.data_ptr<T>(), *bp = bias.data_ptr<T>();
-  T *yp = y.data_ptr<T>(), *mp = mean_out.data_ptr<T>(), *rp = invstd_out.data_ptr<T>();
+  const S* xp = activations<S>(x);
+  const T *wp = weight.data_ptr<T>(), *bp = bias.data_ptr<T>();
+  S* yp = activations_out<S>(y);
+  T *mp = mean_out.data_ptr<T>(), *rp = invstd_out.data_ptr<T>();
   uint8_t* ip = indices.data_ptr<uint8_t>();
   const T slope = static_cast<T>(slope_d);
-  moments_over_row_chunks<T>(geo, xp, eps, mp, rp);
+  moments_over_row_chunks<S, T>(geo, xp, eps, mp, rp);
 
   std::vector<T> alpha(G), shift(G);
   affine_constants(wp, bp, mp, rp, G, alpha.data(), shift.data());
   at::parallel_for(0, geo.n * geo.Ho, parallel_grain(2 * geo.W * G), [&](int64_t io0, int64_t io1) {
-    forward_windows(xp, yp, ip, geo, io0, io1, alpha.data(), shift.data(), slope);
+    forward_windows<S, T>(xp, yp, ip, geo, io0, io1, alpha.data(), shift.data(), slope);
   });
 }
 
-template <typename T>
+template <typename S, typename T>
 void backward_nhwc(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& weight,
                    const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& invstd,
                    const at::Tensor& indices, double slope_d, at::Tensor& gx, at::Tensor& gw,
                    at::Tensor& gb) {
   const Geometry geo = geometry(x);
   const int64_t G = geo.G;
-  const T *gyp = gy.data_ptr<T>(), *xp = x.data_ptr<T>(), *wp = weight.data_ptr<T>();
+  const S *gyp = activations<S>(gy), *xp = activations<S>(x);
+  const T *wp = weight.data_ptr<T>();
   const T *bp = bias.data_ptr<T>(), *mp = mean.data_ptr<T>(), *rp = invstd.data_ptr<T>();
   const uint8_t* ip = indices.data_ptr<uint8_t>();
-  T *gxp = gx.data_ptr<T>(), *gwp = gw.data_ptr<T>(), *gbp = gb.data_ptr<T>();
+  S* gxp = activations_out<S>(gx);
+  T *gwp = gw.data_ptr<T>(), *gbp = gb.data_ptr<T>();
   const T slope = static_cast<T>(slope_d);
   const acc_t M = static_cast<acc_t>(geo.rows());
 
@@ -571,7 +642,7 @@ void backward_nhwc(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& 
   affine_constants(wp, bp, mp, rp, G, alpha.data(), shift.data());
   std::vector<acc_t> partial, su(G), sux(G);
   int64_t chunks = 0;
-  if (!argmax_sums_over_chunks<T, false>(geo, xp, nullptr, gyp, ip, alpha.data(), shift.data(), mp, slope,
+  if (!argmax_sums_over_chunks<S, T, false>(geo, xp, nullptr, gyp, ip, alpha.data(), shift.data(), mp, slope,
                                          partial, chunks)) {
     bn_lrelu_pool_invalid_indices("bn_lrelu_pool_backward");
   }
@@ -587,21 +658,21 @@ void backward_nhwc(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& 
     wr_t[c] = static_cast<T>(q.wr);
   }
   const OutputCoefficients<T> q{e1.data(), e0.data(), nullptr, wr_t.data(), nullptr, nullptr, nullptr, nullptr, nullptr};
-  outputs_in_parallel<T, false, false>(geo, gxp, nullptr, xp, nullptr, gyp, ip, alpha.data(), shift.data(), mp,
+  outputs_in_parallel<S, T, false, false>(geo, gxp, nullptr, xp, nullptr, gyp, ip, alpha.data(), shift.data(), mp,
                                        slope, q);
 }
 
-template <typename T, bool kWithH>
-void double_backward_with(const Geometry& geo, const T* gyp, const T* xp, const T* wp, const T* bp, const T* mp,
-                          const T* rp, const uint8_t* ip, const T* hxp, const T* hwp, const T* hbp, T slope,
-                          T* dgyp, T* dxp, T* dwp) {
+template <typename S, typename T, bool kWithH>
+void double_backward_with(const Geometry& geo, const S* gyp, const S* xp, const T* wp, const T* bp, const T* mp,
+                          const T* rp, const uint8_t* ip, const S* hxp, const T* hwp, const T* hbp, T slope,
+                          S* dgyp, S* dxp, T* dwp) {
   const int64_t G = geo.G;
   const acc_t M = static_cast<acc_t>(geo.rows());
   std::vector<T> alpha(G), shift(G);
   affine_constants(wp, bp, mp, rp, G, alpha.data(), shift.data());
   std::vector<acc_t> partial, su(G), sux(G), shu(G), sh(G, 0), shx(G, 0);
   int64_t chunks = 0;
-  if (!argmax_sums_over_chunks<T, kWithH>(geo, xp, hxp, gyp, ip, alpha.data(), shift.data(), mp, slope, partial,
+  if (!argmax_sums_over_chunks<S, T, kWithH>(geo, xp, hxp, gyp, ip, alpha.data(), shift.data(), mp, slope, partial,
                                           chunks)) {
     bn_lrelu_pool_invalid_indices("bn_lrelu_pool_double_backward");
   }
@@ -630,28 +701,31 @@ void double_backward_with(const Geometry& geo, const T* gyp, const T* xp, const 
   }
   const OutputCoefficients<T> q{e1.data(), e0.data(), e_h.data(), su_coef.data(), wr.data(),
                                 hm.data(), cr.data(), hw_r.data(), hb_t.data()};
-  outputs_in_parallel<T, kWithH, true>(geo, dxp, dgyp, xp, kWithH ? hxp : nullptr, gyp, ip, alpha.data(),
+  outputs_in_parallel<S, T, kWithH, true>(geo, dxp, dgyp, xp, kWithH ? hxp : nullptr, gyp, ip, alpha.data(),
                                        shift.data(), mp, slope, q);
 }
 
-template <typename T>
+template <typename S, typename T>
 void double_backward_nhwc(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& weight,
                           const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& invstd,
                           const at::Tensor& indices, const at::Tensor* hx, const at::Tensor* hw,
                           const at::Tensor* hb, double slope, at::Tensor& d_gy, at::Tensor& d_x,
                           at::Tensor& d_w) {
   const Geometry geo = geometry(x);
-  const T *gyp = gy.data_ptr<T>(), *xp = x.data_ptr<T>(), *wp = weight.data_ptr<T>();
+  const S *gyp = activations<S>(gy), *xp = activations<S>(x);
+  const T *wp = weight.data_ptr<T>();
   const T *bp = bias.data_ptr<T>(), *mp = mean.data_ptr<T>(), *rp = invstd.data_ptr<T>();
   const uint8_t* ip = indices.data_ptr<uint8_t>();
   const T* hwp = hw ? hw->data_ptr<T>() : nullptr;
   const T* hbp = hb ? hb->data_ptr<T>() : nullptr;
-  T *dgyp = d_gy.data_ptr<T>(), *dxp = d_x.data_ptr<T>(), *dwp = d_w.data_ptr<T>();
+  S *dgyp = activations_out<S>(d_gy), *dxp = activations_out<S>(d_x);
+  T* dwp = d_w.data_ptr<T>();
   const T s = static_cast<T>(slope);
   if (hx) {
-    double_backward_with<T, true>(geo, gyp, xp, wp, bp, mp, rp, ip, hx->data_ptr<T>(), hwp, hbp, s, dgyp, dxp, dwp);
+    double_backward_with<S, T, true>(geo, gyp, xp, wp, bp, mp, rp, ip, activations<S>(*hx), hwp, hbp, s, dgyp,
+                                     dxp, dwp);
   } else {
-    double_backward_with<T, false>(geo, gyp, xp, wp, bp, mp, rp, ip, nullptr, hwp, hbp, s, dgyp, dxp, dwp);
+    double_backward_with<S, T, false>(geo, gyp, xp, wp, bp, mp, rp, ip, nullptr, hwp, hbp, s, dgyp, dxp, dwp);
   }
 }
 
@@ -668,14 +742,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_lrelu_pool_forward
     double negative_slope) {
   const Geometry geo = geometry(x);
   at::Tensor y = at::empty({geo.n, geo.G, geo.Ho, geo.Wo}, x.options().memory_format(kChannelsLast));
-  at::Tensor mean = at::empty({geo.G}, x.options());
-  at::Tensor invstd = at::empty({geo.G}, x.options());
+  at::Tensor mean = at::empty({geo.G}, weight.options());  // the statistics in the parameters' dtype
+  at::Tensor invstd = at::empty({geo.G}, weight.options());
   at::Tensor indices =
       at::empty({geo.n, geo.G, geo.Ho, geo.Wo}, x.options().dtype(at::kByte).memory_format(kChannelsLast));
   const at::Tensor w = weight.contiguous(), b = bias.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_lrelu_pool_forward_cpu_nhwc", [&] {
-    forward_nhwc<scalar_t>(x, w, b, eps, negative_slope, y, mean, invstd, indices);
-  });
+  // bfloat16 x: bfloat16 storage, float32 arithmetic and parameters (see the header comment).
+  if (x.scalar_type() == at::kBFloat16) {
+    forward_nhwc<bf16_bits, float>(x, w, b, eps, negative_slope, y, mean, invstd, indices);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_lrelu_pool_forward_cpu_nhwc", [&] {
+      forward_nhwc<scalar_t, scalar_t>(x, w, b, eps, negative_slope, y, mean, invstd, indices);
+    });
+  }
   return {y, mean, invstd, indices};
 }
 
@@ -689,9 +768,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_lrelu_pool_backward_cpu_nhwc(
   at::Tensor gx = at::empty_like(x, kChannelsLast);
   at::Tensor gw = at::empty_like(w);
   at::Tensor gb = at::empty_like(b);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_lrelu_pool_backward_cpu_nhwc", [&] {
-    backward_nhwc<scalar_t>(gy, x, w, b, m, r, idx, negative_slope, gx, gw, gb);
-  });
+  if (x.scalar_type() == at::kBFloat16) {
+    backward_nhwc<bf16_bits, float>(gy, x, w, b, m, r, idx, negative_slope, gx, gw, gb);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_lrelu_pool_backward_cpu_nhwc", [&] {
+      backward_nhwc<scalar_t, scalar_t>(gy, x, w, b, m, r, idx, negative_slope, gx, gw, gb);
+    });
+  }
   return {gx, gw, gb};
 }
 
@@ -706,10 +789,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_lrelu_pool_double_backward_cpu
   at::Tensor d_gy = at::empty(gy.sizes(), x.options().memory_format(kChannelsLast));
   at::Tensor d_x = at::empty_like(x, kChannelsLast);
   at::Tensor d_w = at::empty_like(w);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_lrelu_pool_double_backward_cpu_nhwc", [&] {
-    double_backward_nhwc<scalar_t>(gy, x, w, b, m, r, idx, hx ? &hx_cl : nullptr, hw, hb, negative_slope,
-                                   d_gy, d_x, d_w);
-  });
+  const at::Tensor* hx_arg = hx ? &hx_cl : nullptr;
+  if (x.scalar_type() == at::kBFloat16) {
+    double_backward_nhwc<bf16_bits, float>(gy, x, w, b, m, r, idx, hx_arg, hw, hb, negative_slope, d_gy, d_x, d_w);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_lrelu_pool_double_backward_cpu_nhwc", [&] {
+      double_backward_nhwc<scalar_t, scalar_t>(gy, x, w, b, m, r, idx, hx_arg, hw, hb, negative_slope, d_gy, d_x,
+                                               d_w);
+    });
+  }
   return {d_gy, d_x, d_w};
 }
 

@@ -43,13 +43,19 @@ from torch import Tensor
 from .. import _backend
 from ..reference.ops import bn_lrelu_pool_reference
 
-__all__ = ["bn_lrelu_pool", "bn_lrelu_pool_backend", "bn_lrelu_aten"]
+__all__ = ["bn_lrelu_pool", "bn_lrelu_pool_backend", "bn_lrelu_aten", "takes_bfloat16_natively"]
 
 _FWD = "mamlpp_fast::bn_lrelu_pool_forward"
 _BWD = "mamlpp_fast::bn_lrelu_pool_backward"
 _DBWD = "mamlpp_fast::bn_lrelu_pool_double_backward"
 _OP_NAME = "bn_lrelu_pool"
 _FLOATS = (torch.float32, torch.float64)
+
+
+def takes_bfloat16_natively(x: Tensor, backend: str | None = None) -> bool:
+    """Whether ``bn_lrelu_pool(x, ...)`` for bfloat16 x runs kernels that read and write bfloat16
+    (the "cpp" backend with channels-last x), rather than casting x to float32 and y back."""
+    return bn_lrelu_pool_backend(x, backend=backend) == "cpp" and is_channels_last(x)
 
 
 def bn_lrelu_pool(
@@ -66,6 +72,10 @@ def bn_lrelu_pool(
     Args:
         x: ``(n, G, H, W)`` conv output, float32 or float64, ``H, W >= 2``. Each of the G channels
             is normalised over its ``n * H * W`` elements (biased variance, as in training mode).
+            Or bfloat16 (a convolution's output under bfloat16 autocast) with float32 weight and
+            bias: computed in float32, ``y`` and the gradients of x rounded to bfloat16, exactly
+            as casting x to float32 and y back. The "cpp" backend's channels-last kernels read
+            and write bfloat16 themselves (no passes for the casts); elsewhere the casts run.
         weight: ``(G,)`` batch-norm scale (gamma).
         bias: ``(G,)`` batch-norm shift (beta).
         eps: added to the variance.
@@ -87,6 +97,10 @@ def bn_lrelu_pool(
         torch.Size([20, 128, 14, 14])
     """
     name = bn_lrelu_pool_backend(x, backend=backend)
+    if x.dtype == torch.bfloat16 and not (name == "cpp" and is_channels_last(x)):
+        _check_forward(x, weight, bias, eps)
+        y, mean, invstd = bn_lrelu_pool(x.float(), weight, bias, eps, negative_slope, backend=backend)
+        return y.to(torch.bfloat16), mean, invstd
     if name in ("cpp", "cuda"):
         y, mean, invstd, _ = torch.ops.mamlpp_fast.bn_lrelu_pool_forward.default(
             x if name == "cpp" and is_channels_last(x) else x.contiguous(), weight, bias, eps, negative_slope
@@ -171,9 +185,14 @@ def _missing_op(name: str) -> str:
 # --- validation (mirrors csrc/bn_lrelu_pool.h) ---------------------------------------------------
 
 
-def _check_x(op: str, x: Tensor) -> None:
+def _check_x(op: str, x: Tensor, bfloat16_ok: bool = True) -> None:
+    # bfloat16_ok: the public function takes bfloat16 x on every backend (casting where the kernels
+    # do not read it); the compiled ops take it channels-last on the CPU only.
     torch._check(x.dim() == 4, lambda: f"{op}: x must be 4-D [n, G, H, W], got shape {list(x.shape)}")
-    torch._check(x.dtype in _FLOATS, lambda: f"{op}: x must be float32 or float64, got {x.dtype}")
+    torch._check(x.dtype in _FLOATS or (bfloat16_ok and x.dtype == torch.bfloat16),
+                 lambda: f"{op}: x must be float32 or float64"
+                 + (" (or bfloat16)" if bfloat16_ok else " (or bfloat16 in channels-last layout)")
+                 + f", got {x.dtype}")
     torch._check(x.shape[0] >= 1, lambda: f"{op}: x must hold at least one image, got shape {list(x.shape)}")
     torch._check(
         x.shape[2] >= 2 and x.shape[3] >= 2,
@@ -188,10 +207,17 @@ def _check_channel_vec(op: str, name: str, t: Tensor, x: Tensor) -> None:
         lambda: f"{op}: {name} must have shape [G] = [{G}] (one entry per channel of x), "
         f"got shape {list(t.shape)}",
     )
-    torch._check(t.dtype == x.dtype, lambda: f"{op}: {name} must have x's dtype {x.dtype}, got {t.dtype}")
+    want = _param_dtype(x)
+    torch._check(t.dtype == want,
+                 lambda: f"{op}: {name} must have x's dtype (float32 for bfloat16 x): expected {want}, got {t.dtype}")
     torch._check(
         t.device == x.device, lambda: f"{op}: {name} must be on x's device {x.device}, got {t.device}"
     )
+
+
+def _param_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of weight, bias, mean and invstd: x's, float32 for bfloat16 x."""
+    return torch.float32 if x.dtype == torch.bfloat16 else x.dtype
 
 
 def _pooled_shape(x: Tensor) -> list[int]:
@@ -210,11 +236,17 @@ def _check_pooled(op: str, name: str, t: Tensor, x: Tensor) -> None:
     )
 
 
-def _check_forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, op: str = _OP_NAME) -> None:
-    _check_x(op, x)
+def _check_forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, op: str = _OP_NAME,
+                   bfloat16_ok: bool = True) -> None:
+    _check_x(op, x, bfloat16_ok)
     _check_channel_vec(op, "weight", weight, x)
     _check_channel_vec(op, "bias", bias, x)
     torch._check(eps > 0, lambda: f"{op}: eps must be positive, got {eps}")
+
+
+def _compiled_bfloat16_ok(x: Tensor) -> bool:
+    # As csrc/bn_lrelu_pool.h: the compiled ops take bfloat16 x channels-last on the CPU only.
+    return x.device.type != "cuda" and is_channels_last(x)
 
 
 def _check_layout(op: str, x: Tensor) -> torch.memory_format:
@@ -226,7 +258,7 @@ def _check_layout(op: str, x: Tensor) -> torch.memory_format:
 
 
 def _check_backward(op, grad_y, x, weight, bias, mean, invstd, indices) -> None:
-    _check_x(op, x)
+    _check_x(op, x, bfloat16_ok=_compiled_bfloat16_ok(x))
     _check_layout(op, x)
     for name, t in (("weight", weight), ("bias", bias), ("mean", mean), ("invstd", invstd)):
         _check_channel_vec(op, name, t, x)
@@ -243,15 +275,15 @@ def _check_backward(op, grad_y, x, weight, bias, mean, invstd, indices) -> None:
 
 def _forward_fake(x, weight, bias, eps, negative_slope):
     op = "bn_lrelu_pool_forward"
-    _check_forward(x, weight, bias, eps, op)
+    _check_forward(x, weight, bias, eps, op, bfloat16_ok=_compiled_bfloat16_ok(x))
     layout = _check_layout(op, x)
     pooled = _pooled_shape(x)
     G = x.shape[1]
     # torch.empty with a memory format, as the kernels allocate (strides of size-1 dims included).
     return (
         torch.empty(pooled, dtype=x.dtype, device=x.device, memory_format=layout),
-        x.new_empty([G]),
-        x.new_empty([G]),
+        weight.new_empty([G]),  # the statistics in the parameters' dtype
+        weight.new_empty([G]),
         torch.empty(pooled, dtype=torch.uint8, device=x.device, memory_format=layout),
     )
 

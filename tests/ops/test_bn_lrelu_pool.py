@@ -576,3 +576,123 @@ def test_fallback_without_extension(tmp_path):
         print("fallback ok")
         """
     assert "fallback ok" in run_without_extension(script, tmp_path)
+
+
+# --- bfloat16 activations (MetaLearner under bfloat16 autocast) --------------------------------------
+# The compiled CPU kernels read and write bfloat16 channels-last activations with float32
+# arithmetic and float32 weight, bias, mean and invstd; every other path casts. Either way the
+# result must be, bit for bit, the float32 computation on the widened inputs, rounded to bfloat16.
+
+BF16_SHAPES = [(3, 4, 5, 7), (2, 17, 6, 6), (2, 40, 7, 5), (20, 128, 14, 14), (12, 100, 11, 9)]
+
+
+def bfloat16_inputs(shape, seed=5):
+    x, w, b = sample_inputs("cpu", dtype=torch.float32, shape=shape, seed=seed)
+    (x,) = as_channels_last(x.bfloat16())
+    return x, w, b
+
+
+@needs_op
+@pytest.mark.parametrize("shape", BF16_SHAPES, ids=str)
+def test_bfloat16_kernels_equal_the_float32_kernels_on_widened_inputs(shape):
+    ops = torch.ops.mamlpp_fast
+    x, w, b = bfloat16_inputs(shape)
+    assert not x.is_contiguous()
+    y, mean, invstd, idx = ops.bn_lrelu_pool_forward(x, w, b, EPS, SLOPE)
+    y32, mean32, invstd32, idx32 = ops.bn_lrelu_pool_forward(x.float(), w, b, EPS, SLOPE)
+    assert y.dtype == torch.bfloat16 and mean.dtype == invstd.dtype == torch.float32
+    assert y.is_contiguous(memory_format=CL)
+    assert torch.equal(y, y32.bfloat16()) and torch.equal(idx, idx32)
+    assert torch.equal(mean, mean32) and torch.equal(invstd, invstd32)
+
+    gen = torch.Generator().manual_seed(1)
+    (gy,) = as_channels_last(torch.randn(y.shape, generator=gen).bfloat16())
+    got = ops.bn_lrelu_pool_backward(gy, x, w, b, mean, invstd, idx, SLOPE)
+    want = ops.bn_lrelu_pool_backward(gy.float(), x.float(), w, b, mean, invstd, idx, SLOPE)
+    assert [t.dtype for t in got] == [torch.bfloat16, torch.float32, torch.float32]
+    assert torch.equal(got[0], want[0].bfloat16()) and torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+
+    (hx,) = as_channels_last(torch.randn(x.shape, generator=gen).bfloat16())
+    hw, hb = torch.randn(w.shape, generator=gen), torch.randn(b.shape, generator=gen)
+    for cotangents in ((hx, hw, hb), (hx, None, None), (None, hw, None), (None, None, hb)):
+        wide = tuple(h.float() if h is not None and h.dtype == torch.bfloat16 else h for h in cotangents)
+        got = ops.bn_lrelu_pool_double_backward(gy, x, w, b, mean, invstd, idx, *cotangents, SLOPE)
+        want = ops.bn_lrelu_pool_double_backward(gy.float(), x.float(), w, b, mean, invstd, idx, *wide, SLOPE)
+        assert [t.dtype for t in got] == [torch.bfloat16, torch.bfloat16, torch.float32]
+        assert torch.equal(got[0], want[0].bfloat16()) and torch.equal(got[1], want[1].bfloat16())
+        assert torch.equal(got[2], want[2])
+
+
+def _second_order_grads(x, w, b, backend):
+    # MAML's pattern through the stage: the gradients of a function of the first-order ones.
+    y, _, _ = bn_lrelu_pool(x, w, b, EPS, SLOPE, backend=backend)
+    gen = torch.Generator().manual_seed(2)
+    cot = torch.randn(y.shape, generator=gen).to(y.dtype)
+    gx, gw = torch.autograd.grad((y * cot).sum(), (x, w), create_graph=True)
+    return (y, gx, gw, *torch.autograd.grad(gx.float().square().sum() + gw.square().sum(), (x, w, b),
+                                            allow_unused=True))
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+@pytest.mark.parametrize("backend", ["cpp", "aten", "reference"])
+def test_bfloat16_x_on_every_backend_equals_the_cast_composition_to_second_order(backend, layout):
+    if backend == "cpp" and not _has_op():
+        pytest.skip("compiled bn_lrelu_pool ops not loaded")
+    x, w, b = bfloat16_inputs((3, 24, 6, 7))
+    if layout == "contiguous":
+        x = x.contiguous()
+    x, w, b = (t.detach().requires_grad_() for t in (x, w, b))
+    got = _second_order_grads(x, w, b, backend)
+    # The same function written with explicit casts around a float32 stage.
+    x2, w2, b2 = (t.detach().requires_grad_() for t in (x, w, b))
+
+    def cast_stage(x_, w_, b_, eps, slope, backend):
+        y, mean, invstd = bn_lrelu_pool(x_.float(), w_, b_, eps, slope, backend=backend)
+        return y.bfloat16(), mean, invstd
+
+    y, _, _ = cast_stage(x2, w2, b2, EPS, SLOPE, backend)
+    gen = torch.Generator().manual_seed(2)
+    cot = torch.randn(y.shape, generator=gen).to(y.dtype)
+    gx, gw = torch.autograd.grad((y * cot).sum(), (x2, w2), create_graph=True)
+    want = (y, gx, gw, *torch.autograd.grad(gx.float().square().sum() + gw.square().sum(), (x2, w2, b2),
+                                            allow_unused=True))
+    names = ("y", "grad_x", "grad_w", "d x", "d weight", "d bias")
+    for name, a, e in zip(names, got, want):
+        if a is None or e is None:  # the compiled ops give the bias no second-order gradient (it is 0)
+            other = e if a is None else a
+            assert name == "d bias" and (other is None or not other.any()), name
+            continue
+        assert a.dtype == e.dtype, name
+        if backend == "cpp" and layout == "channels_last" and name in ("d x", "d weight", "d bias"):
+            # Native: autograd adds the two paths' bfloat16 gradients of x (the cast composition
+            # adds them in float32 and rounds once), so the last bits may differ.
+            assert_rel(a.float(), e.float(), 2e-2, name)
+        else:
+            assert torch.equal(a, e), name
+
+
+@needs_op
+def test_bfloat16_opcheck():
+    x, w, b = bfloat16_inputs((2, 19, 5, 6))
+    ops = torch.ops.mamlpp_fast
+    torch.library.opcheck(ops.bn_lrelu_pool_forward.default, (x, w, b, EPS, SLOPE),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    _, mean, invstd, idx = ops.bn_lrelu_pool_forward(x, w, b, EPS, SLOPE)
+    (gy,) = as_channels_last(torch.randn(2, 19, 2, 3).bfloat16())
+    torch.library.opcheck(ops.bn_lrelu_pool_backward.default, (gy, x, w, b, mean, invstd, idx, SLOPE),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    hx, hw, hb = torch.randn_like(x), torch.randn_like(w), torch.randn_like(b)
+    torch.library.opcheck(ops.bn_lrelu_pool_double_backward.default,
+                          (gy, x, w, b, mean, invstd, idx, hx, hw, hb, SLOPE),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+@needs_op
+def test_bfloat16_x_needs_channels_last_and_float32_parameters_in_the_raw_ops():
+    x, w, b = bfloat16_inputs((2, 4, 4, 4))
+    with pytest.raises(RuntimeError, match=r"x must be float32 or float64 \(or bfloat16 in channels-last layout\)"):
+        raw_forward(x.contiguous(), w, b)
+    with pytest.raises(RuntimeError, match=r"weight must have x's dtype \(float32 for bfloat16 x\)"):
+        raw_forward(x, w.bfloat16(), b)
+    with pytest.raises(RuntimeError, match=r"weight must have x's dtype \(float32 for bfloat16 x\)"):
+        bn_lrelu_pool(x, w.double(), b, backend="aten")
