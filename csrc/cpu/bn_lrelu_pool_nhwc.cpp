@@ -12,7 +12,7 @@
 // no gathers (a window's four corners are four contiguous loads, its argmax a blend). The rows
 // split over the threads, so each streams through its own part of memory. (Splitting the channels
 // instead, each thread striding over every row, was 2-7x slower at 96 channels.) Sums are taken
-// per fixed chunk of rows (or window rows): in the input dtype within the chunk, as the NCHW
+// per fixed chunk of rows (or window rows): in the arithmetic type T within the chunk, as the NCHW
 // kernels sum within a block, into the chunk's own double partials, which are then added (the
 // forward's mean and M2: merged) in chunk order, so the result does not depend on the thread
 // count. Per-channel constants (the affine
