@@ -343,16 +343,24 @@ class _TaskConvWeightGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, h: Optional[Tensor], h_bias: Optional[Tensor] = None):
         x, grad_out = ctx.saved_tensors
-        k = ctx.kernels
-        d_x = d_grad_out = None
-        if h is not None and ctx.needs_input_grad[0]:
-            d_x = _TaskConvInputGrad.apply(grad_out, h, k)
-        if ctx.needs_input_grad[1]:
-            if h is not None:
-                d_grad_out = _TaskConv.apply(x, h, h_bias, k)
-            elif h_bias is not None:
-                d_grad_out = h_bias.reshape(1, -1, 1, 1).expand_as(grad_out)
-        return d_x, d_grad_out, None, None, None
+        return (*_weight_grad_cotangents(x, grad_out, h, h_bias, ctx.needs_input_grad[:2], ctx.kernels),
+                None, None, None)
+
+
+def _weight_grad_cotangents(x: Tensor, grad_out: Tensor, h: Optional[Tensor], h_bias: Optional[Tensor],
+                            needs: Tuple[bool, bool], kernels: _ConvKernels):
+    """The cotangents of (x, grad_out) for cotangents h of dw and h_bias of db: the weight
+    gradient is bilinear in (x, grad_out), so d x = input_grad(grad_out, h) and
+    d grad_out = conv(x, h) + h_bias."""
+    d_x = d_grad_out = None
+    if h is not None and needs[0]:
+        d_x = _TaskConvInputGrad.apply(grad_out, h, kernels)
+    if needs[1]:
+        if h is not None:
+            d_grad_out = _TaskConv.apply(x, h, h_bias, kernels)
+        elif h_bias is not None:
+            d_grad_out = h_bias.reshape(1, -1, 1, 1).expand_as(grad_out)
+    return d_x, d_grad_out
 
 
 def task_conv(x: Tensor, weight: Tensor, bias: Tensor, *, strategy: str = "auto", stride: int = 1,
@@ -473,18 +481,10 @@ def _weight_grad_setup_context(ctx, inputs, output) -> None:
 
 
 def _weight_grad_backward(ctx, h: Optional[Tensor], h_bias: Optional[Tensor]):
-    # The op is bilinear in (x, grad_out): the same formulas as _TaskConvWeightGrad.backward, on
-    # the grouped kernels, so every further order is differentiable too.
+    # The same formulas as _TaskConvWeightGrad.backward, on the grouped kernels, so every further
+    # order is differentiable too.
     x, grad_out = ctx.saved_tensors
-    d_x = d_grad_out = None
-    if h is not None and ctx.needs_input_grad[0]:
-        d_x = _TaskConvInputGrad.apply(grad_out, h, _GROUPED_KERNELS)
-    if ctx.needs_input_grad[1]:
-        if h is not None:
-            d_grad_out = _TaskConv.apply(x, h, h_bias, _GROUPED_KERNELS)
-        elif h_bias is not None:
-            d_grad_out = h_bias.reshape(1, -1, 1, 1).expand_as(grad_out)
-    return d_x, d_grad_out, None
+    return (*_weight_grad_cotangents(x, grad_out, h, h_bias, ctx.needs_input_grad[:2], _GROUPED_KERNELS), None)
 
 
 if _HAS_WEIGHT_GRAD_OP:
