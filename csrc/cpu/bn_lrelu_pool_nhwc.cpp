@@ -33,7 +33,6 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -69,10 +68,7 @@ using bf16_bits = uint16_t;
 template <typename T, typename S>
 MAMLPP_FAST_ALWAYS_INLINE T load_value(S v) {
   if constexpr (std::is_same<S, bf16_bits>::value) {
-    const uint32_t word = static_cast<uint32_t>(v) << 16;
-    float f;
-    std::memcpy(&f, &word, sizeof(f));
-    return f;
+    return __builtin_bit_cast(float, static_cast<uint32_t>(v) << 16);
   } else {
     return v;
   }
@@ -84,8 +80,7 @@ template <typename S, typename T>
 MAMLPP_FAST_ALWAYS_INLINE S store_value(T v) {
   if constexpr (std::is_same<S, bf16_bits>::value) {
     static_assert(std::is_same<T, float>::value, "bfloat16 activations compute in float32");
-    uint32_t bits;
-    std::memcpy(&bits, &v, sizeof(bits));
+    const uint32_t bits = __builtin_bit_cast(uint32_t, v);
     const uint32_t rounded = (bits + (0x7fffu + ((bits >> 16) & 1u))) >> 16;
     return v != v ? static_cast<bf16_bits>(0x7fc0) : static_cast<bf16_bits>(rounded);
   } else {

@@ -53,19 +53,9 @@ template <> struct VecOf<double> { using type = VecD; static constexpr int64_t l
 template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
 
-template <typename V>
-MAMLPP_FAST_ALWAYS_INLINE V load(const void* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-
-template <typename V>
-MAMLPP_FAST_ALWAYS_INLINE void add_to(void* p, V v) {
-  V o = load<V>(p);
-  o += v;
-  std::memcpy(p, &o, sizeof(V));
-}
+// Unaligned vector loads and stores as memcpy (which compiles to one vmovups). They are written
+// at the call sites, not as helpers: a helper taking or returning a 64-byte vector changes the
+// calling convention between the ISA clones (gcc's -Wpsabi).
 
 // For one output row and one task: the nine taps' sums over the row's W pixels, for CI input
 // channels at once and NB full blocks of output channels, added to
@@ -87,7 +77,7 @@ MAMLPP_FAST_SIMD_CLONES void tap_sums_block(const A* __restrict__ x0, const A* _
   for (int64_t w = 0; w < W; ++w) {
     V g[NB];
 #pragma GCC unroll 4
-    for (int b = 0; b < NB; ++b) g[b] = load<V>(gy + w * gs + b * L);
+    for (int b = 0; b < NB; ++b) std::memcpy(&g[b], gy + w * gs + b * L, sizeof(V));
     const A* rows[3] = {x0 + w * xs, x1 + w * xs, x2 + w * xs};
 #pragma GCC unroll 4
     for (int ci = 0; ci < CI; ++ci) {
@@ -104,7 +94,13 @@ MAMLPP_FAST_SIMD_CLONES void tap_sums_block(const A* __restrict__ x0, const A* _
 #pragma GCC unroll 9
     for (int k = 0; k < kTaps; ++k) {
 #pragma GCC unroll 4
-      for (int b = 0; b < NB; ++b) add_to<V>(out + (ci * kTaps + k) * c_out + b * L, acc[(ci * kTaps + k) * NB + b]);
+      for (int b = 0; b < NB; ++b) {
+        A* o = out + (ci * kTaps + k) * c_out + b * L;
+        V sum;
+        std::memcpy(&sum, o, sizeof(V));
+        sum += acc[(ci * kTaps + k) * NB + b];
+        std::memcpy(o, &sum, sizeof(V));
+      }
     }
   }
 }
@@ -144,12 +140,7 @@ MAMLPP_FAST_SIMD_CLONES void widen(const T* __restrict__ src, A* __restrict__ ds
   if constexpr (std::is_same<T, c10::BFloat16>::value) {
     const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
     MAMLPP_FAST_SIMD
-    for (int64_t i = 0; i < len; ++i) {
-      const uint32_t word = static_cast<uint32_t>(bits[i]) << 16;
-      float value;
-      std::memcpy(&value, &word, sizeof(value));
-      dst[i] = value;
-    }
+    for (int64_t i = 0; i < len; ++i) dst[i] = __builtin_bit_cast(float, static_cast<uint32_t>(bits[i]) << 16);
   } else {
     MAMLPP_FAST_SIMD
     for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<A>(src[i]);
