@@ -9,8 +9,10 @@ number of kernel launches, and GPU busy time against wall time (launch-bound or 
 per op and input shapes, instead of torch.profiler: on a shared CPU VM the profiler's own
 bookkeeping inflated memory-bound ops several-fold (a first-layer convolution 11 ms profiled
 against 1.5 ms unprofiled), while the dispatch mode adds a few microseconds per call (about 5% of
-a meta-step), so its per-op times add up to the unprofiled iteration. CPU only: on CUDA the ops
-return before the GPU has run them.
+a meta-step), so its per-op times add up to the unprofiled iteration. One artefact: the mode holds
+references to the tensors it sees, so autograd's in-place gradient accumulation (`add_`, taken only
+when nobody else holds the gradient) shows as out-of-place `add` under it. CPU only: on CUDA the
+ops return before the GPU has run them.
 The profiled iteration is eager (a CUDA-graph replay shows as one opaque launch); two warm-up
 iterations run first. Output: a markdown-ish table from torch.profiler and a summary line.
 """
