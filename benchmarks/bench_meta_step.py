@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import statistics
 import sys
 import time
@@ -136,8 +137,8 @@ def make_provider(name: str, config, dtype: torch.dtype, device: str) -> Callabl
 def without_cpu_weight_grad_kernel(step: Callable[[tuple], None]) -> Callable[[tuple], None]:
     """`step` with mamlpp_fast's few-channel CPU weight-gradient kernel off (oneDNN's grouped
     weight gradient and an ATen channel sum instead), restored afterwards."""
-    from mamlpp_fast.ops import task_conv as _  # noqa: F401  (the module, loaded)
-    module = sys.modules["mamlpp_fast.ops.task_conv"]
+    # The module (mamlpp_fast.ops.task_conv is also the name of the function the package exports).
+    module = importlib.import_module("mamlpp_fast.ops.task_conv")
 
     def wrapped(batch):
         previous = module.CPU_WEIGHT_GRAD_MAX_C_IN

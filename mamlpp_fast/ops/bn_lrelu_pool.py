@@ -55,7 +55,11 @@ _FLOATS = (torch.float32, torch.float64)
 def takes_bfloat16_natively(x: Tensor, backend: str | None = None) -> bool:
     """Whether ``bn_lrelu_pool(x, ...)`` for bfloat16 x runs kernels that read and write bfloat16
     (the "cpp" backend with channels-last x), rather than casting x to float32 and y back."""
-    return bn_lrelu_pool_backend(x, backend=backend) == "cpp" and is_channels_last(x)
+    return _reads_bfloat16(bn_lrelu_pool_backend(x, backend=backend), x)
+
+
+def _reads_bfloat16(backend_name: str, x: Tensor) -> bool:
+    return backend_name == "cpp" and is_channels_last(x)
 
 
 def bn_lrelu_pool(
@@ -97,7 +101,7 @@ def bn_lrelu_pool(
         torch.Size([20, 128, 14, 14])
     """
     name = bn_lrelu_pool_backend(x, backend=backend)
-    if x.dtype == torch.bfloat16 and not (name == "cpp" and is_channels_last(x)):
+    if x.dtype == torch.bfloat16 and not _reads_bfloat16(name, x):
         _check_forward(x, weight, bias, eps)
         y, mean, invstd = bn_lrelu_pool(x.float(), weight, bias, eps, negative_slope, backend=backend)
         return y.to(torch.bfloat16), mean, invstd

@@ -230,18 +230,19 @@ def _grouped_all_grads(grad_out: Tensor, x: Tensor, weight: Tensor, needs: Tuple
     # few-channel layers on the CPU, mamlpp_fast's own kernel takes both in one pass.
     b, c_out, c_in = weight.shape[:3]
     grad_x = grad_w = grad_b = None
-    own_kernel = needs[1] and _cpu_weight_grad_applies(x, grad_out, b)
-    if own_kernel:
+    aten_weight_grad = needs[1]
+    if needs[1] and _cpu_weight_grad_applies(x, grad_out, b):
         grad_w, grad_b = torch.ops.mamlpp_fast.task_conv_weight_grad.default(x, grad_out, b)
-    if needs[0] or (needs[1] and not own_kernel):
-        grad_x, conv_grad_w, _ = torch.ops.aten.convolution_backward(
+        aten_weight_grad = False
+    if needs[0] or aten_weight_grad:
+        grad_x, aten_grad_w, _ = torch.ops.aten.convolution_backward(
             grad_out, x, weight.reshape(b * c_out, c_in, 3, 3), None,
-            [1, 1], [1, 1], [1, 1], False, [0, 0], b, [needs[0], needs[1] and not own_kernel, False])
-        if not own_kernel and needs[1]:
-            grad_w = conv_grad_w.view(b, c_out, c_in, 3, 3)
-    if needs[2] and grad_b is None:
-        grad_b = _bias_grad(grad_out, b)
-    return grad_x, grad_w, grad_b if needs[2] else None
+            [1, 1], [1, 1], [1, 1], False, [0, 0], b, [needs[0], aten_weight_grad, False])
+        if aten_weight_grad:
+            grad_w = aten_grad_w.view(b, c_out, c_in, 3, 3)
+    if not needs[2]:
+        return grad_x, grad_w, None
+    return grad_x, grad_w, grad_b if grad_b is not None else _bias_grad(grad_out, b)
 
 
 def _transpose_flip(weight: Tensor) -> Tensor:
@@ -475,9 +476,8 @@ def _weight_grad_fake(x: Tensor, grad_out: Tensor, num_tasks: int) -> Tuple[Tens
 
 
 def _weight_grad_setup_context(ctx, inputs, output) -> None:
-    x, grad_out, num_tasks = inputs
+    x, grad_out, _ = inputs
     ctx.save_for_backward(x, grad_out)
-    ctx.num_tasks = num_tasks
 
 
 def _weight_grad_backward(ctx, h: Optional[Tensor], h_bias: Optional[Tensor]):

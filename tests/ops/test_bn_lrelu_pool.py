@@ -623,14 +623,17 @@ def test_bfloat16_kernels_equal_the_float32_kernels_on_widened_inputs(shape):
         assert torch.equal(got[2], want[2])
 
 
-def _second_order_grads(x, w, b, backend):
-    # MAML's pattern through the stage: the gradients of a function of the first-order ones.
-    y, _, _ = bn_lrelu_pool(x, w, b, EPS, SLOPE, backend=backend)
+def _second_order_grads(x, w, b, backend, cast):
+    """MAML's pattern through the stage (the gradients of a function of the first-order ones, and
+    of y itself, so that two paths' gradients meet at x), with bfloat16 x handed to the stage as
+    it is, or cast to float32 and y cast back around it."""
+    y, _, _ = bn_lrelu_pool(x.float() if cast else x, w, b, EPS, SLOPE, backend=backend)
+    y = y.bfloat16() if cast else y
     gen = torch.Generator().manual_seed(2)
     cot = torch.randn(y.shape, generator=gen).to(y.dtype)
     gx, gw = torch.autograd.grad((y * cot).sum(), (x, w), create_graph=True)
-    return (y, gx, gw, *torch.autograd.grad(gx.float().square().sum() + gw.square().sum(), (x, w, b),
-                                            allow_unused=True))
+    outer = gx.float().square().sum() + gw.square().sum() + (y.float() * cot.float()).square().sum()
+    return (y, gx, gw, *torch.autograd.grad(outer, (x, w, b), allow_unused=True))
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
@@ -641,21 +644,9 @@ def test_bfloat16_x_on_every_backend_equals_the_cast_composition_to_second_order
     x, w, b = bfloat16_inputs((3, 24, 6, 7))
     if layout == "contiguous":
         x = x.contiguous()
-    x, w, b = (t.detach().requires_grad_() for t in (x, w, b))
-    got = _second_order_grads(x, w, b, backend)
-    # The same function written with explicit casts around a float32 stage.
-    x2, w2, b2 = (t.detach().requires_grad_() for t in (x, w, b))
-
-    def cast_stage(x_, w_, b_, eps, slope, backend):
-        y, mean, invstd = bn_lrelu_pool(x_.float(), w_, b_, eps, slope, backend=backend)
-        return y.bfloat16(), mean, invstd
-
-    y, _, _ = cast_stage(x2, w2, b2, EPS, SLOPE, backend)
-    gen = torch.Generator().manual_seed(2)
-    cot = torch.randn(y.shape, generator=gen).to(y.dtype)
-    gx, gw = torch.autograd.grad((y * cot).sum(), (x2, w2), create_graph=True)
-    want = (y, gx, gw, *torch.autograd.grad(gx.float().square().sum() + gw.square().sum(), (x2, w2, b2),
-                                            allow_unused=True))
+    got, want = (_second_order_grads(*(t.detach().requires_grad_() for t in (x, w, b)), backend, cast)
+                 for cast in (False, True))
+    native = backend == "cpp" and layout == "channels_last"
     names = ("y", "grad_x", "grad_w", "d x", "d weight", "d bias")
     for name, a, e in zip(names, got, want):
         if a is None or e is None:  # the compiled ops give the bias no second-order gradient (it is 0)
@@ -663,10 +654,10 @@ def test_bfloat16_x_on_every_backend_equals_the_cast_composition_to_second_order
             assert name == "d bias" and (other is None or not other.any()), name
             continue
         assert a.dtype == e.dtype, name
-        if backend == "cpp" and layout == "channels_last" and name in ("d x", "d weight", "d bias"):
-            # Native: autograd adds the two paths' bfloat16 gradients of x (the cast composition
-            # adds them in float32 and rounds once), so the last bits may differ.
-            assert_rel(a.float(), e.float(), 2e-2, name)
+        if native and name == "d x":
+            # Two paths' gradients meet at x: autograd adds them in bfloat16 here, in float32
+            # (rounded once, by the cast's backward) in the composition. Measured: 2.7e-3.
+            assert 0 < ((a.float() - e.float()).norm() / e.float().norm()).item() < 1e-2
         else:
             assert torch.equal(a, e), name
 
