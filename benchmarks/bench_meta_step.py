@@ -16,8 +16,11 @@ channels-last instead of "auto", `MetaLearner(memory_format=...)`; +bf16: opt-in
 `MetaLearner(autocast_dtype="bfloat16")`; +onednnwgrad: every convolution's weight gradient from
 oneDNN, without mamlpp_fast's few-channel CPU kernel, `task_conv.CPU_WEIGHT_GRAD_MAX_C_IN = 0`,
 for that provider only), and the peers of benchmarks/peers (torchfunc,
-learn2learn, higher; same MAML++ semantics, differences in their docstrings). `--providers all`
-is the reference, mamlpp_fast and every peer whose library imports.
+learn2learn, higher; same MAML++ semantics, differences in their docstrings). The reference and
+the peers take +bf16 too (e.g. reference+bf16, learn2learn+bf16): each network pass under bfloat16
+autocast with float32 logits, MetaLearner's autocast scope, so that mamlpp_fast+bf16 has
+like-for-like baselines. `--providers all` is the reference, mamlpp_fast and every peer whose
+library imports.
 
 Providers are timed round-robin (one iteration of each in turn, repeated), so machine drift
 hits them alike and the ratio to the reference is reliable even when absolute times wander.
@@ -38,6 +41,7 @@ from pathlib import Path
 from typing import Callable, Dict, List
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from utils import env_info, markdown_table, write_json  # noqa: E402
@@ -69,6 +73,9 @@ class Result:
     seconds_min: float
     reps: int
     speedup_vs_reference: float
+    # Against the reference in the provider's own precision: reference+bf16 for a +bf16 provider
+    # when the run timed it, else the float32 reference (NaN without one).
+    speedup_vs_same_precision_reference: float
 
 
 def random_batch(config, seed: int = 0):
@@ -90,10 +97,23 @@ def make_provider(name: str, config, dtype: torch.dtype, device: str) -> Callabl
     options: List[str] = []  # "+" options of a mamlpp_fast provider
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if name == "reference":
-            learner = MAMLFewShotClassifier(config, device=device, dtype=dtype)
-        elif name.startswith("mamlpp_fast"):
-            base, *options = name.split("+")
+        base, *options = name.split("+")
+        if base == "reference" or base in PEERS:
+            if options not in ([], ["bf16"]):
+                raise ValueError(f"{name!r}: the reference and the peers take one option, +bf16 (each "
+                                 f"network pass under bfloat16 autocast, as MetaLearner's), got {options}")
+            autocast_dtype = torch.bfloat16 if options else None
+            if base == "torchfunc" and options:
+                # vmap(grad(...)) of F.batch_norm on bfloat16 activations with float32 weight and
+                # bias fails in its backward ("expected scalar type BFloat16 but found Float",
+                # torch 2.13); outside vmap the same call works.
+                raise ValueError(f"{name!r}: torch.func's vmap cannot differentiate batch norm on bfloat16 "
+                                 "activations with float32 parameters (torch 2.13), so this peer has no "
+                                 "bfloat16 variant")
+        if base == "reference":
+            cls = AutocastReference if autocast_dtype is not None else MAMLFewShotClassifier
+            learner = cls(config, device=device, dtype=dtype)
+        elif base.startswith("mamlpp_fast"):
             # Besides the flags, at most one conv strategy: a name, or one per layer joined by "/".
             conv_options = [o for o in options if o not in PROVIDER_FLAGS]
             unknown = [o for o in conv_options if not set(o.split("/")) <= set(CONV_STRATEGIES) | {"auto"}]
@@ -115,8 +135,8 @@ def make_provider(name: str, config, dtype: torch.dtype, device: str) -> Callabl
                                   memory_format=memory_format,
                                   autocast_dtype="bfloat16" if "bf16" in options else None)
             learner.graphs.optimizer_in_graph = "eageradam" not in options
-        elif name in PEERS:
-            peer = make_peer(name, config, dtype, device)
+        elif base in PEERS:
+            peer = make_peer(base, config, dtype, device, autocast_dtype)
 
             def peer_step(batch):
                 float(peer.run_train_iter(batch, epoch=0))
@@ -132,6 +152,18 @@ def make_provider(name: str, config, dtype: torch.dtype, device: str) -> Callabl
     if "onednnwgrad" in options:
         step = without_cpu_weight_grad_kernel(step)
     return with_cudnn_benchmark(step) if "cudnnbench" in options else step
+
+
+class AutocastReference(MAMLFewShotClassifier):
+    """The per-task reference with MetaLearner(autocast_dtype="bfloat16")'s scope: each network
+    pass under bfloat16 autocast, the logits and the loss float32, every derivative outside
+    autocast (provider "reference+bf16", for a like-for-like ratio of MetaLearner's bfloat16 mode)."""
+
+    def _task_forward(self, x, y, weights, training, num_step):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, cache_enabled=False):
+            _, logits = super()._task_forward(x, y, weights, training, num_step)
+        logits = logits.float()
+        return F.cross_entropy(logits, y), logits
 
 
 def without_cpu_weight_grad_kernel(step: Callable[[tuple], None]) -> Callable[[tuple], None]:
@@ -180,9 +212,16 @@ def run_experiment(config: Config, providers: List[str], reps: int) -> List[Resu
             start = time.perf_counter()
             step(batch)
             samples[provider].append(time.perf_counter() - start)
-    reference = statistics.median(samples["reference"]) if "reference" in samples else float("nan")
+    medians = {p: statistics.median(s) for p, s in samples.items()}
+    reference = medians.get("reference", float("nan"))
+    reference_bf16 = medians.get("reference+bf16", float("nan"))
+
+    def same_precision_reference(provider: str) -> float:
+        return reference_bf16 if "bf16" in provider.split("+")[1:] else reference
+
     return [
-        Result(config, p, statistics.median(s), min(s), len(s), reference / statistics.median(s))
+        Result(config, p, medians[p], min(s), len(s), reference / medians[p],
+               same_precision_reference(p) / medians[p])
         for p, s in samples.items()
     ]
 
@@ -190,11 +229,13 @@ def run_experiment(config: Config, providers: List[str], reps: int) -> List[Resu
 def print_results(results: List[Result]) -> str:
     rows = [
         (r.config.setting, "2nd" if r.config.second_order else "1st", r.config.batch_size, r.config.dtype,
-         r.provider, r.seconds_median, r.seconds_min, r.reps, r.speedup_vs_reference)
+         r.provider, r.seconds_median, r.seconds_min, r.reps, r.speedup_vs_reference,
+         r.speedup_vs_same_precision_reference)
         for r in results
     ]
     table = markdown_table(
-        ["setting", "order", "B", "dtype", "provider", "s/iter (median)", "s/iter (min)", "reps", "speed-up vs reference"],
+        ["setting", "order", "B", "dtype", "provider", "s/iter (median)", "s/iter (min)", "reps", "speed-up vs reference",
+         "vs reference in its precision"],
         rows,
     )
     print(table)

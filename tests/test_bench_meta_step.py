@@ -18,7 +18,7 @@ from bench_meta_step import make_provider, random_batch  # noqa: E402
 @pytest.mark.parametrize("name", ["reference", "mamlpp_fast", "mamlpp_fast:aten+explicit+cudnnbench",
                                   "mamlpp_fast+bmm/auto/auto/explicit", "mamlpp_fast+graphs+eageradam", "mamlpp_fast+nchw",
                                   "mamlpp_fast+grouped+nhwc", "mamlpp_fast+bf16", "mamlpp_fast+onednnwgrad",
-                                  "torchfunc"])
+                                  "torchfunc", "reference+bf16"])
 def test_every_provider_kind_runs_a_meta_step(name):
     import torch
 
@@ -42,6 +42,48 @@ def test_unknown_provider_options_are_refused():
         make_provider("mamlpp_fast+eageradam", config, torch.float32, "cpu")
     with pytest.raises(ValueError, match="two layouts"):
         make_provider("mamlpp_fast+nchw+nhwc", config, torch.float32, "cpu")
+    for name in ("reference+graphs", "torchfunc+bf16+nhwc"):
+        with pytest.raises(ValueError, match="take one option, \\+bf16"):
+            make_provider(name, config, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="has no bfloat16 variant"):
+        make_provider("torchfunc+bf16", config, torch.float32, "cpu")
+
+
+def test_bfloat16_reference_runs_its_convolutions_in_bfloat16():
+    """reference+bf16, the like-for-like baseline of mamlpp_fast+bf16: every convolution of its
+    network passes in bfloat16 (autocast), its meta-loss near the float32 one but not equal."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from bench_meta_step import AutocastReference
+    from mamlpp_fast.reference import MAMLFewShotClassifier
+
+    class ConvDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution.default:
+                self.seen.add(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    config = preset("maml++_omniglot_5w1s", batch_size=2, number_of_training_steps_per_iter=2,
+                    number_of_evaluation_steps_per_iter=2, cnn_num_filters=8)
+    batch = random_batch(config)
+    losses = {}
+    for cls in (MAMLFewShotClassifier, AutocastReference):
+        torch.manual_seed(0)
+        learner = cls(config)
+        with ConvDtypes() as mode:
+            loss, logits = learner.train_forward_prop(learner.prepare_batch(batch), epoch=0)
+        losses[cls] = loss["loss"].item()
+        assert logits.dtype == torch.float32
+        assert mode.seen == ({torch.bfloat16} if cls is AutocastReference else {torch.float32}), cls
+    relative = abs(losses[AutocastReference] - losses[MAMLFewShotClassifier]) / losses[MAMLFewShotClassifier]
+    # MetaLearner(autocast_dtype="bfloat16") is 2-4% off float32 at this shape (inputs rounded to
+    # bfloat16, amplified by the inner loop); 10% catches a float32 run and a broken one.
+    assert 0 < relative < 1e-1, losses
 
 
 def test_profile_by_op_wall_clock_lists_the_ops_of_a_meta_step():

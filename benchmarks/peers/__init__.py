@@ -23,8 +23,9 @@ def peer_class(name: str):
     return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
 
 
-def make_peer(name: str, config, dtype, device):
-    return peer_class(name)(config, dtype=dtype, device=device)
+def make_peer(name: str, config, dtype, device, autocast_dtype=None):
+    """Peer `name`; with autocast_dtype (torch.bfloat16), each network pass under autocast."""
+    return peer_class(name)(config, dtype=dtype, device=device, autocast_dtype=autocast_dtype)
 
 
 def available_peers():

@@ -26,7 +26,7 @@ are unaffected; only that bookkeeping work (a few tiny in-place updates per stag
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -59,9 +59,12 @@ class MAMLConvNet(nn.Module):
     attributes), indexed by the inner step.
     """
 
-    def __init__(self, config: MAMLConfig) -> None:
+    def __init__(self, config: MAMLConfig, autocast_dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         self.num_stages = config.num_stages
+        # Mixed precision with MetaLearner(autocast_dtype=...)'s scope: each network pass under
+        # autocast, the logits (and so the loss) float32, every derivative outside autocast.
+        self.autocast_dtype = autocast_dtype
         steps, filters = config.number_of_training_steps_per_iter, config.cnn_num_filters
         self.convs = nn.ModuleList()
         in_channels = config.image_channels
@@ -73,6 +76,12 @@ class MAMLConvNet(nn.Module):
         self.linear = nn.Linear(feature_size(config), config.num_classes_per_set)
 
     def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        if self.autocast_dtype is None:
+            return self._logits(x, step)
+        with torch.autocast(x.device.type, dtype=self.autocast_dtype, cache_enabled=False):
+            return self._logits(x, step).float()
+
+    def _logits(self, x: torch.Tensor, step: int) -> torch.Tensor:
         out = x
         for stage, conv in enumerate(self.convs):
             out = F.conv2d(out, conv.weight, conv.bias, padding=1)
@@ -112,7 +121,7 @@ class PeerLearner:
     name = "peer"
 
     def __init__(self, config: MAMLConfig, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", autocast_dtype: Optional[torch.dtype] = None) -> None:
         if not config.per_step_batch_norm or not config.learnable_per_layer_per_step_inner_loop_learning_rate:
             raise ValueError("peer providers implement MAML++ (per-step batch norm, learnable LSLR) only, "
                              f"got norm_layer={config.norm_layer!r}, per_step_bn_statistics="
@@ -123,7 +132,7 @@ class PeerLearner:
         self.config = config
         self.dtype, self.device = dtype, torch.device(device)
         self.num_steps = config.number_of_training_steps_per_iter
-        self.net = MAMLConvNet(config)
+        self.net = MAMLConvNet(config, autocast_dtype)
         self.to_official = MAMLConvNet.official_names(config.num_stages)
         self.inner_names = MAMLConvNet.inner_names(config.num_stages)
         # The official initialisation (same RNG use as the official constructor), then copied in.

@@ -41,8 +41,8 @@ def _detach_all(grads):
 class HigherMAML(PeerLearner):
     name = "higher"
 
-    def __init__(self, config, dtype=torch.float32, device="cpu") -> None:
-        super().__init__(config, dtype=dtype, device=device)
+    def __init__(self, config, dtype=torch.float32, device="cpu", autocast_dtype=None) -> None:
+        super().__init__(config, dtype=dtype, device=device, autocast_dtype=autocast_dtype)
         params = dict(self.net.named_parameters())
         self.inner_sgd = torch.optim.SGD([{"params": [params[n]]} for n in self.inner_names],
                                          lr=config.task_learning_rate)

@@ -37,8 +37,8 @@ __all__ = ["L2LMAML"]
 class L2LMAML(PeerLearner):
     name = "learn2learn"
 
-    def __init__(self, config, dtype=torch.float32, device="cpu") -> None:
-        super().__init__(config, dtype=dtype, device=device)
+    def __init__(self, config, dtype=torch.float32, device="cpu", autocast_dtype=None) -> None:
+        super().__init__(config, dtype=dtype, device=device, autocast_dtype=autocast_dtype)
         self.maml = l2l.algorithms.MAML(self.net, lr=config.task_learning_rate,
                                         first_order=not config.second_order, allow_unused=True)
 
