@@ -133,9 +133,12 @@ def describe_backends() -> str:
     version = _triton_version()
     if version is None:
         parts.append("triton not importable")
+    elif triton_interpret():
+        parts.append(f"triton {version} (CPU interpreter, TRITON_INTERPRET=1)")
+    elif gpu:
+        parts.append(f"triton {version} (compiled kernels)")
     else:
-        mode = "interpreter (TRITON_INTERPRET=1)" if triton_interpret() else "compiled"
-        parts.append(f"triton {version} ({mode})")
+        parts.append(f"triton {version} installed (its kernels need a GPU; TRITON_INTERPRET=1 interprets them)")
     parts.append("usable backends: " + ", ".join(available_backends()))
     return "; ".join(parts) + "."
 
@@ -179,7 +182,8 @@ def select_backend(op: str, device: torch.device, requested: str | None = None) 
             return "cpp"
         return "aten"
     if name not in BACKENDS:
-        raise ValueError(f"{op}: unknown backend {name!r}; expected 'auto' or one of {BACKENDS}")
+        source = f"backend {name!r}" if requested is not None else f"MAMLPP_FAST_BACKEND={name!r}"
+        raise ValueError(f"{op}: unknown {source}; expected 'auto' or one of {BACKENDS}")
     ok = {
         "reference": True,
         "aten": True,

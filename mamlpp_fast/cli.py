@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -56,6 +57,30 @@ class CLIError(Exception):
     """A bad command-line argument (the message names it)."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with an error as one line and a pointer to --help instead of the usage block
+    (which for these commands is a dozen lines that bury the message)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
+
+
+@contextlib.contextmanager
+def _one_line_warnings(prog: str):
+    """Warnings printed as ``prog: warning: message`` (no source path and line) while a command
+    runs; the previous display is restored after."""
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"{prog}: warning: {message}", file=file or sys.stderr, flush=True)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
 def _all_preset_names() -> List[str]:
     from .config import preset_names
 
@@ -83,7 +108,7 @@ def _parse_sets(items: Sequence[str]) -> Dict[str, Any]:
 def build_config(config_path: Optional[str] = None, preset_name: Optional[str] = None,
                  sets: Sequence[str] = (), seed: Optional[int] = None):
     """The MAMLConfig of --config / --preset plus --set overrides and --seed."""
-    from .config import MAMLConfig, preset, preset_names
+    from .config import MAMLConfig, preset, preset_names, unknown_keys_error
 
     overrides = _parse_sets(sets)
     if seed is not None:
@@ -100,7 +125,7 @@ def build_config(config_path: Optional[str] = None, preset_name: Optional[str] =
             values = base.to_dict()
             unknown = sorted(set(overrides) - set(values))
             if unknown:
-                raise CLIError(f"--set: unknown config key(s) {unknown}")
+                raise CLIError(f"--set: {unknown_keys_error(unknown, values)}")
             values.update(overrides)
             return MAMLConfig.from_dict(values)
         name = preset_name or DEFAULT_PRESET
@@ -187,7 +212,7 @@ def _print_test(summary: Dict[str, Any]) -> None:
 
 
 def _train_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mamlpp-train",
         description="Train a MAML++ experiment (resumes from saved_models/train_model_latest), "
                     "then test the top-5 validation epochs as an ensemble.",
@@ -196,7 +221,12 @@ def _train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-minutes", type=float, default=None, metavar="M",
                         help="stop cleanly at the end of the epoch that passes M minutes (rerun to resume)")
     parser.add_argument("--max-iters", type=int, default=None, metavar="N",
-                        help="stop cleanly at the end of the epoch that passes N iterations (rerun to resume)")
+                        help="stop after N meta-iterations, with a checkpoint (mid-epoch too; an epoch "
+                             "ending at N is validated first); rerun to resume")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume an experiment whose checkpoint was trained with another config, "
+                             "continuing with the new values (without it that is refused, listing "
+                             "the keys that differ)")
     parser.add_argument("--checkpoint-minutes", type=float, default=10.0, metavar="M",
                         help="also save train_model_latest mid-epoch every M minutes (default 10; 0: "
                              "only at epoch ends). SIGTERM and Ctrl-C always save after the current "
@@ -276,6 +306,11 @@ def _with_train_seed(config, train_seed: int, named: bool):
 
 
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
+    with _one_line_warnings("mamlpp-train"):
+        return _train_command(argv)
+
+
+def _train_command(argv: Optional[Sequence[str]]) -> int:
     parser = _train_parser()
     args = parser.parse_args(argv)
     try:
@@ -317,7 +352,10 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
         if distributed.rank != 0:
             args.no_test = True  # rank 0 runs the test protocol and writes its summary
     try:
-        trainer = _make_trainer(config, args, device, dtype, conv_strategy, distributed)
+        try:
+            trainer = _make_trainer(config, args, device, dtype, conv_strategy, distributed)
+        except CLIError as error:
+            parser.error(str(error))
         return _train_and_test(trainer, args, distributed)
     finally:
         if distributed is not None:  # gloo's threads must not outlive the interpreter (std::terminate)
@@ -339,7 +377,8 @@ def _make_trainer(config, args, device, dtype, conv_strategy, distributed):
                                        "conv_strategy": conv_strategy,
                                        "memory_format": args.memory_format,
                                        "autocast_dtype": args.autocast},
-                      distributed=distributed)
+                      distributed=distributed, allow_config_change=args.allow_config_change)
+    _build_learner(trainer)
     if distributed is None or distributed.is_main:
         print(f"experiment: {trainer.experiment_dir} ({config.num_classes_per_set}-way "
               f"{config.num_samples_per_class}-shot, {config.dataset_name}, {config.total_epochs} epochs x "
@@ -349,10 +388,28 @@ def _make_trainer(config, args, device, dtype, conv_strategy, distributed):
     return trainer
 
 
+def _build_learner(trainer) -> None:
+    """Build the trainer's MetaLearner now: a backend or conv strategy this machine cannot run is
+    an argument error (CLIError naming the option), not a traceback at the first meta-step."""
+    try:
+        _ = trainer.learner
+    except ValueError as error:
+        raise CLIError(_as_option(str(error))) from None
+
+
+def _as_option(message: str) -> str:
+    """A MetaLearner argument error in the command line's terms (backend= -> --backend)."""
+    for argument, option in (("conv_strategy", "--conv-strategy"), ("memory_format", "--memory-format"),
+                             ("autocast_dtype", "--autocast"), ("backend", "--backend")):
+        if message.startswith(argument):
+            return option + message[len(argument):]
+    return message
+
+
 def _train_and_test(trainer, args, distributed) -> int:
     from .data import DataError, DataNotFoundError
     from .experiment_lock import ExperimentBusyError
-    from .trainer import DistributedResumeError
+    from .trainer import ConfigChangedError, DistributedResumeError
 
     try:
         outcome = trainer.train()
@@ -365,7 +422,7 @@ def _train_and_test(trainer, args, distributed) -> int:
     except (DataError, DataNotFoundError) as error:  # before RuntimeError, which DataError is
         print(f"mamlpp-train: error: data: {error}", file=sys.stderr)
         return 2
-    except (ExperimentBusyError, DistributedResumeError) as error:
+    except (ExperimentBusyError, DistributedResumeError, ConfigChangedError) as error:
         print(f"mamlpp-train: error: {error}", file=sys.stderr)
         return 2
     except RuntimeError as error:
@@ -385,7 +442,7 @@ def _train_and_test(trainer, args, distributed) -> int:
 
 
 def _eval_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mamlpp-eval",
         description="Test a trained experiment with the official protocol (top-5 validation "
                     "epochs, logits averaged), several runs of one setting (each tested, then "
@@ -399,7 +456,8 @@ def _eval_parser() -> argparse.ArgumentParser:
                         help="a checkpoint file, or an experiment folder (repeat the option to ensemble files)")
     parser.add_argument("--top-n", type=int, default=5, help="models in the ensemble (default 5)")
     parser.add_argument("--num-tasks", type=int, default=None,
-                        help="test tasks (default: the config's num_evaluation_tasks)")
+                        help="test tasks (default: the config's num_evaluation_tasks), rounded down to "
+                             "whole batches of batch_size as the official protocol runs them")
     parser.add_argument("--runs-summary", metavar="PATH.json", default=None,
                         help="with several experiments: also write the per-run results and the "
                              "mean ± std over runs to this JSON file, and a figure of them (same name, .png)")
@@ -418,15 +476,16 @@ def _config_of_checkpoint(path: str) -> Dict[str, Any]:
     return state["config"]
 
 
-def _test_summary_name(args: argparse.Namespace, own_num_tasks: Optional[int]) -> str:
+def _test_summary_name(args: argparse.Namespace, own_num_tasks: Optional[int], batch_size: int) -> str:
     """``test_summary`` for the official protocol (top 5, the run's own config, whose
     num_evaluation_tasks is ``own_num_tasks``); another name, saying what differs, for anything
-    else, so that the official result is never overwritten."""
+    else, so that the official result is never overwritten. The task count in the name is the
+    one tested: whole batches of ``batch_size``, as the official protocol runs them."""
     parts = []
     if args.top_n != 5:
         parts.append(f"top{args.top_n}")
     if args.num_tasks is not None and args.num_tasks != own_num_tasks:
-        parts.append(f"{args.num_tasks}tasks")
+        parts.append(f"{args.num_tasks // batch_size * batch_size}tasks")
     if args.sets or args.seed is not None or args.config is not None or args.preset is not None:
         parts.append("custom")
     return "_".join(["test_summary", *parts])
@@ -495,13 +554,18 @@ def _test_experiment(args: argparse.Namespace, experiment_dir: str, config, own_
     config = config.replace(experiment_name=name)
     trainer = Trainer(config, output_dir, device=device, dtype=dtype, backend=args.backend,
                       dataset_dir=args.dataset_dir, progress=False)
+    try:
+        _build_learner(trainer)
+    except CLIError as error:
+        print(f"mamlpp-eval: error: {error}", file=sys.stderr)
+        return trainer, 2
     if not trainer.maybe_resume(training=False):
         print(f"mamlpp-eval: error: --experiment: could not load {experiment_dir!r}", file=sys.stderr)
         return trainer, 2
     if not trainer.finished:
         print(f"note: {experiment_dir}: training is not finished ({trainer.epochs_done}/{config.total_epochs} "
               f"epochs); testing the best epochs so far", file=sys.stderr)
-    summary_name = _test_summary_name(args, own_num_tasks)
+    summary_name = _test_summary_name(args, own_num_tasks, int(config.batch_size))
     try:
         summary = trainer.run_test(top_n=args.top_n, summary_name=summary_name)
     except (DataError, DataNotFoundError) as error:
@@ -554,6 +618,11 @@ def _report_runs(runs: List[Dict[str, Any]], val_accuracies: Dict[str, List[floa
 
 
 def eval_main(argv: Optional[Sequence[str]] = None) -> int:
+    with _one_line_warnings("mamlpp-eval"):
+        return _eval_command(argv)
+
+
+def _eval_command(argv: Optional[Sequence[str]]) -> int:
     parser = _eval_parser()
     args = parser.parse_args(argv)
     try:
@@ -579,6 +648,10 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
 
         trainer = Trainer(configs[0][0], os.path.dirname(os.path.abspath(files[0])), device=device, dtype=dtype,
                           backend=args.backend, dataset_dir=args.dataset_dir, progress=False)
+        try:
+            _build_learner(trainer)
+        except CLIError as error:
+            parser.error(str(error))
         try:
             summary = trainer.evaluate_checkpoints(files)
         except (DataError, DataNotFoundError) as error:

@@ -34,13 +34,14 @@ composition, and strided or unpadded convolutions run on ATen's grouped convolut
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Tuple
 
 __all__ = ["MAMLConfig", "preset", "preset_names", "ARGPARSE_DEFAULTS", "IGNORED_KEYS", "NORM_LAYERS",
            "conv_output_size"]
@@ -160,6 +161,16 @@ _DATASET_FAMILIES = {
 }
 
 
+
+def unknown_keys_error(unknown: Iterable[str], known: Iterable[str]) -> ValueError:
+    """The error for config keys that do not exist, with the closest known key for each typo."""
+    unknown, known = sorted(unknown), sorted(known)
+    matches = {key: match[0] for key in unknown for match in [difflib.get_close_matches(key, known, n=1)] if match}
+    hints = ([repr(match) for match in matches.values()] if len(unknown) == 1
+             else [f"{match!r} for {key!r}" for key, match in matches.items()])
+    return ValueError(f"unknown config key(s) {unknown}" + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+                      + f"; known keys are the official argument names: {known}")
+
 @dataclass
 class MAMLConfig:
     """Hyperparameters of a MAML++ experiment, named as in the official code.
@@ -260,10 +271,7 @@ class MAMLConfig:
             else:
                 unknown.append(key)
         if unknown:
-            raise ValueError(
-                f"unknown config key(s) {sorted(unknown)}; known keys are the official argument "
-                f"names: {sorted(known)}"
-            )
+            raise unknown_keys_error(unknown, known)
         for key in _TASKS_PER_ITERATION_KEYS:
             if key in ignored_found and not _is_number(values[key], 1):
                 raise ValueError(
@@ -290,11 +298,11 @@ class MAMLConfig:
             with open(path, "r", encoding="utf-8") as handle:
                 values = json.load(handle)
         except FileNotFoundError:
-            raise ValueError(f"path: config file {str(path)!r} does not exist") from None
+            raise ValueError(f"config file {str(path)!r} does not exist") from None
         except json.JSONDecodeError as error:
-            raise ValueError(f"path: {str(path)!r} is not valid JSON: {error}") from None
+            raise ValueError(f"config file {str(path)!r} is not valid JSON: {error}") from None
         if not isinstance(values, dict):
-            raise ValueError(f"path: {str(path)!r} must hold a JSON object, got {type(values)}")
+            raise ValueError(f"config file {str(path)!r} must hold a JSON object, got {type(values).__name__}")
         config = cls.from_dict(values, missing="argparse", ignored="accept")
         unset = sorted(_keys_without_argparse_default() - set(values))
         if unset:

@@ -10,11 +10,12 @@ Python loop over tasks. It matches `mamlpp_fast.reference.MAMLFewShotClassifier`
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from . import _backend
 from .cuda_graphs import MetaStepGraphs
 from .learner_base import ArrayLike, FewShotLearnerBase, TaskBatch
 from .mixed_precision import autocast_context, check_autocast_dtype, float32_conv, float32_output, runs_in_float32
@@ -130,6 +131,26 @@ class MetaLearner(FewShotLearnerBase):
         self._deferred_statistics: Optional[Dict[int, List[Any]]] = None
         self.cuda_graphs = bool(cuda_graphs)
         self.graphs = MetaStepGraphs(self)
+        self._check_runs_on_device()
+
+    def _check_runs_on_device(self) -> None:
+        """An explicit backend or conv strategy that this learner's device cannot run fails here,
+        naming the argument, instead of at the first meta-step."""
+        default = _backend.get_default_backend()
+        if self.backend == "auto" and default not in ("auto", *_backend.BACKENDS):
+            raise ValueError(f"the environment variable MAMLPP_FAST_BACKEND={default!r} is not a backend; "
+                             f"expected 'auto' or one of {_backend.BACKENDS}")
+        if self.backend not in ("auto", "reference", "aten"):
+            try:
+                _backend.select_backend("MetaLearner", self.device, self.backend)
+            except RuntimeError:
+                raise ValueError(f"backend: {self.backend!r} cannot run on {self.device} here; usable here: "
+                                 f"{['auto', *_backend.available_backends()]}") from None
+        try:
+            self._describe_conv_strategies()
+        except RuntimeError:
+            raise ValueError(f"conv_strategy: {self.conv_strategy!r} cannot run on {self.device} here (the "
+                             f"'triton' strategy needs a CUDA device, or TRITON_INTERPRET=1)") from None
 
     # ------------------------------------------------------------------ layout
     @property
@@ -514,6 +535,28 @@ class MetaLearner(FewShotLearnerBase):
             fast = self._inner_update(self._cross_entropy(logits, labels)[0], fast, step, second_order)
         return fast
 
+    def _fast_weights_tasks(self, fast_weights: FastWeights) -> int:
+        """The number of tasks B that `fast_weights` (what `adapt` returns: {name: [B, *shape]})
+        were adapted on; ValueError naming what is missing or misshapen."""
+        if not isinstance(fast_weights, Mapping):
+            raise ValueError(f"fast_weights must be the dict that adapt() returns, got {type(fast_weights).__name__}")
+        missing = [name for name in self.inner_loop_parameter_names if name not in fast_weights]
+        if missing:
+            raise ValueError(f"fast_weights lacks {missing}: expected the dict that adapt() returns, with "
+                             f"{self.inner_loop_parameter_names}")
+        shapes = dict(self.classifier.named_parameters())
+        counts = set()
+        for name in self.inner_loop_parameter_names:
+            weight, shape = fast_weights[name], list(shapes[name].shape)
+            if not isinstance(weight, torch.Tensor) or list(weight.shape[1:]) != shape:
+                got = list(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+                raise ValueError(f"fast_weights[{name!r}] must have shape [B, *{shape}] (one row per task, as "
+                                 f"adapt() returns), got {got}")
+            counts.add(int(weight.shape[0]))
+        if len(counts) != 1:
+            raise ValueError(f"fast_weights hold different numbers of tasks: {sorted(counts)}")
+        return counts.pop()
+
     def predict(self, query_x: ArrayLike, fast_weights: FastWeights, step: Optional[int] = None) -> torch.Tensor:
         """Logits of query images under adapted fast weights.
 
@@ -534,9 +577,9 @@ class MetaLearner(FewShotLearnerBase):
                 f"query_x must have shape [B, M, C, H, W] with (C, H, W) = {self.config.image_shape}, "
                 f"got {list(torch.as_tensor(query_x).shape)}"
             )
-        num_tasks = fast_weights["layer_dict.linear.weights"].shape[0]
+        num_tasks = self._fast_weights_tasks(fast_weights)
         if x.shape[0] != num_tasks:
-            raise ValueError(f"query_x has {x.shape[0]} tasks but fast_weights were adapted on {num_tasks}")
+            raise ValueError(f"query_x has {x.shape[0]} tasks but fast_weights were adapted on {num_tasks} tasks")
         step = self.config.number_of_training_steps_per_iter - 1 if step is None else int(step)
         images = self._to_task_channels(x.to(device=self.device, dtype=self.dtype))
         logits, _ = self._logits(images, fast_weights, step, training_phase=True)

@@ -41,8 +41,9 @@ What it does better:
 - the official code keeps every epoch's checkpoint (``max_models_to_save`` is read but never
   used), and so does this trainer by default; ``keep_best_only`` keeps only the best
   ``max(5, max_models_to_save)`` (the test ensemble needs the top 5);
-- an optional time budget (``max_minutes``) or iteration budget (``max_iters``) that stops
-  cleanly at the end of the current epoch;
+- an optional time budget (``max_minutes``), which stops cleanly at the end of the current
+  epoch, or iteration budget (``max_iters``), which stops after exactly that many iterations
+  with a checkpoint (mid-epoch too);
 - no lost epoch: every ``checkpoint_minutes`` (default 10) ``train_model_latest`` is also
   written mid-epoch, with the epoch's losses so far; SIGTERM (a scheduler's time limit or
   preemption, torchrun) and Ctrl-C stop after the current meta-iteration and write it too. A
@@ -96,6 +97,16 @@ _STAT_KEYS = (
 
 class DistributedResumeError(RuntimeError):
     """Under torchrun, the ranks did not resume from the same checkpoint."""
+
+
+class ConfigChangedError(ValueError):
+    """Resuming a run with a config other than the one it was trained with, without
+    ``allow_config_change`` (the message lists the keys, old -> new)."""
+
+
+# Config keys a resumed run may change without allow_config_change: they do not change what is
+# computed (the official parser's pause length and data-loader workers; pruning of checkpoints).
+_FREE_ON_RESUME = frozenset({"total_epochs_before_pause", "num_dataprovider_workers", "max_models_to_save"})
 
 
 # ---------------------------------------------------------------------- helpers
@@ -227,6 +238,14 @@ def _to_float(value: Any) -> float:
     return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
 
 
+def _data_root(data: Any) -> Optional[str]:
+    """The absolute folder the data set was read from, when the loader says (None for synthetic
+    or custom data)."""
+    info = getattr(getattr(data, "dataset", None), "info", None) or {}
+    root = info.get("root") if isinstance(info, dict) else None
+    return os.path.abspath(root) if root else None
+
+
 def _resolve_dataset_path(config: MAMLConfig, dataset_dir: Optional[str]) -> Optional[str]:
     """The root the data loader should search: --dataset-dir, else the config's dataset_path
     when it is an existing folder, else None (the environment variables decide)."""
@@ -337,12 +356,14 @@ class Trainer:
         output_dir: parent folder of the experiment folder ``{experiment_name}/``.
         device, dtype, backend: passed to `MetaLearner`.
         dataset_dir: where the data set lives (default: the config's ``dataset_path`` when it is
-            a folder, else ``$MAMLPP_FAST_DATA_DIR`` / ``$DATASET_DIR``).
+            a folder, else the folder a resumed run was trained on when it still exists, else
+            ``$MAMLPP_FAST_DATA_DIR`` / ``$DATASET_DIR``).
         progress: show a tqdm bar; None shows one when stderr is a terminal.
         max_minutes: stop cleanly at the end of the first epoch that ends after this many
             minutes of this process's training.
-        max_iters: stop cleanly at the end of the first epoch that ends after this many
-            meta-iterations of this process.
+        max_iters: stop after this many meta-iterations of this process, with a checkpoint
+            (mid-epoch too: train() again, or a rerun, continues inside the epoch; an epoch whose
+            last iteration is the budget's is validated first).
         checkpoint_minutes: also write ``train_model_latest`` mid-epoch when this many minutes
             have passed since the last checkpoint (None: only at epoch ends).
         stop_signals: signal names that stop training after the current meta-iteration,
@@ -355,6 +376,9 @@ class Trainer:
         distributed: a `mamlpp_fast.distributed.DistributedContext` (torchrun): every rank
             reads the same meta-batches and trains on its slice of the tasks; only rank 0
             writes checkpoints, logs and messages. Validation runs on every rank unsharded.
+        allow_config_change: resume a run whose checkpoint was trained with another config,
+            continuing with the new values (one warning lists them). Without it such a resume
+            raises `ConfigChangedError`; ``total_iter_per_epoch`` can never change.
     """
 
     def __init__(
@@ -378,8 +402,10 @@ class Trainer:
         prefetch: int = 3,
         distributed: Any = None,
         learner_options: Optional[Dict[str, Any]] = None,
+        allow_config_change: bool = False,
     ) -> None:
         self.config = resolve_config(config)
+        self.allow_config_change = bool(allow_config_change)
         if max_minutes is not None and not (max_minutes > 0):
             raise ValueError(f"max_minutes must be > 0, got {max_minutes!r}")
         if max_iters is not None and int(max_iters) < 1:
@@ -413,9 +439,12 @@ class Trainer:
         self.state: Dict[str, Any] = self._fresh_state()
         self.resumed_from: Optional[str] = None
         self._resumed_data_splits: Optional[Dict[str, str]] = None
+        # The data folder the resumed checkpoint was trained on (used when none is given).
+        self._saved_data_root: Optional[str] = None
         # The interrupted epoch's losses so far, from a mid-epoch checkpoint (see save_progress).
         self._epoch_in_progress: Optional[Dict[str, Any]] = None
         self.data_matches_run = True  # False once evaluation found other splits than the run's
+        self._rounding_noted = False  # see _note_evaluation_rounding
 
     # ------------------------------------------------------------------ lazily built parts
     @property
@@ -433,6 +462,8 @@ class Trainer:
             from .data import MetaLearningDataLoader
 
             root = _resolve_dataset_path(self.config, self.dataset_dir)
+            if root is None and self._saved_data_root and os.path.isdir(self._saved_data_root):
+                root = self._saved_data_root  # where the run was trained (mamlpp-eval needs no --dataset-dir)
             self._data = MetaLearningDataLoader(
                 self.config, current_iter=self.state["current_iter"], prefetch=self.prefetch,
                 dataset_path=root,
@@ -532,19 +563,30 @@ class Trainer:
         state = self.learner.load_model(self.saved_models_dir, CHECKPOINT_PREFIX, LATEST)
         saved_config = state.get("config")
         if saved_config is not None:
+            current = self.config.to_dict()
             differing = sorted(
-                key for key, value in self.config.to_dict().items()
-                if key in saved_config and saved_config[key] != value
-                and key not in ("total_epochs_before_pause", "num_dataprovider_workers")
+                key for key, value in current.items()
+                if key in saved_config and saved_config[key] != value and key not in _FREE_ON_RESUME
             )
             if differing and training:
+                changes = ", ".join(f"{key}: {saved_config[key]!r} -> {current[key]!r}" for key in differing)
+                if "total_iter_per_epoch" in differing:
+                    raise ConfigChangedError(
+                        f"cannot resume {path!r} with another total_iter_per_epoch ({changes}): the run's "
+                        f"epochs are counted in it. Use another experiment_name (--set experiment_name=...) "
+                        f"for a new run")
+                if not self.allow_config_change:
+                    raise ConfigChangedError(
+                        f"{path!r} was trained with another config ({changes}). Use another experiment_name "
+                        f"(--set experiment_name=...) for a new run, or continue this one with the new values "
+                        f"with allow_config_change=True (mamlpp-train --allow-config-change)")
                 warnings.warn(
                     f"resuming {path!r} with a config that differs from the one it was trained "
-                    f"with in {differing}: the run continues with the new values (the cosine "
-                    f"schedule follows total_epochs and the learning rates of the new config); "
-                    f"use another experiment_name to start afresh",
+                    f"with ({changes}): the run continues with the new values (the cosine "
+                    f"schedule follows total_epochs and the learning rates of the new config)",
                     stacklevel=3,
                 )
+        self._saved_data_root = state.get("data_root")
         for key in ("current_iter", "best_val_acc", "best_val_iter", "best_epoch", "per_epoch_statistics"):
             if key in state:
                 self.state[key] = state[key]
@@ -586,6 +628,7 @@ class Trainer:
         state["data_current_iter"] = int(self.state["current_iter"])
         # A custom data object has no fingerprint: keep the one the run was resumed with.
         state["data_splits"] = _split_fingerprints(self.data) or self._resumed_data_splits
+        state["data_root"] = _data_root(self.data) or self._saved_data_root
         state["epoch"] = int(epoch)
         state["mamlpp_fast_checkpoint_version"] = 1
         return state
@@ -679,7 +722,19 @@ class Trainer:
         return plot_inner_loop_learning_rates(rates, title, os.path.join(self.logs_dir, "inner_loop_learning_rates.png"))
 
     # ------------------------------------------------------------------ evaluation
+    def _note_evaluation_rounding(self) -> None:
+        """Once: the official protocol evaluates int(num_evaluation_tasks / batch_size) whole
+        batches, so a count that is not a multiple of batch_size is rounded down; say so."""
+        tasks, batch = int(self.config.num_evaluation_tasks), int(self.config.batch_size)
+        if self._rounding_noted or tasks % batch == 0 or tasks < batch:
+            return
+        self._rounding_noted = True
+        warnings.warn(f"num_evaluation_tasks={tasks} is not a multiple of batch_size={batch}: as the official "
+                      f"code, validation and test run int({tasks} / {batch}) = {tasks // batch} batches, "
+                      f"{tasks // batch * batch} tasks", stacklevel=3)
+
     def _evaluate(self, batches) -> Tuple[List[float], List[float], List[np.ndarray], List[np.ndarray]]:
+        self._note_evaluation_rounding()
         losses, accuracies, logits, targets = [], [], [], []
         learner = self.learner
         try:
@@ -722,6 +777,8 @@ class Trainer:
             if not prefix:
                 raise ValueError(f"checkpoint: {checkpoint_path!r} is not named <name>_<index>")
             state = self.learner.load_model(folder or ".", prefix, index)
+            if self._saved_data_root is None:  # data not built yet: the folder this model was trained on
+                self._saved_data_root = state.get("data_root")
             self._check_data_splits(state.get("data_splits"), checkpoint_path, training=False)
         _, _, logits, targets = self._evaluate(self.data.get_test_batches())
         if not logits:
@@ -796,8 +853,9 @@ class Trainer:
             return False
 
     def train(self) -> Dict[str, Any]:
-        """Train until ``total_epochs`` are done, or a pause / budget stops it at an epoch end,
-        or a stop signal after the current meta-iteration (with a mid-epoch checkpoint).
+        """Train until ``total_epochs`` are done, or a pause or ``max_minutes`` stops it at an
+        epoch end, or ``max_iters`` or a stop signal after the current meta-iteration (with a
+        mid-epoch checkpoint).
 
         Resumes from ``train_model_latest`` first (mid-epoch too). Holds the experiment's lock
         throughout (a second training process on the same experiment gets
@@ -872,6 +930,7 @@ class Trainer:
         epochs_this_run = 0
         stopped_because = "finished"
         stop_signal: Optional[str] = None
+        out_of_iterations = False  # max_iters reached inside an epoch
         bar = None
         if self._progress_enabled() and not self.finished and self.is_main:
             from tqdm import tqdm
@@ -904,6 +963,10 @@ class Trainer:
                             stop_signal = self._stop_requested(stop)
                             if stop_signal is not None:
                                 break
+                            if (self.max_iters is not None and iters_this_run >= self.max_iters
+                                    and record.count < per_epoch):
+                                out_of_iterations = True  # mid-epoch (at an epoch end: validate first)
+                                break
                             if record.count < per_epoch and self._progress_due():
                                 self._save_progress(record)
                                 say(f"saved progress at iteration {current + 1} (epoch {record.epoch_index + 1}: "
@@ -915,14 +978,14 @@ class Trainer:
                     if remaining and record.count == per_epoch:
                         # Trained, not yet validated: a kill during validation loses only the validation.
                         self._save_progress(record)
-                    if stop_signal is not None:
+                    if stop_signal is not None or out_of_iterations:
                         if record.count < per_epoch:
                             self._save_progress(record)
                         # Kept in memory too: train() again in this process continues the epoch.
                         self._epoch_in_progress = record.to_checkpoint()
-                        stopped_because = "signal"
-                        say(f"{stop_signal}: stopped at iteration {self.state['current_iter']} (epoch "
-                            f"{record.epoch_index + 1}: {record.count}/{per_epoch} trained), saved to "
+                        stopped_because = "signal" if stop_signal is not None else "max_iters"
+                        say(f"{stop_signal or 'max_iters'}: stopped at iteration {self.state['current_iter']} "
+                            f"(epoch {record.epoch_index + 1}: {record.count}/{per_epoch} trained), saved to "
                             f"{self.checkpoint_path(LATEST)}")
                         break
                     self._finish_epoch(record, say)

@@ -52,7 +52,8 @@ def resume_from_unshared_folders(context) -> None:
     config = MAMLConfig.from_dict(dict(CLI_PRESETS["synthetic-tiny"], total_epochs=2))
     folder = os.path.join(os.environ["TEST_DIR"], f"rank{context.rank}")
     if context.rank == 0:  # a finished first epoch, written by an earlier single-process run
-        Trainer(config, folder, progress=False, log=lambda message: None, max_iters=1).train()
+        Trainer(config, folder, progress=False, log=lambda message: None,
+                max_iters=config.total_iter_per_epoch).train()
     trainer = Trainer(config, folder, progress=False, log=lambda message: None, distributed=context)
     try:
         trainer.train()

@@ -163,13 +163,54 @@ def test_official_json_config(tmp_path):
     (["--task-chunk-size", "0"], "--task-chunk-size: must be >= 1"),
     (["--conv-strategy", "fastest"], "--conv-strategy: expected one of"),
     (["--conv-strategy", "bmm,auto"], "--conv-strategy: a per-layer strategy needs 4 entries"),
+    (["--set", "task_learnig_rate=0.1"], "(did you mean 'task_learning_rate'?)"),
+    *([(["--backend", "triton"], "--backend: 'triton' cannot run on cpu here"),
+       (["--backend", "cuda"], "--backend: 'cuda' cannot run on cpu here"),
+       (["--conv-strategy", "triton,auto,auto,auto"], "--conv-strategy: ('triton', 'auto', 'auto', 'auto') "
+                                                     "cannot run on cpu")]
+      if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else []),
 ])
 def test_bad_train_arguments_name_the_argument(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         train_main(argv + ["--output-dir", str(tmp_path)])
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err
+    # One line and a pointer to --help, not argparse's usage block or a traceback.
+    assert "usage:" not in err and "Traceback" not in err and "(see mamlpp-train --help)" in err
     assert not any(tmp_path.iterdir())  # nothing was started
+
+
+def test_a_bad_backend_environment_variable_is_named(tmp_path, capsys, monkeypatch):
+    from mamlpp_fast import _backend
+
+    monkeypatch.setattr(_backend, "_default_backend", "bogus")  # as MAMLPP_FAST_BACKEND=bogus at import
+    with pytest.raises(SystemExit):
+        train_main(TINY + ["--output-dir", str(tmp_path)])
+    assert "MAMLPP_FAST_BACKEND='bogus' is not a backend" in capsys.readouterr().err
+
+
+def test_resuming_with_another_config_is_refused_then_allowed_with_one_line_warnings(tmp_path, capsys):
+    assert train_main(TINY + ["--output-dir", str(tmp_path), "--no-test", "--set", "total_epochs=1"]) == 0
+    capsys.readouterr()
+    changed = TINY + ["--output-dir", str(tmp_path), "--no-test", "--set", "total_epochs=2"]
+    assert train_main(changed) == 2
+    err = capsys.readouterr().err
+    assert "mamlpp-train: error:" in err and "total_epochs: 1 -> 2" in err and "--allow-config-change" in err
+    assert train_main(changed + ["--allow-config-change"]) == 0
+    captured = capsys.readouterr()
+    assert "mamlpp-train: warning: resuming" in captured.err and "total_epochs: 1 -> 2" in captured.err
+    assert "UserWarning" not in captured.err and "warnings.warn" not in captured.err  # one line, no source
+    assert "epoch 2/2" in captured.out
+
+
+def test_max_iters_stops_mid_epoch_and_a_rerun_continues_there(tmp_path, capsys):
+    assert train_main(TINY + ["--output-dir", str(tmp_path), "--no-test", "--max-iters", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "max_iters: stopped at iteration 1 (epoch 1: 1/3 trained)" in out
+    assert train_main(TINY + ["--output-dir", str(tmp_path), "--no-test"]) == 0
+    out = capsys.readouterr().out
+    assert "at iteration 1 (epoch 1/2 in progress, 1/3)" in out and "epoch 2/2" in out
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -286,6 +286,34 @@ def test_adapt_then_predict_equals_the_evaluation_pass(config):
         learner.adapt(x_s, y_s, steps=5)
     with pytest.raises(ValueError, match="query_x"):
         learner.predict(x_t[:, :, 0, 0], fast)
+    query = torch.from_numpy(x_t)
+    with pytest.raises(ValueError, match="query_x has 1 tasks but fast_weights were adapted on 2 tasks"):
+        learner.predict(query[:1], fast)
+    with pytest.raises(ValueError, match="fast_weights lacks \\['layer_dict.conv0.conv.weight'\\]"):
+        learner.predict(query, {k: v for k, v in fast.items() if k != "layer_dict.conv0.conv.weight"})
+    one_task = {name: weight[0] for name, weight in fast.items()}  # no task dimension
+    with pytest.raises(ValueError, match="fast_weights\\['layer_dict.conv0.conv.weight'\\] must have shape "
+                                         "\\[B, \\*\\[8, 1, 3, 3\\]\\]"):
+        learner.predict(query[:1], one_task)
+    with pytest.raises(ValueError, match="different numbers of tasks: \\[1, 2\\]"):
+        learner.predict(query, {**fast, "layer_dict.linear.bias": fast["layer_dict.linear.bias"][:1]})
+    with pytest.raises(ValueError, match="the dict that adapt\\(\\) returns, got list"):
+        learner.predict(query, list(fast.values()))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_a_backend_or_conv_strategy_the_device_cannot_run_fails_at_construction(config, monkeypatch):
+    from mamlpp_fast import _backend
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for backend in ("cuda", "triton"):
+        with pytest.raises(ValueError, match=f"backend: '{backend}' cannot run on cpu here; usable here: "):
+            MetaLearner(config, backend=backend)
+    with pytest.raises(ValueError, match="conv_strategy: 'triton' cannot run on cpu here"):
+        MetaLearner(config, conv_strategy="triton")
+    monkeypatch.setattr(_backend, "_default_backend", "bogus")
+    with pytest.raises(ValueError, match="MAMLPP_FAST_BACKEND='bogus' is not a backend"):
+        MetaLearner(config)
 
 
 def test_meta_step_trains(config):

@@ -67,6 +67,9 @@ def test_describe_backends():
     assert ("cpp" in backends) == mamlpp_fast._backend.has_extension()
     if mamlpp_fast._backend.has_cuda_extension():
         assert "with CUDA kernels" in text
+    if mamlpp_fast._backend.has_triton() and not torch.cuda.is_available() and not mamlpp_fast._backend.triton_interpret():
+        # Installed but unusable here: said so, not "compiled" beside a backend list without it.
+        assert "installed (its kernels need a GPU" in text and "triton" not in backends
 
 
 @pytest.mark.skipif(not mamlpp_fast._backend.has_extension(), reason="needs the compiled extension")

@@ -27,8 +27,9 @@ def tiny_config(**overrides) -> MAMLConfig:
     return MAMLConfig.from_dict(values)
 
 
-def make_trainer(tmp_path, **overrides) -> Trainer:
-    return Trainer(tiny_config(**overrides), tmp_path, progress=False, log=lambda message: None)
+def make_trainer(tmp_path, allow_config_change: bool = False, **overrides) -> Trainer:
+    return Trainer(tiny_config(**overrides), tmp_path, progress=False, log=lambda message: None,
+                   allow_config_change=allow_config_change)
 
 
 @pytest.fixture(autouse=True)
@@ -191,12 +192,90 @@ def test_resume_in_process_gives_the_same_parameters(tmp_path):
     assert a["per_epoch_statistics"]["train_loss_mean"] == b["per_epoch_statistics"]["train_loss_mean"]
 
 
-def test_max_iters_stops_at_the_epoch_end(tmp_path):
-    trainer = Trainer(tiny_config(total_epochs=3), tmp_path, progress=False, max_iters=1,
+def test_max_iters_stops_after_exactly_that_many_iterations_and_resumes_exactly(tmp_path):
+    """max_iters=2 with 3 iterations per epoch stops mid-epoch (a checkpoint with the epoch's
+    losses so far), at an epoch end after validating it; runs of 2 iterations end like one run."""
+    whole = make_trainer(tmp_path / "whole", total_epochs=2)
+    assert whole.train()["finished"]
+    stops = []
+    while True:
+        part = Trainer(tiny_config(total_epochs=2), tmp_path / "parts", progress=False, max_iters=2,
+                       log=lambda message: None)
+        outcome = part.train()
+        if outcome["finished"]:
+            break
+        assert outcome["stopped_because"] == "max_iters"
+        stops.append((outcome["current_iter"], outcome["epochs_done"]))
+        assert _final_state(part)["current_iter"] == outcome["current_iter"]  # saved where it stopped
+    assert stops == [(2, 0), (4, 1)]  # mid-epoch 1; then mid-epoch 2, epoch 1 validated
+    a, b = _final_state(whole), _final_state(part)
+    assert a["current_iter"] == b["current_iter"] == 6
+    assert_same_tensors(a["network"], b["network"], "network.")
+    assert a["per_epoch_statistics"]["train_loss_mean"] == b["per_epoch_statistics"]["train_loss_mean"]
+    assert a["per_epoch_statistics"]["val_accuracy_mean"] == b["per_epoch_statistics"]["val_accuracy_mean"]
+
+
+def test_max_iters_at_an_epoch_end_validates_that_epoch_first(tmp_path):
+    trainer = Trainer(tiny_config(total_epochs=3), tmp_path, progress=False, max_iters=3,
                       log=lambda message: None)
     outcome = trainer.train()
     assert not outcome["finished"] and outcome["stopped_because"] == "max_iters"
-    assert outcome["current_iter"] == 3  # the epoch was finished
+    assert outcome["current_iter"] == 3 and outcome["epochs_done"] == 1
+    assert len(trainer.state["per_epoch_statistics"]["val_accuracy_mean"]) == 1
+
+
+def test_resuming_with_another_config_is_refused_unless_allowed(tmp_path):
+    from mamlpp_fast.trainer import ConfigChangedError
+
+    assert make_trainer(tmp_path, total_epochs=1).train()["finished"]
+    before = _final_state(make_trainer(tmp_path, total_epochs=1))["current_iter"]
+    changed = make_trainer(tmp_path, total_epochs=2, task_learning_rate=0.05)
+    with pytest.raises(ConfigChangedError, match="task_learning_rate: 0.1 -> 0.05.*total_epochs: 1 -> 2.*"
+                                                 "allow_config_change=True"):
+        changed.train()
+    assert _final_state(changed)["current_iter"] == before  # nothing trained
+    with pytest.raises(ConfigChangedError, match="another total_iter_per_epoch"):  # never, epochs count in it
+        make_trainer(tmp_path, allow_config_change=True, total_epochs=2, total_iter_per_epoch=5).train()
+    # Free to change: the pause length (and the data-loader workers, pruning).
+    assert make_trainer(tmp_path, total_epochs=1, total_epochs_before_pause=7).maybe_resume()
+    allowed = make_trainer(tmp_path, allow_config_change=True, total_epochs=2)
+    with pytest.warns(UserWarning, match="total_epochs: 1 -> 2.*continues with the new values"):
+        outcome = allowed.train()
+    assert outcome["finished"] and outcome["epochs_done"] == 2
+
+
+@pytest.mark.filterwarnings("ignore:omniglot at .* but the official Omniglot has")
+def test_checkpoints_remember_the_data_folder_for_resume_and_evaluation(tmp_path, monkeypatch):
+    """A run trained on --dataset-dir resumes, and is tested, from the same folder without it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("omniglot_fixtures", os.path.join(os.path.dirname(__file__),
+                                                                                     "data", "conftest.py"))
+    fixtures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fixtures)
+    # Enough classes for two in the validation split (the official proportions give it ~3%).
+    tree = fixtures.make_omniglot_tree(tmp_path / "datasets" / "omniglot",
+                                       n_background=(("Alpha", 40), ("Beta", 40)), n_evaluation=(("Zeta", 20),))
+    monkeypatch.delenv("MAMLPP_FAST_DATA_DIR", raising=False)
+    monkeypatch.delenv("DATASET_DIR", raising=False)
+    monkeypatch.setenv("MAMLPP_FAST_CACHE_DIR", str(tmp_path / "cache"))
+    config = tiny_config(dataset_name="omniglot_dataset", dataset_path="omniglot_dataset", total_epochs=1,
+                         num_evaluation_tasks=2, num_classes_per_set=2)
+    trained = Trainer(config, tmp_path / "runs", dataset_dir=str(tmp_path / "datasets"), progress=False,
+                      log=lambda message: None)
+    assert trained.train()["finished"]
+    assert _final_state(trained)["data_root"] == str(tree.resolve())
+    evaluator = Trainer(config, tmp_path / "runs", progress=False, log=lambda message: None)
+    assert evaluator.maybe_resume(training=False)
+    assert evaluator.data.dataset.info["root"] == str(tree.resolve())
+    assert evaluator.run_test(top_n=1)["num_models"] == 1
+
+
+def test_evaluation_task_counts_that_are_not_whole_batches_are_reported(tmp_path):
+    trainer = make_trainer(tmp_path, total_epochs=1, num_evaluation_tasks=5)  # batch_size 2
+    with pytest.warns(UserWarning, match="num_evaluation_tasks=5 is not a multiple of batch_size=2: .* 2 "
+                                         "batches, 4 tasks"):
+        trainer.train()
 
 
 def test_the_trainer_passes_the_official_epoch_and_logs_the_annealed_rate(tmp_path):
@@ -347,7 +426,8 @@ def test_data_that_fails_to_load_leaves_no_experiment_folder_behind(tmp_path):
     before = sorted(os.listdir(finished.experiment_dir))
     again = Trainer(tiny_config(total_epochs=1, dataset_name="omniglot_dataset", dataset_path="omniglot_dataset",
                                 experiment_name=finished.config.experiment_name),
-                    tmp_path / "runs2", dataset_dir=missing, progress=False, log=lambda m: None)
+                    tmp_path / "runs2", dataset_dir=missing, progress=False, log=lambda m: None,
+                    allow_config_change=True)
     with pytest.raises(DataNotFoundError):
         again.train()
     assert sorted(os.listdir(finished.experiment_dir)) == before
@@ -381,7 +461,7 @@ def test_data_that_differs_from_the_checkpoints_leaves_the_run_untouched(tmp_pat
     assert finished.train()["finished"]
     config_path = os.path.join(finished.experiment_dir, "config.json")
     before = open(config_path).read()
-    other = make_trainer(tmp_path, total_epochs=1, batch_size=1)  # another config.json, same run
+    other = make_trainer(tmp_path, allow_config_change=True, total_epochs=1, batch_size=1)  # another config.json
     monkeypatch.setattr(trainer_module, "_split_fingerprints",
                         lambda data: {"train": "0" * 16, "val": "0" * 16, "test": "0" * 16})
     with pytest.raises(DataConfigError, match="hold other classes"):
@@ -501,7 +581,7 @@ def test_resuming_on_other_data_splits_is_refused_and_testing_warns(tmp_path, mo
     # Other data: e.g. another copy of the data set, or a loader that splits it otherwise.
     monkeypatch.setattr(FewShotDataset, "split_fingerprints",
                         lambda self: {**real(self), "test": "0123456789abcdef"})
-    refused = make_trainer(tmp_path, **settings)
+    refused = make_trainer(tmp_path, allow_config_change=True, **settings)
     for _ in range(2):  # calling train() again must not slip past the check
         with pytest.raises(DataConfigError, match="test split\\(s\\) hold other classes .*than the ones "
                                                   ".*train_model_latest' was trained on"):
@@ -519,7 +599,7 @@ def test_resuming_on_other_data_splits_is_refused_and_testing_warns(tmp_path, mo
     with pytest.warns(UserWarning, match="train_model_1' was trained on"):
         single.evaluate_checkpoints([str(tmp_path / tiny_config().experiment_name / "saved_models" / "train_model_1")])
     monkeypatch.setattr(FewShotDataset, "split_fingerprints", real)
-    same = make_trainer(tmp_path, **settings)
+    same = make_trainer(tmp_path, allow_config_change=True, **settings)
     same.train()  # the run's own data resumes as before
     assert same.epochs_done == 2
 

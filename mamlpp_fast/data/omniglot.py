@@ -244,7 +244,9 @@ def download_omniglot(dest: Path) -> Path:
 
 def _default_download_dir(root) -> Path:
     if root is not None:
-        return Path(root).expanduser()
+        # A data folder gets the documented <dir>/omniglot; a folder already named for it, itself.
+        root = Path(root).expanduser()
+        return root if root.name in FOLDER_NAMES else root / "omniglot"
     env = os.environ.get("MAMLPP_FAST_DATA_DIR")
     if env:
         return Path(env).expanduser() / "omniglot"

@@ -81,7 +81,8 @@ def describe_search(root: Optional[os.PathLike | str], names: Sequence[str]) -> 
     cands = candidate_dirs(root, names)
     where = "\n".join(f"  - {c}" for c in cands) or "  (nothing: no root given and no env var set)"
     return (f"Searched:\n{where}\n"
-            f"Pass the folder as an argument, or set ${DATA_DIR_ENV} to a folder containing "
+            f"Pass the folder (mamlpp-train/mamlpp-eval --dataset-dir DIR; dataset_dir= in Python), "
+            f"or set ${DATA_DIR_ENV} to a folder containing "
             f"'{names[0]}/', or set the official ${OFFICIAL_DATA_DIR_ENV} to a folder containing "
             f"one of {list(names)}.")
 
