@@ -21,6 +21,7 @@ from torch import Tensor
 
 __all__ = [
     "call_after",
+    "convolution_input_dtypes",
     "free_port",
     "read_until",
     "META_STEP_RTOL",
@@ -295,6 +296,24 @@ def call_collecting_warnings(category: type, fn, *args, **kwargs):
         warnings.simplefilter("always")
         out = fn(*args, **kwargs)
     return out, [str(w.message) for w in caught if issubclass(w.category, category)]
+
+
+@contextlib.contextmanager
+def convolution_input_dtypes() -> Iterator[set]:
+    """Within the block, collect the dtype of the input of every ``aten.convolution`` call into
+    the yielded set (e.g. to check that autocast ran the convolutions in bfloat16)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: set = set()
+
+    class _Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution.default:
+                seen.add(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    with _Record():
+        yield seen
 
 
 def call_after(learner, calls: int, action) -> None:

@@ -53,20 +53,10 @@ def test_bfloat16_reference_runs_its_convolutions_in_bfloat16():
     """reference+bf16, the like-for-like baseline of mamlpp_fast+bf16: every convolution of its
     network passes in bfloat16 (autocast), its meta-loss near the float32 one but not equal."""
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     from bench_meta_step import AutocastReference
     from mamlpp_fast.reference import MAMLFewShotClassifier
-
-    class ConvDtypes(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten.convolution.default:
-                self.seen.add(args[0].dtype)
-            return func(*args, **(kwargs or {}))
+    from mamlpp_fast.testing import convolution_input_dtypes
 
     config = preset("maml++_omniglot_5w1s", batch_size=2, number_of_training_steps_per_iter=2,
                     number_of_evaluation_steps_per_iter=2, cnn_num_filters=8)
@@ -75,11 +65,11 @@ def test_bfloat16_reference_runs_its_convolutions_in_bfloat16():
     for cls in (MAMLFewShotClassifier, AutocastReference):
         torch.manual_seed(0)
         learner = cls(config)
-        with ConvDtypes() as mode:
+        with convolution_input_dtypes() as seen:
             loss, logits = learner.train_forward_prop(learner.prepare_batch(batch), epoch=0)
         losses[cls] = loss["loss"].item()
         assert logits.dtype == torch.float32
-        assert mode.seen == ({torch.bfloat16} if cls is AutocastReference else {torch.float32}), cls
+        assert seen == ({torch.bfloat16} if cls is AutocastReference else {torch.float32}), cls
     relative = abs(losses[AutocastReference] - losses[MAMLFewShotClassifier]) / losses[MAMLFewShotClassifier]
     # MetaLearner(autocast_dtype="bfloat16") is 2-4% off float32 at this shape (inputs rounded to
     # bfloat16, amplified by the inner loop); 10% catches a float32 run and a broken one.

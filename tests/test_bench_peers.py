@@ -94,22 +94,12 @@ def test_bfloat16_peers_run_their_convolutions_in_bfloat16(peer):
     """A peer with autocast_dtype (the providers learn2learn+bf16, higher+bf16) runs each network
     pass's convolutions in bfloat16 and returns float32 logits, as MetaLearner's bfloat16 mode;
     its meta-loss is near the float32 one but not equal."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from mamlpp_fast.testing import convolution_input_dtypes
 
     try:
         cls = peer_class(peer)
     except ImportError as exc:
         pytest.skip(f"{peer} not installed: {exc}")
-
-    class ConvDtypes(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten.convolution.default:
-                self.seen.add(args[0].dtype)
-            return func(*args, **(kwargs or {}))
 
     config = tiny_config(True)
     batch = tuple(t.float() if t.is_floating_point() else t for t in tiny_batch(config))
@@ -117,10 +107,10 @@ def test_bfloat16_peers_run_their_convolutions_in_bfloat16(peer):
     losses = {}
     for autocast_dtype in (None, torch.bfloat16):
         learner = cls(config, dtype=torch.float32, device="cpu", autocast_dtype=autocast_dtype)
-        with ConvDtypes() as mode:
+        with convolution_input_dtypes() as seen:
             logits = learner.net(x, 0)
         assert logits.dtype == torch.float32
-        assert mode.seen == {autocast_dtype or torch.float32}
+        assert seen == {autocast_dtype or torch.float32}
         if peer != "torchfunc":  # vmap cannot differentiate bfloat16 batch norm (bench_meta_step)
             losses[autocast_dtype] = learner.meta_loss(learner.tasks(batch), epoch=0).item()
     if losses:
